@@ -1,0 +1,1 @@
+"""Pallas GPU kernels for POET-X (depend on jax only)."""

@@ -1,0 +1,197 @@
+"""Packed skew-symmetric generators and the Cayley–Neumann map (POET spec §4).
+
+Shape legend: K block size, B number of blocks, P = K(K−1)/2 packed entries per block.
+
+Packing (spec §4.1): block j's generator Q_j = −Q_jᵀ is stored as its strict upper triangle in
+row-major ``triu_indices(K, 1)`` order: (0,1), (0,2), …, (0,K−1), (1,2), …  Q[r_k, c_k] = θ_k,
+Q[c_k, r_k] = −θ_k. Unpacking is a gather with a constant index map and its VJP is another gather,
+∂θ_k = ∂Q[r_k, c_k] − ∂Q[c_k, r_k] — no scatter anywhere.
+
+Cayley–Neumann (spec §4.2): R = (I+Q)·Σ_{i=0..k} Qⁱ. With k = 3 this is I + 2Q + 2Q² + 2Q³ + Q⁴, the
+polynomial of the papers and of the reference's GPU kernel. The reference's CPU fallback computes
+I + 2Q + 2Q² + 2Q³ + 2Q⁴ instead (the Taylor truncation of the exact Cayley map): a different function
+from what its GPU runs train, whose orthogonality error grows faster once ‖Q‖ > 1. We follow the papers.
+
+Since (I+Q) and (I−Q)⁻¹ commute, R_k = C·(I − Q^{k+1}) with C the exact Cayley transform, so
+RᵀR − I = −(Q^{k+1})ᵀ − Q^{k+1} + (Q^{k+1})ᵀQ^{k+1} and ‖RᵀR − I‖₂ ≤ 2‖Q‖₂^{k+1} + ‖Q‖₂^{2(k+1)}
+(``neumann_orthogonality_bound``).
+
+Ragged dimensions: a dimension D that K does not divide gets B = ⌈D/K⌉ blocks of size K whose last one
+only uses its leading ``tail = D − (B−1)K`` coordinates. Its generator entries outside the tail×tail
+corner are masked to zero (``block_mask``), so that block is blockdiag(R_tail, I): the padded
+coordinates never mix with real ones and the rotation of the real D coordinates stays exactly
+orthogonal. All blocks therefore share one shape, which keeps batched matmuls and kernels uniform.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class BlockLayout(NamedTuple):
+    """Static block structure of one side of a POET layer."""
+
+    dim: int          # D, the real dimension
+    block_size: int   # K
+    num_blocks: int   # B = ceil(D / K)
+    padded: int       # B·K ≥ D
+    tail: int         # size of the last block's active corner (== K when K divides D)
+
+    @property
+    def ragged(self) -> bool:
+        return self.padded != self.dim
+
+    @property
+    def num_packed(self) -> int:
+        return self.block_size * (self.block_size - 1) // 2
+
+    @property
+    def num_params(self) -> int:
+        """Free generator parameters: (B−1)·P + tail(tail−1)/2."""
+        return (self.num_blocks - 1) * self.num_packed + self.tail * (self.tail - 1) // 2
+
+
+def block_layout(dim: int, block_size: int, *, name: str = "dim") -> BlockLayout:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
+    if not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={dim!r}")
+    if block_size > dim:
+        raise ValueError(f"block_size={block_size} is larger than {name}={dim}; choose block_size <= {dim}")
+    num_blocks = -(-dim // block_size)
+    return BlockLayout(int(dim), int(block_size), num_blocks, num_blocks * block_size,
+                       int(dim - (num_blocks - 1) * block_size))
+
+
+def num_packed(block_size: int) -> int:
+    return block_size * (block_size - 1) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def _triu(block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    r, c = np.triu_indices(block_size, 1)
+    return r.astype(np.int32), c.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _unpack_maps(block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K·K,) gather index into θ (P = out of range → 0 on the diagonal) and the (K·K,) sign."""
+    r, c = _triu(block_size)
+    p = len(r)
+    idx = np.full((block_size, block_size), p, np.int32)
+    sign = np.zeros((block_size, block_size), np.float32)
+    idx[r, c] = np.arange(p)
+    idx[c, r] = np.arange(p)
+    sign[r, c] = 1.0
+    sign[c, r] = -1.0
+    return idx.reshape(-1), sign.reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_np(layout: BlockLayout) -> np.ndarray | None:
+    if not layout.ragged:
+        return None
+    r, c = _triu(layout.block_size)
+    mask = np.ones((layout.num_blocks, len(r)), np.float32)
+    mask[-1] = ((r < layout.tail) & (c < layout.tail)).astype(np.float32)
+    return mask
+
+
+def block_mask(layout: BlockLayout) -> np.ndarray | None:
+    """(B, P) 0/1 mask of the generator entries that exist (None when K divides D)."""
+    return _mask_np(layout)
+
+
+def mask_generators(theta_BxP: jax.Array, layout: BlockLayout) -> jax.Array:
+    mask = block_mask(layout)
+    return theta_BxP if mask is None else theta_BxP * jnp.asarray(mask, theta_BxP.dtype)
+
+
+def block_size_from_packed(p: int) -> int:
+    k = int(round((1 + np.sqrt(1 + 8 * p)) / 2))
+    if k * (k - 1) // 2 != p:
+        raise ValueError(f"{p} packed entries do not form a strict upper triangle K(K-1)/2")
+    return k
+
+
+@jax.custom_vjp
+def skew_from_packed(theta_BxP: jax.Array) -> jax.Array:
+    """(..., P) packed generators → (..., K, K) skew-symmetric Q (gather forward, gather backward)."""
+    k = block_size_from_packed(theta_BxP.shape[-1])
+    idx, sign = _unpack_maps(k)
+    q = jnp.take(theta_BxP, jnp.asarray(idx), axis=-1, mode="fill", fill_value=0)
+    q = q * jnp.asarray(sign, theta_BxP.dtype)
+    return q.reshape(*theta_BxP.shape[:-1], k, k)
+
+
+def _skew_fwd(theta):
+    return skew_from_packed(theta), None
+
+
+def _skew_bwd(_, dq_BxKxK):
+    return (packed_from_skew_grad(dq_BxKxK),)
+
+
+skew_from_packed.defvjp(_skew_fwd, _skew_bwd)
+
+
+def packed_from_skew_grad(dq_BxKxK: jax.Array) -> jax.Array:
+    """Cotangent of the packed entries: ∂θ_k = ∂Q[r_k, c_k] − ∂Q[c_k, r_k]."""
+    k = dq_BxKxK.shape[-1]
+    r, c = _triu(k)
+    flat = dq_BxKxK.reshape(*dq_BxKxK.shape[:-2], k * k)
+    return (jnp.take(flat, jnp.asarray(r * k + c), axis=-1)
+            - jnp.take(flat, jnp.asarray(c * k + r), axis=-1))
+
+
+def packed_from_skew(q_BxKxK: jax.Array) -> jax.Array:
+    """The packed strict upper triangle of (..., K, K) matrices (inverse of ``skew_from_packed``)."""
+    k = q_BxKxK.shape[-1]
+    r, c = _triu(k)
+    return q_BxKxK.reshape(*q_BxKxK.shape[:-2], k * k)[..., jnp.asarray(r * k + c)]
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3) -> jax.Array:
+    """R = (I+Q)·Σ_{i=0..num_terms} Qⁱ for (..., K, K) matrices Q (any Q; skew-symmetric in POET)."""
+    if not isinstance(num_terms, int) or num_terms < 0:
+        raise ValueError(f"num_terms must be an int >= 0, got num_terms={num_terms!r}")
+    eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
+    if num_terms == 3:
+        # I + 2Q + 2Q² + 2Q³ + Q⁴ = I + 2(Q + Q² + Q²·Q) + Q²·Q²: three matmuls (spec §4.2).
+        q2 = _mm(q_BxKxK, q_BxKxK)
+        return eye + 2.0 * (q_BxKxK + q2 + _mm(q2, q_BxKxK)) + _mm(q2, q2)
+    s = eye
+    for _ in range(num_terms):  # Horner: S = I + Q·S  ⇒  S = Σ_{i=0..k} Qⁱ
+        s = eye + _mm(q_BxKxK, s)
+    return s + _mm(q_BxKxK, s)
+
+
+def cayley_exact(q_BxKxK: jax.Array) -> jax.Array:
+    """R = (I+Q)(I−Q)⁻¹ = (I−Q)⁻¹(I+Q) (the factors commute), by a linear solve."""
+    eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
+    return jnp.linalg.solve(eye - q_BxKxK, eye + q_BxKxK)
+
+
+def neumann_orthogonality_bound(q_norm, num_terms: int = 3):
+    """Upper bound on ‖RᵀR − I‖₂ for the Neumann map of a skew Q with ‖Q‖₂ = q_norm."""
+    e = num_terms + 1
+    return 2.0 * q_norm ** e + q_norm ** (2 * e)
+
+
+def rotations(theta_BxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
+              exact: bool = False) -> jax.Array:
+    """Orthogonal blocks (B, K, K) in float32 from packed generators (masked for a ragged tail)."""
+    theta = mask_generators(theta_BxP.astype(jnp.float32), layout)
+    q = skew_from_packed(theta)
+    return cayley_exact(q) if exact else cayley_neumann(q, num_terms)

@@ -1,0 +1,82 @@
+"""Typed, frozen configuration of the POET reparameterization.
+
+A field name equals its YAML key and its CLI dotted path (``optimizer.block_size=128``). Every value is
+checked in ``__post_init__`` so that a bad configuration fails before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+VARIANTS = ("fast", "mem")
+CAYLEY_MAPS = ("neumann", "exact")
+INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class POETConfig:
+    """Configuration of POET-X layers and of their optimizer.
+
+    block_size:     K, the size of each orthogonal block (an int ≥ 1). A dimension that K does not divide
+                    gets a smaller last block (see ``poetjax.cayley.block_layout``).
+    merge_interval: T_m, optimizer steps between merge-then-reinitialize events.
+    variant:        "fast" (autodiff through the factored layer, keeps the pre-rotation activation) or
+                    "mem" (saves only the layer input and the small rotation blocks, recomputes the rest).
+    num_terms:      k of the Cayley–Neumann series (I+Q)·Σ_{i=0..k} Qⁱ; the papers use k = 3.
+    cayley:         "neumann" (the papers' truncated series) or "exact" ((I+Q)(I−Q)⁻¹ by a solve: exactly
+                    orthogonal, slower; for checks and research).
+    init:           how W0 is formed from the wrapped Linear's weight (POET spec §2):
+                    "normalized" (reference default: copy, then every neuron — a kernel column — scaled to
+                    unit L2 norm), "normalized_gaussian" (fresh N(0,1) draw, neurons normalized),
+                    "standard" (fresh N(0, init_std²)), "xavier" (fresh Glorot normal),
+                    "uniform_spectrum" (U·Vᵀ of the copied weight: every singular value 1),
+                    "keep" (exact copy: the converted model computes the same function).
+    init_std:       standard deviation of the "standard" scheme (LLaMA's initializer_range).
+    poet_scale:     multiplier of the generators' learning rate (reference default 0.5).
+    b1, b2, eps:    Adam constants of POETAdamW (eps is added to sqrt(v) before bias correction).
+    exclude:        Linear layers whose path contains one of these names are not converted.
+    """
+
+    block_size: int = 256
+    merge_interval: int = 200
+    variant: str = "fast"
+    num_terms: int = 3
+    cayley: str = "neumann"
+    init: str = "normalized"
+    init_std: float = 0.02
+    poet_scale: float = 0.5
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    exclude: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got block_size={self.block_size!r}")
+        if (isinstance(self.merge_interval, bool) or not isinstance(self.merge_interval, int)
+                or self.merge_interval <= 0):
+            raise ValueError(f"merge_interval must be a positive int, got merge_interval={self.merge_interval!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got variant={self.variant!r}")
+        if not isinstance(self.num_terms, int) or self.num_terms < 1:
+            raise ValueError(f"num_terms must be an int ≥ 1, got num_terms={self.num_terms!r}")
+        if self.cayley not in CAYLEY_MAPS:
+            raise ValueError(f"cayley must be one of {CAYLEY_MAPS}, got cayley={self.cayley!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got init={self.init!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got init_std={self.init_std!r}")
+        if not self.poet_scale > 0:
+            raise ValueError(f"poet_scale must be > 0, got poet_scale={self.poet_scale!r}")
+        for name in ("b1", "b2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {name}={v!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got eps={self.eps!r}")
+        if isinstance(self.exclude, str):  # a lone string would be iterated character by character
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def replace(self, **changes) -> "POETConfig":
+        return dataclasses.replace(self, **changes)

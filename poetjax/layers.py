@@ -1,0 +1,140 @@
+"""POETLinear: a Flax NNX module holding the POET-X state; the math lives in ``poetjax.ops``.
+
+State of one layer (N in, M out, K block size; I, O blocks; Np, Mp padded sizes; P = K(K−1)/2):
+
+  w0            FrozenWeight (Np, Mp)   W_s, the frozen base weight, stored pre-permuted
+  theta_in      Generator    (I, P)     packed skew generators of the input-side blocks (float32)
+  theta_out     Generator    (O, P)     same for the output side
+  perm_in …     Permutation  int32      the index vectors of ``poetjax.perms``
+  bias          Param        (M,)       optional; added after the output permutation, so it lives in
+                                        the layer's own output coordinates and no merge ever moves it
+
+FrozenWeight is not a Param: ``nnx.grad``/``nnx.Optimizer(wrt=nnx.Param)`` never see it. Generator is a
+Param subclass, so optimizers can select the generators by type (or by their names, see
+``poetjax.optim``). Permutations are array values: a merge changes values, never shapes, so nothing
+recompiles.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from poetjax import ops
+from poetjax.cayley import block_layout, rotations
+from poetjax.config import POETConfig
+from poetjax.initializers import base_weight
+from poetjax.perms import input_permutation, output_permutation
+
+
+class FrozenWeight(nnx.Variable):
+    """The frozen base weight W0 (never differentiated, never in the optimizer)."""
+
+
+class Generator(nnx.Param):
+    """Packed skew-symmetric generators θ (trainable)."""
+
+
+class Permutation(nnx.Variable):
+    """int32 index buffers of the block permutations."""
+
+
+GENERATOR_NAMES = ("theta_in", "theta_out")
+
+
+class POETLinear(nnx.Module):
+    """y = x · W_eff (+ bias) with W_eff = R · W0 · P, computed input-centrically (POET-X)."""
+
+    def __init__(self, in_features: int, out_features: int, *, config: POETConfig, use_bias: bool = False,
+                 rngs: nnx.Rngs, kernel: jax.Array | None = None, bias: jax.Array | None = None,
+                 dtype=None, param_dtype=jnp.float32, precision=None):
+        if not isinstance(config, POETConfig):
+            raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.config = config
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.layout_in = block_layout(self.in_features, config.block_size, name="in_features")
+        self.layout_out = block_layout(self.out_features, config.block_size, name="out_features")
+
+        w = base_weight(config.init, rngs.params(), (self.in_features, self.out_features), kernel=kernel,
+                        std=config.init_std)
+        perms = self._draw_perms(rngs.params())
+        self.w0 = FrozenWeight(ops.store_base_weight(w, perms).astype(param_dtype))
+        self._set_perms(perms, init=True)
+        p = config.block_size * (config.block_size - 1) // 2
+        self.theta_in = Generator(jnp.zeros((self.layout_in.num_blocks, p), jnp.float32))
+        self.theta_out = Generator(jnp.zeros((self.layout_out.num_blocks, p), jnp.float32))
+        if use_bias:
+            b = jnp.zeros((self.out_features,), param_dtype) if bias is None else jnp.asarray(bias, param_dtype)
+            if b.shape != (self.out_features,):
+                raise ValueError(f"bias shape {b.shape} does not match out_features={self.out_features}")
+            self.bias = nnx.Param(b)
+        else:
+            self.bias = None
+
+    # -- permutations -------------------------------------------------------------------------
+    def _draw_perms(self, key: jax.Array) -> ops.LayerPerms:
+        k_in, k_out = jax.random.split(key)
+        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded)
+        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded)
+        return ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
+
+    def _set_perms(self, perms: ops.LayerPerms, init: bool = False):
+        for name, value in perms._asdict().items():
+            if init:
+                setattr(self, name, Permutation(value))
+            else:
+                getattr(self, name)[...] = value
+
+    @property
+    def perms(self) -> ops.LayerPerms:
+        return ops.LayerPerms(self.perm_in[...], self.perm_in_inv[...], self.perm_out[...],
+                              self.perm_out_inv[...])
+
+    # -- math ---------------------------------------------------------------------------------
+    def rotation_blocks(self, *, exact: bool | None = None) -> tuple[jax.Array, jax.Array]:
+        """(R_in (I, K, K), R_out (O, K, K)) in float32 from the current generators.
+
+        ``exact`` overrides ``config.cayley`` (True: exact Cayley, False: Neumann series).
+        """
+        k = self.config.num_terms
+        exact = self.config.cayley == "exact" if exact is None else exact
+        return (rotations(self.theta_in[...], self.layout_in, k, exact=exact),
+                rotations(self.theta_out[...], self.layout_out, k, exact=exact))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        r_in, r_out = self.rotation_blocks()
+        y = ops.poet_x_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms,
+                              variant=self.config.variant, precision=self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+    def effective_kernel(self, *, exact: bool | None = None) -> jax.Array:
+        """Dense (N, M) float32 kernel with layer(x) == x @ kernel (+ bias)."""
+        r_in, r_out = self.rotation_blocks(exact=exact)
+        return ops.effective_kernel(self.w0[...], r_in, r_out, self.perms)
+
+    def merge_and_reinit(self, key: jax.Array) -> None:
+        """Fold the rotations into W0, draw new permutations, zero the generators (spec §6).
+
+        The merge is computed in float32 and cast back to W0's storage dtype once.
+        """
+        kernel = self.effective_kernel()
+        perms = self._draw_perms(key)
+        self.w0[...] = ops.store_base_weight(kernel, perms).astype(self.w0[...].dtype)
+        self._set_perms(perms)
+        self.theta_in[...] = jnp.zeros_like(self.theta_in[...])
+        self.theta_out[...] = jnp.zeros_like(self.theta_out[...])
+
+    @property
+    def num_generator_params(self) -> int:
+        """Free generator parameters of this layer (masked tail entries excluded)."""
+        return self.layout_in.num_params + self.layout_out.num_params

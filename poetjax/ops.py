@@ -1,0 +1,106 @@
+"""The POET-X linear layer as pure functions (POET spec §5), XLA path.
+
+Shape legend: T tokens (any leading batch dims), N in-features, M out-features, K block size,
+I = ⌈N/K⌉ input blocks, O = ⌈M/K⌉ output blocks, Np = I·K, Mp = O·K (padded sizes).
+
+Input-centric forward, y = x · W_effᵀ without ever forming W_eff:
+
+    u = x[..., perm_in]          (T, Np)  gather (+ zero padding)
+    a = blockdiag(R_in) applied  (T, Np)  a[..., i, :] = u[..., i, :] @ R_in[i]
+    h = a @ W_s                  (T, Mp)  the only dense matmul; W_s is frozen (no dW)
+    z = blockdiag(R_out) applied (T, Mp)
+    y = z[..., perm_out]         (T, M)   gather (− padding)
+
+W_s (Np, Mp) is the frozen base weight stored pre-permuted ("permutation reduction", spec §5.1): the
+two inner permutations of R·W0·P are folded into it at every merge. The effective (N, M) kernel is
+W_eff = A[perm_in_inv][:, perm_out] with A = blockdiag(R_in) · W_s · blockdiag(R_out).
+
+Variants: "fast" differentiates through the factored computation (keeps u and h for the backward);
+"mem" wraps the body in ``jax.checkpoint`` with a policy that saves nothing, so only its inputs — the
+layer input x, the small rotation blocks, the index vectors, and W_s by reference — are kept and
+u, a, h are recomputed in the backward pass (one extra dense matmul).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from poetjax.cayley import HIGHEST
+from poetjax.perms import permute
+
+
+class LayerPerms(NamedTuple):
+    """The four int32 index vectors of one layer (see ``poetjax.perms``)."""
+
+    perm_in: jax.Array       # (Np,)
+    perm_in_inv: jax.Array   # (N,)
+    perm_out: jax.Array      # (M,)
+    perm_out_inv: jax.Array  # (Mp,)
+
+
+def block_rotate(x_TxD: jax.Array, r_BxKxK: jax.Array, *, precision=None) -> jax.Array:
+    """Right-multiply the last axis by blockdiag(R): out[..., j, :] = x[..., j, :] @ R[j].
+
+    A reshape (free) and one batched contraction; the (D, D) block-diagonal matrix is never formed.
+    """
+    nb, k, _ = r_BxKxK.shape
+    lead = x_TxD.shape[:-1]
+    x_TxBxK = x_TxD.reshape(*lead, nb, k)
+    y = jnp.einsum("...bk,bkc->...bc", x_TxBxK, r_BxKxK, precision=precision)
+    return y.reshape(*lead, nb * k)
+
+
+def _poet_x_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision):
+    u = permute(x, perms.perm_in, perms.perm_in_inv)
+    a = block_rotate(u, r_in_IxKxK, precision=precision)
+    h = jnp.matmul(a, w0_NpxMp, precision=precision)
+    z = block_rotate(h, r_out_OxKxK, precision=precision)
+    return permute(z, perms.perm_out, perms.perm_out_inv)
+
+
+_poet_x_mem_body = jax.checkpoint(_poet_x_body, policy=jax.checkpoint_policies.nothing_saveable,
+                                  static_argnums=(5,))
+
+
+def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
+                  perms: LayerPerms, *, variant: str = "fast", precision=None) -> jax.Array:
+    """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
+
+    W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first).
+    W_s never receives a gradient: it is not differentiated even if the caller's transformation
+    would allow it, because it is stop-gradient'ed here.
+    """
+    dtype = x.dtype
+    w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
+    r_in = r_in_IxKxK.astype(dtype)
+    r_out = r_out_OxKxK.astype(dtype)
+    if variant == "fast":
+        return _poet_x_body(x, w0, r_in, r_out, perms, precision)
+    if variant == "mem":
+        return _poet_x_mem_body(x, w0, r_in, r_out, perms, precision)
+    raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
+
+
+def effective_kernel(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
+                     perms: LayerPerms) -> jax.Array:
+    """The dense (N, M) kernel W_eff with layer(x) == x @ W_eff, in float32."""
+    w = w0_NpxMp.astype(jnp.float32)
+    nb, k, _ = r_in_IxKxK.shape
+    # Left-multiply by blockdiag(R_in): row block i becomes R_in[i] @ W_s[i·K:(i+1)·K, :].
+    a = jnp.einsum("ikc,icm->ikm", r_in_IxKxK.astype(jnp.float32), w.reshape(nb, k, -1),
+                   precision=HIGHEST).reshape(nb * k, -1)
+    a = block_rotate(a, r_out_OxKxK.astype(jnp.float32), precision=HIGHEST)
+    a = jnp.take(a, perms.perm_in_inv, axis=0)
+    return jnp.take(a, perms.perm_out, axis=1)
+
+
+def store_base_weight(kernel_NxM: jax.Array, perms: LayerPerms) -> jax.Array:
+    """W_s (Np, Mp) such that with identity rotations the layer computes x @ kernel (spec §6 step 3).
+
+    W_s[i, c] = kernel[π[i], σ⁻¹[c]] on the real coordinates, 0 on the padding.
+    """
+    w = jnp.take(kernel_NxM, perms.perm_in, axis=0, mode="fill", fill_value=0)
+    return jnp.take(w, perms.perm_out_inv, axis=1, mode="fill", fill_value=0)

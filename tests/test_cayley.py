@@ -1,0 +1,120 @@
+"""Packing of skew generators and the Cayley–Neumann map against float64 numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from poetjax import cayley
+from poetjax.testing import assert_close, tolerance
+
+
+def _np_skew(theta, k):
+    q = np.zeros(theta.shape[:-1] + (k, k))
+    r, c = np.triu_indices(k, 1)
+    q[..., r, c] = theta
+    q[..., c, r] = -theta
+    return q
+
+
+def _np_poly(q, num_terms):
+    eye = np.eye(q.shape[-1])
+    s = sum(np.linalg.matrix_power(q, i) for i in range(num_terms + 1))
+    return (eye + q) @ s
+
+
+@pytest.mark.parametrize("k", [2, 3, 16])
+def test_skew_roundtrip_and_order(k):
+    rng = np.random.default_rng(k)
+    theta = rng.standard_normal((3, k * (k - 1) // 2)).astype(np.float32)
+    q = np.asarray(cayley.skew_from_packed(jnp.asarray(theta)))
+    np.testing.assert_array_equal(q, _np_skew(theta, k).astype(np.float32))  # row-major triu order
+    np.testing.assert_array_equal(q, -np.swapaxes(q, -1, -2))
+    np.testing.assert_array_equal(np.asarray(cayley.packed_from_skew(jnp.asarray(q))), theta)
+
+
+def test_skew_vjp_is_upper_minus_lower():
+    k = 5
+    theta = jnp.asarray(np.random.default_rng(0).standard_normal((2, 10)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((2, k, k)), jnp.float32)
+    g = jax.grad(lambda t: jnp.sum(w * cayley.skew_from_packed(t)))(theta)
+    r, c = np.triu_indices(k, 1)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w)[:, r, c] - np.asarray(w)[:, c, r], rtol=1e-6)
+    # and the reference scatter-based construction agrees
+    def scatter_skew(t):
+        u = jnp.zeros((2, k, k)).at[:, r, c].set(t)
+        return u - jnp.swapaxes(u, -1, -2)
+    g_ref = jax.grad(lambda t: jnp.sum(w * scatter_skew(t)))(theta)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_terms", [1, 2, 3, 5])
+def test_neumann_matches_polynomial(num_terms):
+    rng = np.random.default_rng(num_terms)
+    q = _np_skew(0.1 * rng.standard_normal((4, 28)), 8)
+    got = np.asarray(cayley.cayley_neumann(jnp.asarray(q, jnp.float32), num_terms))
+    assert_close(got, _np_poly(q, num_terms), jnp.float32)
+
+
+def test_default_is_papers_polynomial_not_reference_fallback():
+    q = _np_skew(0.3 * np.random.default_rng(0).standard_normal((2, 120)), 16)
+    eye = np.eye(16)
+    q2 = q @ q
+    papers = eye + 2 * q + 2 * q2 + 2 * q2 @ q + q2 @ q2
+    fallback = papers + q2 @ q2  # the reference's CPU fallback has 2·Q⁴
+    got = np.asarray(cayley.cayley_neumann(jnp.asarray(q, jnp.float32)))
+    assert_close(got, papers, jnp.float32)
+    assert np.linalg.norm(got - fallback) > 100 * np.linalg.norm(got - papers)
+
+
+def test_exact_cayley_is_orthogonal():
+    q = _np_skew(np.random.default_rng(0).standard_normal((6, 496)), 32)  # ‖Q‖ well above 1
+    r = np.asarray(cayley.cayley_exact(jnp.asarray(q, jnp.float32)), np.float64)
+    err = np.abs(np.swapaxes(r, -1, -2) @ r - np.eye(32)).max()
+    assert err < 1e-6 * 10, err  # fp32 solve of a well-conditioned (I − Q): ‖I−Q‖⁻¹ ≤ 1
+    # and it is the Cayley transform: R(I − Q) = I + Q
+    np.testing.assert_allclose(r @ (np.eye(32) - q), np.eye(32) + q, atol=1e-5)
+
+
+def test_neumann_orthogonality_error_within_bound_and_shrinks():
+    rng = np.random.default_rng(3)
+    k = 32
+    base = _np_skew(rng.standard_normal((8, k * (k - 1) // 2)), k)
+    base /= np.linalg.norm(base, ord=2, axis=(-2, -1), keepdims=True)  # unit operator norm per block
+    errs = []
+    for s in [0.4, 0.2, 0.1]:
+        q = s * base
+        r = _np_poly(q, 3)  # float64 so the measured error is the polynomial's, not rounding
+        err = np.linalg.norm(np.swapaxes(r, -1, -2) @ r - np.eye(k), ord=2, axis=(-2, -1)).max()
+        assert err <= cayley.neumann_orthogonality_bound(s, 3) * (1 + 1e-9)
+        errs.append(err)
+        # the float32 implementation agrees with the float64 polynomial
+        assert_close(np.asarray(cayley.cayley_neumann(jnp.asarray(q, jnp.float32))), r, jnp.float32)
+    # error is O(‖Q‖⁴): halving ‖Q‖ divides it by ≈16 (at least by 12)
+    assert errs[0] / errs[1] > 12 and errs[1] / errs[2] > 12, errs
+
+
+def test_ragged_layout_and_mask():
+    lay = cayley.block_layout(688, 256)
+    assert (lay.num_blocks, lay.padded, lay.tail) == (3, 768, 176)
+    theta = jnp.asarray(np.random.default_rng(0).standard_normal((3, 256 * 255 // 2)), jnp.float32) * 0.01
+    r = np.asarray(cayley.rotations(theta, lay, 3))
+    # the last block acts only on its first 176 coordinates
+    np.testing.assert_array_equal(r[-1, 176:, 176:], np.eye(80))
+    np.testing.assert_array_equal(r[-1, :176, 176:], 0)
+    np.testing.assert_array_equal(r[-1, 176:, :176], 0)
+    assert lay.num_params == 2 * (256 * 255 // 2) + 176 * 175 // 2
+    g = jax.grad(lambda t: jnp.sum(cayley.rotations(t, lay, 3) ** 3))(theta)
+    assert np.count_nonzero(np.asarray(g)[-1]) <= 176 * 175 // 2
+
+
+@pytest.mark.parametrize("dim,k", [(10, 0), (10, -1), (10, 11)])
+def test_layout_errors(dim, k):
+    with pytest.raises(ValueError, match="block_size"):
+        cayley.block_layout(dim, k)
+
+
+def test_tolerance_helper():
+    assert tolerance(jnp.float32) == 1e-5
+    with pytest.raises(ValueError, match="int32"):
+        tolerance(jnp.int32)

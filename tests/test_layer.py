@@ -1,0 +1,132 @@
+"""POETLinear: factored path vs dense effective weight, gradients, variants, no scatter, input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import poetjax as pj
+from poetjax import ops
+from poetjax.testing import assert_close, rel_err, tolerance
+
+from _reference import dense_effective
+
+SHAPES = [(32, 48, 16), (64, 64, 32), (40, 50, 16), (24, 17, 8), (48, 20, 20)]  # (N, M, K); some ragged
+
+
+def _layer(n, m, k, *, use_bias=False, variant="fast", seed=0, scale=0.1, kernel=None, init="keep"):
+    cfg = pj.POETConfig(block_size=k, variant=variant, init=init)
+    if kernel is None:
+        kernel = jax.random.normal(jax.random.key(seed + 100), (n, m)) / np.sqrt(n)
+    lay = pj.POETLinear(n, m, config=cfg, use_bias=use_bias, rngs=nnx.Rngs(seed), kernel=kernel)
+    lay.theta_in[...] = scale * jax.random.normal(jax.random.key(seed + 1), lay.theta_in.shape)
+    lay.theta_out[...] = scale * jax.random.normal(jax.random.key(seed + 2), lay.theta_out.shape)
+    if use_bias:
+        lay.bias[...] = jax.random.normal(jax.random.key(seed + 3), (m,))
+    return lay, kernel
+
+
+@pytest.mark.parametrize("n,m,k", SHAPES)
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_forward_equals_dense_effective_weight(n, m, k, use_bias):
+    lay, w0 = _layer(n, m, k, use_bias=use_bias)
+    x = jax.random.normal(jax.random.key(7), (2, 3, 5, n))  # (B, L, N)-style batch dims
+    dense = dense_effective(lay.theta_in[...], lay.theta_out[...], w0, lay.perm_in[...], lay.perm_out[...], k)
+    b = lay.bias[...] if use_bias else 0.0
+    y = lay(x)
+    assert y.shape == (2, 3, 5, m)
+    assert_close(y, x @ lay.effective_kernel() + b, jnp.float32, what="layer vs x @ effective_kernel")
+    assert_close(lay.effective_kernel(), dense, jnp.float32, what="effective_kernel vs dense R·W0·P")
+    assert_close(y, x @ dense + b, jnp.float32, what="layer vs dense")
+
+
+@pytest.mark.parametrize("n,m,k", SHAPES)
+def test_gradients_match_dense_and_variants_agree(n, m, k):
+    grads = {}
+    for variant in ("fast", "mem"):
+        lay, w0 = _layer(n, m, k, variant=variant)
+        x = jax.random.normal(jax.random.key(8), (4, 6, n))
+        g = jax.random.normal(jax.random.key(9), (4, 6, m))
+        graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
+
+        def factored(gens, x):
+            return jnp.sum(nnx.merge(graphdef, gens, rest)(x) * g)
+
+        def dense(gens, x):
+            w = dense_effective(gens["theta_in"][...], gens["theta_out"][...], w0, lay.perm_in[...],
+                                lay.perm_out[...], k)
+            return jnp.sum((x @ w) * g)
+
+        gf = jax.jit(jax.grad(factored, argnums=(0, 1)))(gens, x)
+        gd = jax.jit(jax.grad(dense, argnums=(0, 1)))(gens, x)
+        gf = (gf[0]["theta_in"][...], gf[0]["theta_out"][...], gf[1])
+        gd = (gd[0]["theta_in"][...], gd[0]["theta_out"][...], gd[1])
+        for name, a, b in zip(("theta_in", "theta_out", "x"), gf, gd):
+            assert_close(a, b, jnp.float32, "grad", what=f"{variant} d{name}")
+        grads[variant] = gf
+    for a, b in zip(grads["fast"], grads["mem"]):
+        assert_close(a, b, jnp.float32, "same", what="fast vs mem gradient")
+
+
+def test_zero_generators_is_plain_linear():
+    lay, w0 = _layer(32, 48, 16, scale=0.0)
+    x = jax.random.normal(jax.random.key(0), (5, 32))
+    assert_close(lay(x), x @ w0, jnp.float32)
+
+
+def test_mem_variant_saves_no_activation_sized_residual():
+    n, m, k, t = 64, 64, 16, 512
+    lay, _ = _layer(n, m, k)
+    r_in, r_out = lay.rotation_blocks()
+    x = jax.random.normal(jax.random.key(0), (t, n))
+
+    def residual_sizes(variant):
+        f = lambda x, a, b: ops.poet_x_linear(x, lay.w0[...], a, b, lay.perms, variant=variant)
+        _, vjp = jax.vjp(f, x, r_in, r_out)
+        return sorted(int(np.prod(l.shape)) for l in jax.tree.leaves(vjp) if hasattr(l, "shape"))
+
+    big = t * n
+    fast, mem = residual_sizes("fast"), residual_sizes("mem")
+    # fast keeps u and h (and more); mem keeps only x among token-sized arrays
+    assert sum(s >= big for s in fast) >= 2, fast
+    assert sum(s >= big for s in mem) == 1, mem
+
+
+@pytest.mark.parametrize("variant", ["fast", "mem"])
+def test_backward_has_no_scatter(variant):
+    lay, _ = _layer(40, 50, 16, variant=variant)
+    graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
+    x = jnp.ones((3, 40))
+
+    def loss(gens, x):
+        return jnp.sum(nnx.merge(graphdef, gens, rest)(x) ** 2)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(gens, x))
+    assert "gather" in jaxpr  # the permutations are there …
+    assert "scatter" not in jaxpr  # … and neither they nor the skew packing backprop through a scatter
+
+
+def test_bf16_close_to_fp32():
+    lay, w0 = _layer(64, 96, 32)
+    x = jax.random.normal(jax.random.key(0), (16, 64))
+    ref = lay(x)
+    lay16 = pj.POETLinear(64, 96, config=lay.config, rngs=nnx.Rngs(0), kernel=w0, dtype=jnp.bfloat16,
+                          param_dtype=jnp.bfloat16)
+    lay16.theta_in[...] = lay.theta_in[...]
+    lay16.theta_out[...] = lay.theta_out[...]
+    y = lay16(x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and lay16.theta_in[...].dtype == jnp.float32
+    assert rel_err(y.astype(jnp.float32), ref) < tolerance(jnp.bfloat16)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    lay, _ = _layer(32, 48, 16)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 32\).*\(4, 31\)"):
+        lay(jnp.ones((4, 31)))
+
+
+def test_generator_param_count():
+    lay, _ = _layer(40, 50, 16)  # in: 16,16,8   out: 16,16,16,2
+    p16, p8, p2 = 120, 28, 1
+    assert lay.num_generator_params == (2 * p16 + p8) + (3 * p16 + p2)
