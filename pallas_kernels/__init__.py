@@ -9,7 +9,7 @@ flag (Pallas's interpreter: runs anywhere, for tests). Configurations: ``pallas_
 """
 
 from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
-                                    supports_block_size)
+                                    check_block_size, default_interpret, supports_block_size)
 from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference, inverse_index,
                                          permuted_block_matmul, permuted_block_matmul_reference)
 from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
@@ -17,5 +17,6 @@ from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
 __all__ = [
     "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",
     "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "BlockMatmulConfig",
-    "CayleyConfig", "ReduceConfig", "RotateConfig", "supports_block_size",
+    "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size", "default_interpret",
+    "supports_block_size",
 ]

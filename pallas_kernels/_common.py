@@ -26,6 +26,12 @@ PRECISIONS = ("tf32x3", "ieee", "tf32")
 MIN_TILE = 16
 
 
+def default_interpret() -> bool:
+    """Whether callers that do not choose should run the kernels in Pallas's interpreter: yes unless
+    the default backend is a GPU. Looked up at call (trace) time, never at import."""
+    return jax.default_backend() != "gpu"
+
+
 def is_pow2(n: int) -> bool:
     return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
 
