@@ -218,6 +218,16 @@ def dot_precision(dtype, precision: str, interpret: bool):
     raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
 
 
+def dot(a, b, dims, precision, interpret: bool):
+    """In-kernel product with a float32 result. The interpreter runs on XLA:CPU, which has no
+    bf16 × bf16 → f32 dot: there the operands are widened first, which gives the same numbers (products
+    of 16-bit floats are exact in float32, and both sum in float32)."""
+    if interpret and a.dtype != jnp.float32:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        precision = lax.Precision.HIGHEST
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 def check_index_vector(name: str, idx, length: int | None = None) -> None:
     if idx.ndim != 1 or not jnp.issubdtype(idx.dtype, jnp.integer):
         raise ValueError(f"{name} must be a 1-D integer array, got shape {tuple(idx.shape)} dtype {idx.dtype}")

@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
-                                    check_index_vector, compiler_params, dot_precision)
+                                    check_index_vector, compiler_params, dot, dot_precision)
 
 _NT = (((1,), (0,)), ((), ()))   # a @ b
 _NN_T = (((1,), (1,)), ((), ()))  # a @ bᵀ
@@ -65,8 +65,11 @@ _F32_PRECISION = "tf32x3"
 def _rotate_reference(x_TxD, r_BxKxK):
     nb, k, _ = r_BxKxK.shape
     lead = x_TxD.shape[:-1]
-    y = jnp.einsum("...bk,bkc->...bc", x_TxD.reshape(*lead, nb, k), r_BxKxK.astype(x_TxD.dtype),
-                   precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    # Products of the input dtype, summed in float32 (what the kernels compute); widening first gives
+    # the same numbers and runs on every backend.
+    xw = x_TxD.reshape(*lead, nb, k).astype(jnp.float32)
+    rw = r_BxKxK.astype(x_TxD.dtype).astype(jnp.float32)
+    y = jnp.einsum("...bk,bkc->...bc", xw, rw, precision=lax.Precision.HIGHEST)
     return y.reshape(*lead, nb * k).astype(x_TxD.dtype)
 
 
@@ -84,7 +87,8 @@ def block_matmul_permuted_reference(h, perm, r):
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
-def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, precision):
+def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, precision,
+                   interpret):
     refs = list(refs)
     x_ref = refs.pop(0)
     src_ref = refs.pop(0) if gather else None
@@ -119,7 +123,7 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
         else:
             rt = r_ref[j, pl.ds(s * bk, bk), pl.ds(n * bn, bn)]
             dims = _NT
-        return acc + lax.dot_general(xt, rt, dims, precision=precision, preferred_element_type=jnp.float32)
+        return acc + dot(xt, rt, dims, precision, interpret)
 
     acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bt, bn), jnp.float32))
     out_cols = j * k + n * bn + jnp.arange(bn)
@@ -146,7 +150,7 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     kernel = functools.partial(
         _rotate_kernel, gather=src is not None, scatter=dst is not None, save=save, transpose_r=transpose_r,
         t=t, w_in=w_in, w_out=width, k=k, bt=bt, bk=bk, bn=bn,
-        precision=dot_precision(x.dtype, _F32_PRECISION, interpret))
+        precision=dot_precision(x.dtype, _F32_PRECISION, interpret), interpret=interpret)
     name = ("gather_" if src is not None else "") + "rotate" + ("_t" if transpose_r else "") + (
         "_scatter" if dst is not None else "")
     outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(nb, k // bn, pl.cdiv(t, bt)),
@@ -154,7 +158,7 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     return outs if save else outs[0]
 
 
-def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, precision):
+def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, precision, interpret):
     refs = list(refs)
     a_ref = refs.pop(0)
     pa_ref = refs.pop(0) if gather_a else None
@@ -180,7 +184,7 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
         mb = jnp.broadcast_to(row_ok if b_ok is None else row_ok & b_ok, (bt, bn))
         at = plt.load(a_ref.at[rows[:, None], ia[None, :]], mask=ma, other=0)
         btile = plt.load(b_ref.at[rows[:, None], ib[None, :]], mask=mb, other=0)
-        return acc + lax.dot_general(at, btile, _TN, precision=precision, preferred_element_type=jnp.float32)
+        return acc + dot(at, btile, _TN, precision, interpret)
 
     acc = lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[c, j, pl.ds(m * bm, bm), pl.ds(n * bn, bn)] = acc
@@ -195,7 +199,8 @@ def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None,
     args = [a] + ([pa] if pa is not None else []) + [b] + ([pb] if pb is not None else [])
     kernel = functools.partial(
         _reduce_kernel, gather_a=pa is not None, gather_b=pb is not None, t=t, w_a=a.shape[1], w_b=b.shape[1],
-        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, precision=dot_precision(a.dtype, _F32_PRECISION, interpret))
+        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, precision=dot_precision(a.dtype, _F32_PRECISION, interpret),
+        interpret=interpret)
     partial_sums = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, num_blocks, k, k), jnp.float32),
         grid=(num_blocks, k // bm, k // bn, chunks), compiler_params=compiler_params(cfg),
