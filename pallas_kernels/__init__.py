@@ -13,6 +13,7 @@ from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfi
 from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference, inverse_index,
                                          permuted_block_matmul, permuted_block_matmul_reference)
 from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
+from pallas_kernels import tuning
 
 __all__ = [
     "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",

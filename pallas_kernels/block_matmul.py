@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
                                     check_index_vector, compiler_params, dot, dot_precision)
+from pallas_kernels.tuning import block_matmul_config
 
 _NT = (((1,), (0,)), ((), ()))   # a @ b
 _NN_T = (((1,), (1,)), ((), ()))  # a @ bᵀ
@@ -288,7 +289,6 @@ def _check_r(r) -> tuple[int, int]:
 
 def _config(cfg: BlockMatmulConfig | None, k: int) -> BlockMatmulConfig:
     if cfg is None:
-        from pallas_kernels.tuning import block_matmul_config
         return block_matmul_config(k)
     if not isinstance(cfg, BlockMatmulConfig):
         raise TypeError(f"config must be a BlockMatmulConfig, got {type(cfg).__name__}")

@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import CayleyConfig, check_block_size, compiler_params, dot_precision
 
 _NT = (((1,), (0,)), ((), ()))
+from pallas_kernels.tuning import cayley_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +264,6 @@ def cayley_neumann(theta, block_size: int, num_terms: int = 3, *, interpret: boo
         return cayley_neumann_reference(theta, block_size, num_terms)
     check_block_size(block_size)
     if config is None:
-        from pallas_kernels.tuning import cayley_config
         config = cayley_config(block_size)
     elif not isinstance(config, CayleyConfig):
         raise TypeError(f"config must be a CayleyConfig, got {type(config).__name__}")
