@@ -182,9 +182,10 @@ class CayleyConfig:
 
 
 def fit_rotate(cfg: RotateConfig, block_size: int) -> RotateConfig:
-    """Shrink tiles that do not divide a (smaller) block size."""
+    """Shrink tiles that do not divide a (smaller) block size (block_n = K is spelled 0)."""
+    block_n = max_tile(block_size, cfg.block_n) if cfg.block_n else 0
     return dataclasses.replace(cfg, block_k=max_tile(block_size, cfg.block_k),
-                               block_n=max_tile(block_size, cfg.block_n) if cfg.block_n else 0)
+                               block_n=0 if block_n == block_size else block_n)
 
 
 def fit_reduce(cfg: ReduceConfig, block_size: int) -> ReduceConfig:
