@@ -99,14 +99,15 @@ def short_error(e: BaseException) -> str:
 # Layer cases
 # ----------------------------------------------------------------------------------------------
 
-def make_inputs(t, n, m, k, seed=0):
+def make_inputs(t, n, m, k, seed=0, sorted_perms=True):
     keys = jax.random.split(jax.random.key(seed), 8)
     x = jax.random.normal(keys[0], (t, n), jnp.float32).astype(jnp.bfloat16)
     g = jax.random.normal(keys[1], (t, m), jnp.float32).astype(jnp.bfloat16)
     w = (jax.random.normal(keys[2], (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
     lin, lout = block_layout(n, k), block_layout(m, k)
-    p_in, p_in_inv = input_permutation(keys[3], n, lin.padded)
-    p_out, p_out_inv = output_permutation(keys[4], m, lout.padded)
+    sort = k if sorted_perms else None  # POETLinear samples them sorted inside blocks (poetjax.perms)
+    p_in, p_in_inv = input_permutation(keys[3], n, lin.padded, sort)
+    p_out, p_out_inv = output_permutation(keys[4], m, lout.padded, sort)
     perms = ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
     w0 = ops.store_base_weight(w.astype(jnp.float32), perms).astype(jnp.bfloat16)
     p = k * (k - 1) // 2
@@ -138,7 +139,7 @@ def run_layer_case(case, rec: Recorder, args, table):
     label = f"T={t} {n}->{m} b={k}"
     print(f"\n== {label}", flush=True)
     try:
-        d = make_inputs(t, n, m, k)
+        d = make_inputs(t, n, m, k, sorted_perms=not args.unsorted_perms)
     except Exception as e:
         print(f"  inputs failed: {short_error(e)}")
         return
@@ -305,8 +306,7 @@ def run_sweep(rec: Recorder, args):
         keys = jax.random.split(jax.random.key(k), 4)
         x = jax.random.normal(keys[0], (t, n), jnp.float32).astype(jnp.bfloat16)
         r = (jax.random.normal(keys[1], (nb, k, k), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-        perm = jax.random.permutation(keys[2], n).astype(jnp.int32)
-        inv = jnp.argsort(perm).astype(jnp.int32)
+        perm, _ = input_permutation(keys[2], n, n, None if args.unsorted_perms else k)
 
         interpret = pk.default_interpret()
 
@@ -388,6 +388,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--no-cayley", action="store_true")
+    ap.add_argument("--unsorted-perms", action="store_true",
+                    help="uniformly shuffled permutations instead of the block-sorted ones layers sample")
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time kernel configs and print the best as a TABLE")
     ap.add_argument("--sweep-blocks", type=str, default="256")

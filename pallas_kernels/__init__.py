@@ -19,5 +19,5 @@ __all__ = [
     "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",
     "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "BlockMatmulConfig",
     "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size", "default_interpret",
-    "supports_block_size",
+    "supports_block_size", "tuning",
 ]

@@ -23,6 +23,12 @@ destination written once, so no atomics):
     forward of block_matmul_permuted   contiguous h,              rotate by R,  store to column inv_perm[c]
     backward dh of it                  gather g by inv_perm,      rotate by Rᵀ, contiguous store
 
+All four index through the block-side vector (perm of ``permuted_block_matmul``, inv_perm of
+``block_matmul_permuted``), one block's K entries per program. A gather along the contiguous axis costs
+one memory transaction per distinct cache line a warp touches, so index vectors sorted inside each
+block — as ``poetjax.perms`` samples them, which is the same POET up to relabeling — make every warp
+touch a few increasing lines instead of 32 random ones. Any index order gives the same result.
+
 Storing to column perm[c] is the inverse-permutation gather (g·blockdiag(Rᵀ))[..., inv] of the spec
 done in the same pass that produces g·blockdiag(Rᵀ), so no permuted copy is ever materialized. The
 gathering kernels can also write the gathered operand (``save_gathered``) so that the dR reduction reads
