@@ -94,15 +94,15 @@ def block_matmul_permuted_reference(h, perm, r):
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
+def _split_refs(refs, *present):
+    """A kernel's refs in order, None for each optional one that is absent."""
+    it = iter(refs)
+    return [next(it) if p else None for p in present]
+
+
 def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, precision,
                    interpret):
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    src_ref = refs.pop(0) if gather else None
-    r_ref = refs.pop(0)
-    dst_ref = refs.pop(0) if scatter else None
-    o_ref = refs.pop(0)
-    u_ref = refs.pop(0) if save else None
+    x_ref, src_ref, r_ref, dst_ref, o_ref, u_ref = _split_refs(refs, True, gather, True, scatter, True, save)
 
     j, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = i * bt + jnp.arange(bt)
@@ -166,12 +166,7 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
 
 
 def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, precision, interpret):
-    refs = list(refs)
-    a_ref = refs.pop(0)
-    pa_ref = refs.pop(0) if gather_a else None
-    b_ref = refs.pop(0)
-    pb_ref = refs.pop(0) if gather_b else None
-    o_ref = refs.pop(0)
+    a_ref, pa_ref, b_ref, pb_ref, o_ref = _split_refs(refs, True, gather_a, True, gather_b, True)
 
     j, m, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
