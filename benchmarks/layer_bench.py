@@ -11,6 +11,7 @@ the same inputs. A failing case prints its error and the run goes on. The table 
     python benchmarks/layer_bench.py --quick         # the headline shapes only
     python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x2048x2048x128
     python benchmarks/layer_bench.py --sweep         # time tiles/warps/stages per kernel; print a TABLE
+    python benchmarks/layer_bench.py --quick --tuning sweep.jsonl   # layer cases with the sweep's winners
     python benchmarks/layer_bench.py --out results.jsonl   # also append JSON lines (one per result)
     python benchmarks/layer_bench.py --tiny          # a few seconds' smoke test that runs on CPU too
 
@@ -355,9 +356,29 @@ def run_sweep(rec: Recorder, args):
     print(f"# {device_line()}, {time.strftime('%Y-%m-%d')}, benchmarks/layer_bench.py --sweep")
     print("TABLE: dict[tuple[str, int], dict] = {")
     for (name, k), (ms, cfg) in found.items():
-        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "precision"}
+        fields = _table_fields(cfg)
         print(f"    ({name!r}, {k}): {fields!r},  # {ms:.3f} ms")
+        pk.tuning.TABLE[(name, k)] = fields  # layer cases later in this run use them
     print("}")
+
+
+def _table_fields(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "precision"}
+
+
+def load_tuning(path: str) -> None:
+    """Put the best config per (kernel, b) of a ``--sweep --out`` JSON-lines file into the tuning table."""
+    best = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "sweep" and "ms" in rec:
+                key = (rec["kernel"], rec["b"])
+                if key not in best or rec["ms"] < best[key][0]:
+                    best[key] = (rec["ms"], {k: v for k, v in rec["config"].items() if k != "precision"})
+    for key, (ms, fields) in best.items():
+        pk.tuning.TABLE[key] = fields
+        print(f"tuning from {path}: {key} -> {fields} ({ms:.3f} ms)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +418,8 @@ def main(argv=None):
     ap.add_argument("--sweep-tokens", type=int, default=16384)
     ap.add_argument("--sweep-width", type=int, default=4096)
     ap.add_argument("--out", type=str, default=None, help="append JSON lines here")
+    ap.add_argument("--tuning", type=str, default=None,
+                    help="use the best configs of a --sweep JSON-lines file (instead of pallas_kernels/tuning.py)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
@@ -419,6 +442,8 @@ def main(argv=None):
         blocks = [int(b) for b in args.blocks.split(",")]
         cases = [(t, n, m, b) for (t, n, m) in PROTOCOL_SHAPES for b in blocks]
     rec.add(kind="meta", device=device_line(), date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:])
+    if args.tuning:
+        load_tuning(args.tuning)
 
     if args.sweep:
         run_sweep(rec, args)
