@@ -1,1 +1,23 @@
-"""Pallas GPU kernels for POET-X (depend on jax only)."""
+"""Pallas GPU kernels for POET-X (depend on jax only, never on poetjax).
+
+    cayley_neumann(theta, block_size, num_terms=3)   packed generators → orthogonal blocks (fused skew + series)
+    permuted_block_matmul(x, perm, r)                 x[..., perm] · blockdiag(r)   (gather fused into loads)
+    block_matmul_permuted(h, perm, r, inv_perm=...)   (h · blockdiag(r))[..., perm] (gather fused into stores)
+
+Each has a jnp ``*_reference``, a ``jax.custom_vjp`` with Pallas backward kernels and an ``interpret``
+flag (Pallas's interpreter: runs anywhere, for tests). Configurations: ``pallas_kernels.tuning``.
+"""
+
+from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
+                                    check_block_size, default_interpret, supports_block_size)
+from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference, inverse_index,
+                                         permuted_block_matmul, permuted_block_matmul_reference)
+from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
+from pallas_kernels import tuning
+
+__all__ = [
+    "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",
+    "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "BlockMatmulConfig",
+    "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size", "default_interpret",
+    "supports_block_size", "tuning",
+]

@@ -190,8 +190,15 @@ def neumann_orthogonality_bound(q_norm, num_terms: int = 3):
 
 
 def rotations(theta_BxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
-              exact: bool = False) -> jax.Array:
-    """Orthogonal blocks (B, K, K) in float32 from packed generators (masked for a ragged tail)."""
+              exact: bool = False, impl: str = "xla") -> jax.Array:
+    """Orthogonal blocks (B, K, K) in float32 from packed generators (masked for a ragged tail).
+
+    impl="pallas" runs the Neumann series through the fused kernel ``pallas_kernels.cayley_neumann``
+    (in the interpreter when there is no GPU); the exact map always uses XLA.
+    """
     theta = mask_generators(theta_BxP.astype(jnp.float32), layout)
+    if impl == "pallas" and not exact:
+        import pallas_kernels as pk  # local: keeps this module's import pure jnp
+        return pk.cayley_neumann(theta, layout.block_size, num_terms, interpret=pk.default_interpret())
     q = skew_from_packed(theta)
     return cayley_exact(q) if exact else cayley_neumann(q, num_terms)

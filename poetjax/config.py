@@ -10,6 +10,7 @@ import dataclasses
 
 VARIANTS = ("fast", "mem")
 CAYLEY_MAPS = ("neumann", "exact")
+IMPLS = ("auto", "xla", "pallas")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 
 
@@ -35,6 +36,11 @@ class POETConfig:
     poet_scale:     multiplier of the generators' learning rate (reference default 0.5).
     b1, b2, eps:    Adam constants of POETAdamW (eps is added to sqrt(v) before bias correction).
     exclude:        Linear layers whose path contains one of these names are not converted.
+    impl:           how POET layers compute: "xla" (plain jnp/XLA), "pallas" (the fused kernels of
+                    ``pallas_kernels``; on a machine without a GPU they run in Pallas's interpreter, for
+                    tests) or "auto" (Pallas on a GPU when the kernels support block_size — a multiple
+                    of 16 — XLA otherwise). ``poetize`` passes it to every layer it builds;
+                    ``POETLinear(impl=...)`` overrides it per layer. Never changes the math.
     """
 
     block_size: int = 256
@@ -49,6 +55,7 @@ class POETConfig:
     b2: float = 0.999
     eps: float = 1e-6
     exclude: tuple[str, ...] = ("lm_head",)
+    impl: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -74,6 +81,8 @@ class POETConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {name}={v!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got eps={self.eps!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
         if isinstance(self.exclude, str):  # a lone string would be iterated character by character
             object.__setattr__(self, "exclude", (self.exclude,))
         object.__setattr__(self, "exclude", tuple(self.exclude))

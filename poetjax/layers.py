@@ -23,7 +23,7 @@ from flax import nnx
 
 from poetjax import ops
 from poetjax.cayley import block_layout, rotations
-from poetjax.config import POETConfig
+from poetjax.config import IMPLS, POETConfig
 from poetjax.initializers import base_weight
 from poetjax.perms import input_permutation, output_permutation
 
@@ -48,9 +48,14 @@ class POETLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, config: POETConfig, use_bias: bool = False,
                  rngs: nnx.Rngs, kernel: jax.Array | None = None, bias: jax.Array | None = None,
-                 dtype=None, param_dtype=jnp.float32, precision=None):
+                 dtype=None, param_dtype=jnp.float32, precision=None, impl: str | None = None):
+        """impl: "auto" | "xla" | "pallas" (see ``POETConfig.impl``); None takes ``config.impl``."""
         if not isinstance(config, POETConfig):
             raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
+        impl = config.impl if impl is None else impl
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+        self.impl = impl
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.config = config
@@ -79,8 +84,9 @@ class POETLinear(nnx.Module):
     # -- permutations -------------------------------------------------------------------------
     def _draw_perms(self, key: jax.Array) -> ops.LayerPerms:
         k_in, k_out = jax.random.split(key)
-        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded)
-        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded)
+        k = self.config.block_size  # sorted inside blocks: same POET, cheaper gathers (poetjax.perms)
+        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k)
+        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k)
         return ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
 
     def _set_perms(self, perms: ops.LayerPerms, init: bool = False):
@@ -96,23 +102,25 @@ class POETLinear(nnx.Module):
                               self.perm_out_inv[...])
 
     # -- math ---------------------------------------------------------------------------------
-    def rotation_blocks(self, *, exact: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    def rotation_blocks(self, *, exact: bool | None = None, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
         """(R_in (I, K, K), R_out (O, K, K)) in float32 from the current generators.
 
-        ``exact`` overrides ``config.cayley`` (True: exact Cayley, False: Neumann series).
+        ``exact`` overrides ``config.cayley`` (True: exact Cayley, False: Neumann series); ``impl``
+        "pallas" uses the fused Cayley kernel (merges and ``effective_kernel`` keep XLA).
         """
         k = self.config.num_terms
         exact = self.config.cayley == "exact" if exact is None else exact
-        return (rotations(self.theta_in[...], self.layout_in, k, exact=exact),
-                rotations(self.theta_out[...], self.layout_out, k, exact=exact))
+        return (rotations(self.theta_in[...], self.layout_in, k, exact=exact, impl=impl),
+                rotations(self.theta_out[...], self.layout_out, k, exact=exact, impl=impl))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        r_in, r_out = self.rotation_blocks()
+        impl = ops.resolve_impl(self.impl, self.config.block_size)
+        r_in, r_out = self.rotation_blocks(impl=impl)
         y = ops.poet_x_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms,
-                              variant=self.config.variant, precision=self.precision)
+                              variant=self.config.variant, precision=self.precision, impl=impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

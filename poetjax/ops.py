@@ -19,6 +19,13 @@ Variants: "fast" differentiates through the factored computation (keeps u and h 
 "mem" wraps the body in ``jax.checkpoint`` with a policy that saves nothing, so only its inputs — the
 layer input x, the small rotation blocks, the index vectors, and W_s by reference — are kept and
 u, a, h are recomputed in the backward pass (one extra dense matmul).
+
+Implementations (``impl``): "xla" is the jnp code below; "pallas" runs the same equations through the
+fused kernels of ``pallas_kernels`` — the input gather happens inside the loads of the input rotation
+(``permuted_block_matmul``), the output gather inside the stores of the output rotation
+(``block_matmul_permuted``), and their backward kernels do the inverse permutations and the dR
+reductions — with the dense matmul left to XLA. "auto" picks Pallas on a GPU when the kernels support
+the block size (see ``resolve_impl``). Both variants exist for both implementations.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels as pk
 from poetjax.cayley import HIGHEST
+from poetjax.config import IMPLS
 from poetjax.perms import permute
 
 
@@ -65,23 +74,52 @@ _poet_x_mem_body = jax.checkpoint(_poet_x_body, policy=jax.checkpoint_policies.n
                                   static_argnums=(5,))
 
 
+def resolve_impl(impl: str, block_size: int) -> str:
+    """"xla" or "pallas" for a layer of this block size: "auto" is Pallas on a GPU when the kernels
+    support block_size (a multiple of 16), XLA otherwise; "pallas" with an unsupported block size is
+    a ValueError. Decided at trace time, so a model built on one machine runs on another."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
+    if impl == "pallas":
+        pk.check_block_size(block_size)
+        return impl
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" and pk.supports_block_size(block_size) else "xla"
+    return impl
+
+
+def _poet_x_pallas_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision, interpret):
+    a = pk.permuted_block_matmul(x, perms.perm_in, r_in_IxKxK, interpret=interpret)
+    h = jnp.matmul(a, w0_NpxMp, precision=precision)
+    return pk.block_matmul_permuted(h, perms.perm_out, r_out_OxKxK, inv_perm=perms.perm_out_inv,
+                                    interpret=interpret)
+
+
+_poet_x_pallas_mem_body = jax.checkpoint(_poet_x_pallas_body, policy=jax.checkpoint_policies.nothing_saveable,
+                                         static_argnums=(5, 6))
+
+
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
-                  perms: LayerPerms, *, variant: str = "fast", precision=None) -> jax.Array:
+                  perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla") -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
-    W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first).
-    W_s never receives a gradient: it is not differentiated even if the caller's transformation
-    would allow it, because it is stop-gradient'ed here.
+    W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first; the
+    Pallas kernels cast them inside and return their cotangents in float32). W_s never receives a
+    gradient: it is not differentiated even if the caller's transformation would allow it, because it
+    is stop-gradient'ed here. ``impl``: "xla", "pallas" or "auto" (see ``resolve_impl``).
     """
+    if variant not in ("fast", "mem"):
+        raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
     dtype = x.dtype
     w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
+    if resolve_impl(impl, r_in_IxKxK.shape[-1]) == "pallas":
+        body = _poet_x_pallas_body if variant == "fast" else _poet_x_pallas_mem_body
+        # No GPU: the interpreter (correct everywhere, slow; for tests).
+        return body(x, w0, r_in_IxKxK, r_out_OxKxK, perms, precision, pk.default_interpret())
     r_in = r_in_IxKxK.astype(dtype)
     r_out = r_out_OxKxK.astype(dtype)
-    if variant == "fast":
-        return _poet_x_body(x, w0, r_in, r_out, perms, precision)
-    if variant == "mem":
-        return _poet_x_mem_body(x, w0, r_in, r_out, perms, precision)
-    raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
+    body = _poet_x_body if variant == "fast" else _poet_x_mem_body
+    return body(x, w0, r_in, r_out, perms, precision)
 
 
 def effective_kernel(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,

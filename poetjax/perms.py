@@ -13,6 +13,15 @@ permute+crop:
 
 so that ``u = x[..., perm_in]`` and, backward, ``g_x = g_u[..., perm_in_inv]``; ``y = z[..., perm_out]``
 and ``g_z = g_y[..., perm_out_inv]`` (the padding gets a zero cotangent).
+
+Sorted within blocks (``block_size`` given, as layers do): the block-side vectors ``perm_in`` and
+``perm_out_inv`` (both of length B·K) are sorted inside every block of K. Only *which* coordinates share
+a block matters to POET — the order inside a block is a relabeling to which everything is equivariant:
+Q ↦ ΣᵀQΣ keeps Q skew and the Neumann series commutes with it, Adam is elementwise and sign-symmetric,
+W_s is re-stored for the new permutations at every merge, θ restarts from 0. So the distribution of
+the trained function is unchanged, while the kernels' gathers and scatters (which index through these
+two vectors) touch increasing addresses: ~K/D of a block's entries per cache line instead of random
+ones, several times fewer memory transactions per warp than a uniformly shuffled order.
 """
 
 from __future__ import annotations
@@ -45,17 +54,35 @@ def _permute_bwd(inv_idx, g):
 permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def input_permutation(key: jax.Array, dim: int, padded: int) -> tuple[jax.Array, jax.Array]:
-    """A uniformly random π of ``dim``: (perm_in (padded,), perm_in_inv (dim,)), int32."""
+def _sort_within_blocks(idx: jax.Array, block_size: int | None) -> jax.Array:
+    """Sort every run of ``block_size`` entries of a (B·K,) index (padding values, the largest, stay last)."""
+    if block_size is None:
+        return idx
+    if idx.shape[0] % block_size:
+        raise ValueError(f"index length {idx.shape[0]} is not a multiple of block_size={block_size}")
+    return jnp.sort(idx.reshape(-1, block_size), axis=1).reshape(-1)
+
+
+def input_permutation(key: jax.Array, dim: int, padded: int,
+                      block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """A uniformly random π of ``dim``: (perm_in (padded,), perm_in_inv (dim,)), int32.
+
+    With ``block_size``, perm_in is sorted inside every block (a uniformly random assignment of the
+    coordinates to blocks; see the module docstring).
+    """
     pi = jax.random.permutation(key, dim).astype(jnp.int32)
-    inv = jnp.argsort(pi).astype(jnp.int32)
     pad = jnp.full((padded - dim,), dim, jnp.int32)
-    return jnp.concatenate([pi, pad]), inv
+    perm = _sort_within_blocks(jnp.concatenate([pi, pad]), block_size)
+    return perm, jnp.argsort(perm)[:dim].astype(jnp.int32)
 
 
-def output_permutation(key: jax.Array, dim: int, padded: int) -> tuple[jax.Array, jax.Array]:
-    """A uniformly random σ of ``dim``: (perm_out (dim,), perm_out_inv (padded,)), int32."""
+def output_permutation(key: jax.Array, dim: int, padded: int,
+                       block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """A uniformly random σ of ``dim``: (perm_out (dim,), perm_out_inv (padded,)), int32.
+
+    With ``block_size``, perm_out_inv is sorted inside every block (see the module docstring).
+    """
     sigma = jax.random.permutation(key, dim).astype(jnp.int32)
-    inv = jnp.argsort(sigma).astype(jnp.int32)
     pad = jnp.full((padded - dim,), dim, jnp.int32)
-    return sigma, jnp.concatenate([inv, pad])
+    inv = _sort_within_blocks(jnp.concatenate([jnp.argsort(sigma).astype(jnp.int32), pad]), block_size)
+    return jnp.argsort(inv)[:dim].astype(jnp.int32), inv

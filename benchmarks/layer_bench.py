@@ -1,0 +1,461 @@
+"""Layer benchmark of BENCHMARK_PROTOCOL.md: dense vs POET-X (XLA) vs POET-X (Pallas), fast and mem.
+
+Every case computes forward + backward and returns what the protocol asks, so XLA cannot drop work:
+dense (y, dx, dW) of y = x @ W; POET-X (y, dx, dθ_in, dθ_out), the Cayley–Neumann map included. x and
+W0 are bf16, generators float32, all values random and non-zero, permutations random. Timing: jit, two
+warm-up calls, then the median over ≥ 7 repeats of a ≥ 20-call loop ended by ``block_until_ready``;
+ratios are against the dense layer of the same run. Before timing, Pallas is checked against XLA on
+the same inputs. A failing case prints its error and the run goes on. The table comes last.
+
+    python benchmarks/layer_bench.py                 # protocol shapes, b ∈ {128, 256} (several minutes)
+    python benchmarks/layer_bench.py --quick         # the headline shapes only
+    python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x2048x2048x128
+    python benchmarks/layer_bench.py --sweep         # time tiles/warps/stages per kernel; print a TABLE
+    python benchmarks/layer_bench.py --quick --tuning sweep.jsonl   # layer cases with the sweep's winners
+    python benchmarks/layer_bench.py --out results.jsonl   # also append JSON lines (one per result)
+    python benchmarks/layer_bench.py --tiny          # a few seconds' smoke test that runs on CPU too
+
+Also times the Cayley kernel (forward + backward) against XLA's at 16 and 43 blocks of 256.
+Runs from a checkout without installing (the GPU box cannot install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pallas_kernels as pk  # noqa: E402
+from pallas_kernels import block_matmul as bmk  # noqa: E402
+from pallas_kernels._common import (CayleyConfig, ReduceConfig, RotateConfig, fit_cayley, fit_reduce,  # noqa: E402
+                                    fit_rotate)
+from poetjax import ops  # noqa: E402
+from poetjax.cayley import block_layout, rotations  # noqa: E402
+from poetjax.perms import input_permutation, output_permutation  # noqa: E402
+from poetjax.testing import rel_err, tolerance  # noqa: E402
+
+PROTOCOL_SHAPES = [(t, n, m) for t in (16384, 2048) for n, m in ((4096, 4096), (4096, 11008), (11008, 4096),
+                                                                  (2048, 2048))]
+QUICK_CASES = [(16384, 4096, 4096, 256), (16384, 4096, 11008, 256), (2048, 4096, 4096, 256)]
+TINY_CASES = [(100, 64, 96, 32)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and output
+# ----------------------------------------------------------------------------------------------
+
+class Recorder:
+    def __init__(self, path: str | None):
+        self.path = path
+        self.rows = []
+
+    def add(self, **rec):
+        self.rows.append(rec)
+        if self.path:  # appended and flushed per record: a run that is cut short keeps what it measured
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def compile_fn(fn, *args):
+    compiled = jax.jit(fn).lower(*args).compile()
+    temp = None
+    try:
+        mem = compiled.memory_analysis()
+        temp = None if mem is None else int(mem.temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        pass
+    return compiled, temp
+
+
+def time_ms(compiled, args, repeats: int, inner: int) -> float:
+    for _ in range(2):  # warm-up
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return 1e3 * statistics.median(times)
+
+
+def short_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer cases
+# ----------------------------------------------------------------------------------------------
+
+def make_inputs(t, n, m, k, seed=0, sorted_perms=True):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    x = jax.random.normal(keys[0], (t, n), jnp.float32).astype(jnp.bfloat16)
+    g = jax.random.normal(keys[1], (t, m), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[2], (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+    lin, lout = block_layout(n, k), block_layout(m, k)
+    sort = k if sorted_perms else None  # POETLinear samples them sorted inside blocks (poetjax.perms)
+    p_in, p_in_inv = input_permutation(keys[3], n, lin.padded, sort)
+    p_out, p_out_inv = output_permutation(keys[4], m, lout.padded, sort)
+    perms = ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
+    w0 = ops.store_base_weight(w.astype(jnp.float32), perms).astype(jnp.bfloat16)
+    p = k * (k - 1) // 2
+    th_in = 0.3 / np.sqrt(k) * jax.random.normal(keys[5], (lin.num_blocks, p), jnp.float32)
+    th_out = 0.3 / np.sqrt(k) * jax.random.normal(keys[6], (lout.num_blocks, p), jnp.float32)
+    return dict(x=x, g=g, w=w, w0=w0, perms=perms, th_in=th_in, th_out=th_out, lin=lin, lout=lout)
+
+
+def dense_fn(x, w, g):
+    y, vjp = jax.vjp(lambda x, w: x @ w, x, w)
+    dx, dw = vjp(g)
+    return y, dx, dw
+
+
+def poet_fn(lin, lout, variant, impl):
+    def f(x, w0, th_in, th_out, perms, g):
+        def layer(x, th_in, th_out):
+            r_in = rotations(th_in, lin, 3, impl=impl)
+            r_out = rotations(th_out, lout, 3, impl=impl)
+            return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl)
+
+        y, vjp = jax.vjp(layer, x, th_in, th_out)
+        return (y, *vjp(g))
+    return f
+
+
+def run_layer_case(case, rec: Recorder, args, table):
+    t, n, m, k = case
+    label = f"T={t} {n}->{m} b={k}"
+    print(f"\n== {label}", flush=True)
+    try:
+        d = make_inputs(t, n, m, k, sorted_perms=not args.unsorted_perms)
+    except Exception as e:
+        print(f"  inputs failed: {short_error(e)}")
+        return
+    base = dict(T=t, N=n, M=m, b=k)
+    dense_ms = None
+    try:
+        compiled, temp = compile_fn(dense_fn, d["x"], d["w"], d["g"])
+        dense_ms = time_ms(compiled, (d["x"], d["w"], d["g"]), args.repeats, args.inner)
+        print(f"  dense            {dense_ms:8.3f} ms")
+        rec.add(kind="layer", variant="dense", impl="xla", ms=dense_ms, ratio=1.0, temp_bytes=temp, **base)
+    except Exception as e:
+        print(f"  dense FAILED: {short_error(e)}")
+    poet_args = (d["x"], d["w0"], d["th_in"], d["th_out"], d["perms"], d["g"])
+    row = {"case": label, "dense": dense_ms}
+    outs = {}
+    for variant in args.variants:
+        for impl in args.impls:
+            name = f"{variant}/{impl}"
+            try:
+                compiled, temp = compile_fn(poet_fn(d["lin"], d["lout"], variant, impl), *poet_args)
+                outs[name] = compiled(*poet_args)
+                check = None
+                other = f"{variant}/xla"
+                if impl == "pallas" and other in outs:  # correctness before timing
+                    errs = [rel_err(a.astype(jnp.float32), b.astype(jnp.float32))
+                            for a, b in zip(outs[name], outs[other])]
+                    tols = [tolerance(jnp.bfloat16, "value")] + [tolerance(jnp.bfloat16, "grad")] * 3
+                    check = all(e <= tl for e, tl in zip(errs, tols))
+                    print(f"  check {name} vs {other}: rel err y {errs[0]:.1e} dx {errs[1]:.1e} "
+                          f"dθ_in {errs[2]:.1e} dθ_out {errs[3]:.1e} -> {'OK' if check else 'MISMATCH'}")
+                ms = time_ms(compiled, poet_args, args.repeats, args.inner)
+                ratio = None if dense_ms is None else ms / dense_ms
+                print(f"  poet {name:12s} {ms:8.3f} ms" + ("" if ratio is None else f"  ({ratio:.2f}x dense)"))
+                rec.add(kind="layer", variant=variant, impl=impl, ms=ms, ratio=ratio, temp_bytes=temp,
+                        matches_xla=check, **base)
+                row[name] = ms
+            except Exception as e:
+                print(f"  poet {name} FAILED: {short_error(e)}")
+                if args.verbose:
+                    traceback.print_exc()
+                rec.add(kind="layer", variant=variant, impl=impl, error=short_error(e), **base)
+    table.append(row)
+
+
+def print_table(table, args):
+    cols = [f"{v}/{i}" for v in args.variants for i in args.impls]
+    print("\n" + "=" * 100)
+    print(f"{'case':28s} {'dense ms':>9s} " + " ".join(f"{c:>20s}" for c in cols))
+    for row in table:
+        dense = row.get("dense")
+        cells = []
+        for c in cols:
+            ms = row.get(c)
+            if ms is None:
+                cells.append(f"{'—':>20s}")
+            elif dense:
+                cells.append(f"{ms:9.3f} ({ms / dense:5.2f}x)".rjust(20))
+            else:
+                cells.append(f"{ms:9.3f}".rjust(20))
+        print(f"{row['case']:28s} {('—' if dense is None else f'{dense:9.3f}'):>9s} " + " ".join(cells))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cayley
+# ----------------------------------------------------------------------------------------------
+
+def cayley_fn(nb, k, impl, config=None):
+    lay = block_layout(nb * k, k)
+    interpret = pk.default_interpret()
+
+    def f(theta, g):
+        if impl == "xla":
+            r, vjp = jax.vjp(lambda t: rotations(t, lay, 3), theta)
+        else:
+            r, vjp = jax.vjp(lambda t: pk.cayley_neumann(t, k, 3, config=config, interpret=interpret), theta)
+        return r, vjp(g)[0]
+    return f
+
+
+def run_cayley(rec: Recorder, args, blocks=(16, 43), k=256):
+    print("\n== Cayley–Neumann forward + backward (K=256)")
+    for nb in blocks:
+        theta = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(nb), (nb, k * (k - 1) // 2))
+        g = jax.random.normal(jax.random.key(nb + 1), (nb, k, k))
+        res = {}
+        for impl in ("xla", "pallas"):
+            try:
+                compiled, _ = compile_fn(cayley_fn(nb, k, impl), theta, g)
+                res[impl] = (compiled(theta, g), time_ms(compiled, (theta, g), args.repeats, args.inner))
+            except Exception as e:
+                print(f"  {nb} blocks {impl} FAILED: {short_error(e)}")
+        if len(res) == 2:
+            (ox, tx), (op, tp) = res["xla"], res["pallas"]
+            er, eg = rel_err(op[0], ox[0]), rel_err(op[1], ox[1])
+            print(f"  {nb:3d} blocks: xla {tx:7.3f} ms  pallas {tp:7.3f} ms  ({tp / tx:.2f}x)  "
+                  f"rel err R {er:.1e} dθ {eg:.1e}")
+            rec.add(kind="cayley", blocks=nb, b=k, xla_ms=tx, pallas_ms=tp, ratio=tp / tx, err_r=er, err_dtheta=eg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep: one GPU run picks the defaults of pallas_kernels/tuning.py
+# ----------------------------------------------------------------------------------------------
+
+# Small curated grids (each config costs a Triton compile of a few kernels): around the heuristics,
+# varying one thing at a time plus the likely winners' neighbours.
+def _rotate_grid(k):
+    for bt, (bn, warps) in itertools.product((32, 64, 128), ((0, 8), (128, 4), (128, 8))):
+        yield RotateConfig(block_t=bt, block_k=32, block_n=bn, num_warps=warps, num_stages=3)
+    for bk, stages in ((64, 3), (32, 2), (32, 4), (16, 4)):
+        yield RotateConfig(block_t=64, block_k=bk, block_n=0, num_warps=8, num_stages=stages)
+
+
+def _reduce_grid(k):
+    for bt, (bm, bn) in itertools.product((32, 64, 128), ((64, 64), (128, 128), (128, 64))):
+        yield ReduceConfig(block_t=bt, block_m=bm, block_n=bn, num_warps=4, num_stages=3)
+    for bm, warps, stages in ((128, 8, 3), (64, 4, 2), (64, 4, 4)):
+        yield ReduceConfig(block_t=64, block_m=bm, block_n=bm, num_warps=warps, num_stages=stages)
+
+
+def _cayley_grid(k):
+    for bm, bk in itertools.product((32, 64, 128), (16, 32)):
+        yield CayleyConfig(block_m=bm, block_k=bk, num_warps=4, num_stages=2)
+    for warps, stages in ((8, 2), (4, 3)):
+        yield CayleyConfig(block_m=64, block_k=32, num_warps=warps, num_stages=stages)
+
+
+def _fit(cfg, k):
+    """Clamp a grid entry's tiles to block size k (the grids are written for K = 256)."""
+    if isinstance(cfg, RotateConfig):
+        return fit_rotate(cfg, k)
+    if isinstance(cfg, ReduceConfig):
+        return fit_reduce(cfg, k)
+    return fit_cayley(cfg, k)
+
+
+def _sweep_one(name, grid, build, args, rec, k):
+    """Time every config of ``grid``; build(cfg) → list of (compiled, args). Returns the best config."""
+    best = None
+    seen = set()
+    for cfg in grid:
+        cfg = _fit(cfg, k)
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        try:
+            total = 0.0
+            for compiled, a in build(cfg):
+                total += time_ms(compiled, a, args.repeats, args.inner)
+            print(f"  {name:10s} {total:8.3f} ms  {cfg}", flush=True)
+            rec.add(kind="sweep", kernel=name, b=k, ms=total, config=dataclasses.asdict(cfg))
+            if best is None or total < best[0]:
+                best = (total, cfg)
+        except Exception as e:
+            print(f"  {name:10s}   failed  {cfg}: {short_error(e)}")
+    return best
+
+
+def run_sweep(rec: Recorder, args):
+    found = {}
+    t, n = args.sweep_tokens, args.sweep_width
+    for k in args.sweep_blocks:
+        nb = n // k
+        print(f"\n== sweep K={k}: T={t}, width {n} ({nb} blocks), bf16")
+        keys = jax.random.split(jax.random.key(k), 4)
+        x = jax.random.normal(keys[0], (t, n), jnp.float32).astype(jnp.bfloat16)
+        r = (jax.random.normal(keys[1], (nb, k, k), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+        perm, _ = input_permutation(keys[2], n, n, None if args.unsorted_perms else k)
+
+        interpret = pk.default_interpret()
+
+        def rotate(idx, **static):
+            def build(cfg):
+                def fn(x, r, p):
+                    return bmk._rotate(x, r, cfg=cfg, interpret=interpret, **{idx: p}, **static)
+                return [(compile_fn(fn, x, r, perm)[0], (x, r, perm))]
+            return build
+
+        def both(b1, b2):
+            return lambda cfg: b1(cfg) + b2(cfg)
+
+        # forward kernels: gather → rotate (input side) and rotate → scatter (output side)
+        # forward kernels: gather → rotate (input side) and rotate → scatter (output side); the backward
+        # ones are their mirrors by Rᵀ
+        fwd = both(rotate("src", save=True), rotate("dst", w_out=n))
+        bwd = both(rotate("dst", w_out=n, transpose_r=True), rotate("src", transpose_r=True, save=True))
+
+        def build_reduce(cfg):
+            def fn(a, b):
+                return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret)
+            return [(compile_fn(fn, x, x)[0], (x, x))]
+
+        for name, grid, build in (("rotate_fwd", _rotate_grid(k), fwd), ("rotate_bwd", _rotate_grid(k), bwd),
+                                  ("reduce", _reduce_grid(k), build_reduce)):
+            if name in args.sweep_kernels:
+                best = _sweep_one(name, grid, build, args, rec, k)
+                if best:
+                    found[(name, k)] = best
+
+        def build_cayley(cfg):
+            out = []
+            for blocks in (16, 43):
+                theta = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(blocks), (blocks, k * (k - 1) // 2))
+                g = jax.random.normal(jax.random.key(blocks + 1), (blocks, k, k))
+                out.append((compile_fn(cayley_fn(blocks, k, "pallas", cfg), theta, g)[0], (theta, g)))
+            return out
+
+        if "cayley" in args.sweep_kernels:
+            best = _sweep_one("cayley", _cayley_grid(k), build_cayley, args, rec, k)
+            if best:
+                found[("cayley", k)] = best
+
+    print("\n== best configurations (paste into pallas_kernels/tuning.py, with device and date):")
+    print(f"# {device_line()}, {time.strftime('%Y-%m-%d')}, benchmarks/layer_bench.py --sweep")
+    print("TABLE: dict[tuple[str, int], dict] = {")
+    for (name, k), (ms, cfg) in found.items():
+        fields = _table_fields(cfg)
+        print(f"    ({name!r}, {k}): {fields!r},  # {ms:.3f} ms")
+        pk.tuning.TABLE[(name, k)] = fields  # layer cases later in this run use them
+    print("}")
+
+
+def _table_fields(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "precision"}
+
+
+def load_tuning(path: str) -> None:
+    """Put the best config per (kernel, b) of a ``--sweep --out`` JSON-lines file into the tuning table."""
+    best = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "sweep" and "ms" in rec:
+                key = (rec["kernel"], rec["b"])
+                if key not in best or rec["ms"] < best[key][0]:
+                    best[key] = (rec["ms"], {k: v for k, v in rec["config"].items() if k != "precision"})
+    for key, (ms, fields) in best.items():
+        pk.tuning.TABLE[key] = fields
+        print(f"tuning from {path}: {key} -> {fields} ({ms:.3f} ms)")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def device_line() -> str:
+    dev = jax.devices()[0]
+    return f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}"
+
+
+def parse_cases(text: str):
+    cases = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4:
+            raise SystemExit(f"--cases wants TxNxMxb items, got {item!r}")
+        cases.append(tuple(int(p) for p in parts))
+    return cases
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="headline shapes only")
+    ap.add_argument("--tiny", action="store_true", help="tiny smoke test (CPU ok: kernels run interpreted)")
+    ap.add_argument("--cases", type=str, default=None, help="comma-separated TxNxMxb, e.g. 16384x4096x4096x256")
+    ap.add_argument("--blocks", type=str, default="128,256", help="block sizes for the protocol shapes")
+    ap.add_argument("--variants", type=str, default="fast,mem")
+    ap.add_argument("--impls", type=str, default="xla,pallas")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--no-cayley", action="store_true")
+    ap.add_argument("--unsorted-perms", action="store_true",
+                    help="uniformly shuffled permutations instead of the block-sorted ones layers sample")
+    ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time kernel configs and print the best as a TABLE")
+    ap.add_argument("--sweep-blocks", type=str, default="256")
+    ap.add_argument("--sweep-kernels", type=str, default="rotate_fwd,rotate_bwd,reduce,cayley")
+    ap.add_argument("--sweep-tokens", type=int, default=16384)
+    ap.add_argument("--sweep-width", type=int, default=4096)
+    ap.add_argument("--out", type=str, default=None, help="append JSON lines here")
+    ap.add_argument("--tuning", type=str, default=None,
+                    help="use the best configs of a --sweep JSON-lines file (instead of pallas_kernels/tuning.py)")
+    ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    args = ap.parse_args(argv)
+    args.variants = args.variants.split(",")
+    args.impls = args.impls.split(",")
+    args.sweep_blocks = [int(b) for b in args.sweep_blocks.split(",")]
+    args.sweep_kernels = args.sweep_kernels.split(",")
+    if args.repeats < 7 or args.inner < 20:
+        print("note: the protocol asks for --repeats ≥ 7 and --inner ≥ 20")
+
+    rec = Recorder(args.out)
+    print(f"device: {device_line()}; date {time.strftime('%Y-%m-%d %H:%M')}; command: {' '.join(sys.argv)}")
+    if args.tiny:
+        cases = TINY_CASES
+        args.repeats, args.inner = 2, 2
+    elif args.cases:
+        cases = parse_cases(args.cases)
+    elif args.quick:
+        cases = QUICK_CASES
+    else:
+        blocks = [int(b) for b in args.blocks.split(",")]
+        cases = [(t, n, m, b) for (t, n, m) in PROTOCOL_SHAPES for b in blocks]
+    rec.add(kind="meta", device=device_line(), date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:])
+    if args.tuning:
+        load_tuning(args.tuning)
+
+    if args.sweep:
+        run_sweep(rec, args)
+    table = []
+    if not args.no_layers and not (args.sweep and not args.cases and not args.quick):
+        for case in cases:
+            run_layer_case(case, rec, args, table)
+    if not args.no_cayley and not args.tiny:
+        run_cayley(rec, args)
+    if table:
+        print_table(table, args)
+
+
+if __name__ == "__main__":
+    main()

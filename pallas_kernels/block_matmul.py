@@ -1,0 +1,349 @@
+"""Fused permutation + block-diagonal rotation of activations (POET spec §5.1–5.2), Pallas/Triton.
+
+Legend: T tokens (leading dims flattened), K block size, B blocks, D = B·K; N input width, M output width.
+
+    permuted_block_matmul(x, perm, r)            y = x[..., perm] · blockdiag(R)     (T, N) → (T, D)
+    block_matmul_permuted(h, perm, r, inv_perm)  y = (h · blockdiag(R))[..., perm]   (T, D) → (T, M)
+
+The first is the input side of a POET-X layer (gather, then rotate), the second its output side
+(rotate, then gather). Index conventions are those of ``poetjax.perms``: ``permuted_block_matmul``'s perm
+has length D and values ≥ N read 0 (the padding of a ragged last block); ``block_matmul_permuted``'s
+perm (M,) picks M distinct columns of the D and inv_perm (D,) is its inverse, inv_perm[perm[q]] = q,
+with a value ≥ M on every column that is dropped. Both must be permutations on the real coordinates:
+the kernels write every output element exactly once under that assumption.
+
+One rotation kernel does all four data passes. A program owns block_t tokens × block_n columns of one
+block j and loops over the K rows of R[j] in block_k steps (a pipelined matmul); it may read its input
+through an index vector (the gather happens in the loads: x[rows, perm[cols]], masked where the index
+is padding or the row is past T) and may write its output through one (a scatter in the stores, each
+destination written once, so no atomics):
+
+    forward of permuted_block_matmul   gather x by perm,          rotate by R,  contiguous store
+    backward dx of it                  contiguous g,              rotate by Rᵀ, store to column perm[c]
+    forward of block_matmul_permuted   contiguous h,              rotate by R,  store to column inv_perm[c]
+    backward dh of it                  gather g by inv_perm,      rotate by Rᵀ, contiguous store
+
+All four index through the block-side vector (perm of ``permuted_block_matmul``, inv_perm of
+``block_matmul_permuted``), one block's K entries per program. A gather along the contiguous axis costs
+one memory transaction per distinct cache line a warp touches, so index vectors sorted inside each
+block — as ``poetjax.perms`` samples them, which is the same POET up to relabeling — make every warp
+touch a few increasing lines instead of 32 random ones. Any index order gives the same result.
+
+Storing to column perm[c] is the inverse-permutation gather (g·blockdiag(Rᵀ))[..., inv] of the spec
+done in the same pass that produces g·blockdiag(Rᵀ), so no permuted copy is ever materialized. The
+gathering kernels can also write the gathered operand (``save_gathered``) so that the dR reduction reads
+it contiguously instead of gathering again.
+
+dR[j] = Σ_t a[t, j-block]ᵀ · b[t, j-block] is a reduction over tokens. On a GPU, grid programs run in
+parallel, so no program may accumulate into memory that another writes (JAX_NOTES pitfall 2). Stage 1
+(a kernel) gives every program one (block_m × block_n) tile of one block and one chunk of tokens, over
+which it loops, accumulating in float32 registers; stage 2 sums the few chunk partials in XLA.
+
+Accumulation is float32; activations are stored in the input dtype; dR is float32 until it is cast to
+R's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas.triton as plt
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
+                                    check_index_vector, compiler_params, dot, dot_precision)
+from pallas_kernels.tuning import block_matmul_config
+
+_NT = (((1,), (0,)), ((), ()))   # a @ b
+_NN_T = (((1,), (1,)), ((), ()))  # a @ bᵀ
+_TN = (((0,), (0,)), ((), ()))   # aᵀ @ b
+
+# Precision of float32 data on the GPU (bf16/f16 use the native MMA; interpret mode is exact).
+_F32_PRECISION = "tf32x3"
+
+
+# ----------------------------------------------------------------------------------------------
+# References (plain jnp; also what the tests differentiate)
+# ----------------------------------------------------------------------------------------------
+
+def _rotate_reference(x_TxD, r_BxKxK):
+    nb, k, _ = r_BxKxK.shape
+    lead = x_TxD.shape[:-1]
+    # Products of the input dtype, summed in float32 (what the kernels compute); widening first gives
+    # the same numbers and runs on every backend.
+    xw = x_TxD.reshape(*lead, nb, k).astype(jnp.float32)
+    rw = r_BxKxK.astype(x_TxD.dtype).astype(jnp.float32)
+    y = jnp.einsum("...bk,bkc->...bc", xw, rw, precision=lax.Precision.HIGHEST)
+    return y.reshape(*lead, nb * k).astype(x_TxD.dtype)
+
+
+def permuted_block_matmul_reference(x, perm, r):
+    """x[..., perm] · blockdiag(r) with indices ≥ N reading 0; (..., N) → (..., B·K) in x.dtype."""
+    return _rotate_reference(jnp.take(x, perm, axis=-1, mode="fill", fill_value=0), r)
+
+
+def block_matmul_permuted_reference(h, perm, r):
+    """(h · blockdiag(r))[..., perm]; (..., B·K) → (..., M) in h.dtype."""
+    return jnp.take(_rotate_reference(h, r), perm, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+def _split_refs(refs, *present):
+    """A kernel's refs in order, None for each optional one that is absent."""
+    it = iter(refs)
+    return [next(it) if p else None for p in present]
+
+
+def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, precision,
+                   interpret):
+    x_ref, src_ref, r_ref, dst_ref, o_ref, u_ref = _split_refs(refs, True, gather, True, scatter, True, save)
+
+    j, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = i * bt + jnp.arange(bt)
+    row_ok = (rows < t)[:, None]
+
+    def body(s, acc):
+        base = j * k + s * bk
+        cols = base + jnp.arange(bk)
+        if gather:
+            src = src_ref[pl.ds(base, bk)]
+            mask = row_ok & (src < w_in)[None, :]
+        else:
+            src, mask = cols, jnp.broadcast_to(row_ok, (bt, bk))
+        xt = plt.load(x_ref.at[rows[:, None], src[None, :]], mask=mask, other=0)
+        if save:
+            def _save():
+                plt.store(u_ref.at[rows[:, None], cols[None, :]], xt, mask=jnp.broadcast_to(row_ok, (bt, bk)))
+            if k == bn:   # one column tile: every program saves its own rows
+                _save()
+            else:         # several column tiles load the same x tile; the first one saves it
+                pl.when(n == 0)(_save)
+        if transpose_r:   # the (block_k × block_n) tile of R[j]ᵀ is the transposed (block_n × block_k) tile of R[j]
+            rt = r_ref[j, pl.ds(n * bn, bn), pl.ds(s * bk, bk)]
+            dims = _NN_T
+        else:
+            rt = r_ref[j, pl.ds(s * bk, bk), pl.ds(n * bn, bn)]
+            dims = _NT
+        return acc + dot(xt, rt, dims, precision, interpret)
+
+    acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bt, bn), jnp.float32))
+    out_cols = j * k + n * bn + jnp.arange(bn)
+    if scatter:
+        dst = dst_ref[pl.ds(j * k + n * bn, bn)]
+        mask = row_ok & (dst < w_out)[None, :]
+    else:
+        dst, mask = out_cols, jnp.broadcast_to(row_ok, (bt, bn))
+    plt.store(o_ref.at[rows[:, None], dst[None, :]], acc.astype(o_ref.dtype), mask=mask)
+
+
+def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_out=None,
+            transpose_r=False, save=False):
+    """One pass of the rotation kernel; returns out (and the gathered input when ``save``)."""
+    t, w_in = x.shape
+    nb, k, _ = r.shape
+    d = nb * k
+    bt, bk, bn = cfg.block_t, cfg.block_k, cfg.n_tile(k)
+    width = d if dst is None else w_out
+    out_shape = [jax.ShapeDtypeStruct((t, width), x.dtype)]
+    if save:
+        out_shape.append(jax.ShapeDtypeStruct((t, d), x.dtype))
+    args = [x] + ([src] if src is not None else []) + [r.astype(x.dtype)] + ([dst] if dst is not None else [])
+    kernel = functools.partial(
+        _rotate_kernel, gather=src is not None, scatter=dst is not None, save=save, transpose_r=transpose_r,
+        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bk=bk, bn=bn,
+        precision=dot_precision(x.dtype, _F32_PRECISION, interpret), interpret=interpret)
+    name = ("gather_" if src is not None else "") + "rotate" + ("_t" if transpose_r else "") + (
+        "_scatter" if dst is not None else "")
+    outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(nb, k // bn, pl.cdiv(t, bt)),
+                          compiler_params=compiler_params(cfg), interpret=interpret, name=name)(*args)
+    return outs if save else outs[0]
+
+
+def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, precision, interpret):
+    a_ref, pa_ref, b_ref, pb_ref, o_ref = _split_refs(refs, True, gather_a, True, gather_b, True)
+
+    j, m, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    def columns(idx_ref, start, size, width):
+        if idx_ref is None:
+            return start + jnp.arange(size), None
+        idx = idx_ref[pl.ds(start, size)]
+        return idx, (idx < width)[None, :]
+
+    ia, a_ok = columns(pa_ref, j * k + m * bm, bm, w_a)
+    ib, b_ok = columns(pb_ref, j * k + n * bn, bn, w_b)
+
+    def body(s, acc):
+        rows = (c * tiles + s) * bt + jnp.arange(bt)
+        row_ok = (rows < t)[:, None]
+        ma = jnp.broadcast_to(row_ok if a_ok is None else row_ok & a_ok, (bt, bm))
+        mb = jnp.broadcast_to(row_ok if b_ok is None else row_ok & b_ok, (bt, bn))
+        at = plt.load(a_ref.at[rows[:, None], ia[None, :]], mask=ma, other=0)
+        btile = plt.load(b_ref.at[rows[:, None], ib[None, :]], mask=mb, other=0)
+        return acc + dot(at, btile, _TN, precision, interpret)
+
+    acc = lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[c, j, pl.ds(m * bm, bm), pl.ds(n * bn, bn)] = acc
+
+
+def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None, pb=None):
+    """dR (B, K, K) float32 = Σ_t a[t, j-block]ᵀ b[t, j-block], a/b optionally read through pa/pb."""
+    t = a.shape[0]
+    bt, bm, bn = cfg.block_t, cfg.block_m, cfg.block_n
+    chunks = cfg.chunks(t, num_blocks, k)
+    tiles = pl.cdiv(pl.cdiv(t, bt), chunks)
+    args = [a] + ([pa] if pa is not None else []) + [b] + ([pb] if pb is not None else [])
+    kernel = functools.partial(
+        _reduce_kernel, gather_a=pa is not None, gather_b=pb is not None, t=t, w_a=a.shape[1], w_b=b.shape[1],
+        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, precision=dot_precision(a.dtype, _F32_PRECISION, interpret),
+        interpret=interpret)
+    partial_sums = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((chunks, num_blocks, k, k), jnp.float32),
+        grid=(num_blocks, k // bm, k // bn, chunks), compiler_params=compiler_params(cfg),
+        interpret=interpret, name="block_grad_partials")(*args)
+    return partial_sums[0] if chunks == 1 else jnp.sum(partial_sums, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp: gather → rotate
+# ----------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gather_rotate(x, perm, r, n_in, cfg, interpret):
+    return _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret)[0]
+
+
+def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret):
+    out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=cfg.save_gathered)
+    if cfg.save_gathered:
+        y, u = out
+        return y, (u, perm, r)
+    return out, (x, perm, r)
+
+
+def _gather_rotate_bwd(n_in, cfg, interpret, res, g):
+    xu, perm, r = res
+    nb, k, _ = r.shape
+    # dx[:, perm[c]] = (g · blockdiag(Rᵀ))[:, c]: the gather by the inverse permutation, as a scatter-store.
+    dx = _rotate(g, r, cfg=cfg.backward, interpret=interpret, dst=perm, w_out=n_in, transpose_r=True)
+    if cfg.save_gathered:   # xu = u = x[:, perm], contiguous
+        dr = _reduce(xu, g, nb, k, cfg=cfg.reduce, interpret=interpret)
+    else:                   # xu = x: gather again
+        dr = _reduce(xu, g, nb, k, cfg=cfg.reduce, interpret=interpret, pa=perm)
+    return dx, None, dr.astype(r.dtype)
+
+
+_gather_rotate.defvjp(_gather_rotate_fwd, _gather_rotate_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom_vjp: rotate → gather
+# ----------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _rotate_gather(h, perm, inv_perm, r, cfg, interpret):
+    return _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret)[0]
+
+
+def _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret):
+    # y[:, perm[q]] ... stored as: column c of h·blockdiag(R) goes to y[:, inv_perm[c]] (dropped when ≥ M).
+    y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0])
+    return y, (h, inv_perm, r)
+
+
+def _rotate_gather_bwd(cfg, interpret, res, g):
+    h, inv_perm, r = res
+    nb, k, _ = r.shape
+    # g_z = g[:, inv_perm] (padding reads 0), dh = g_z · blockdiag(Rᵀ), dR = Σ hᵀ g_z.
+    out = _rotate(g, r, cfg=cfg.backward, interpret=interpret, src=inv_perm, transpose_r=True,
+                  save=cfg.save_gathered)
+    if cfg.save_gathered:
+        dh, gz = out
+        dr = _reduce(h, gz, nb, k, cfg=cfg.reduce, interpret=interpret)
+    else:
+        dh = out
+        dr = _reduce(h, g, nb, k, cfg=cfg.reduce, interpret=interpret, pb=inv_perm)
+    return dh, None, None, dr.astype(r.dtype)
+
+
+_rotate_gather.defvjp(_rotate_gather_fwd, _rotate_gather_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def _check_r(r) -> tuple[int, int]:
+    if r.ndim != 3 or r.shape[1] != r.shape[2]:
+        raise ValueError(f"r must have shape (B, K, K), got {tuple(r.shape)}")
+    if not jnp.issubdtype(r.dtype, jnp.floating):
+        raise ValueError(f"r must be floating point, got dtype {r.dtype}")
+    check_block_size(int(r.shape[1]))
+    return int(r.shape[0]), int(r.shape[1])
+
+
+def _config(cfg: BlockMatmulConfig | None, k: int) -> BlockMatmulConfig:
+    if cfg is None:
+        return block_matmul_config(k)
+    if not isinstance(cfg, BlockMatmulConfig):
+        raise TypeError(f"config must be a BlockMatmulConfig, got {type(cfg).__name__}")
+    return cfg.validate(k)
+
+
+def inverse_index(perm, length: int):
+    """inv (length,) with inv[perm[q]] = q and len(perm) where no q maps (dropped columns)."""
+    m = perm.shape[0]
+    return jnp.full((length,), m, jnp.int32).at[perm].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+
+
+def permuted_block_matmul(x, perm, r, *, interpret: bool = False, config: BlockMatmulConfig | None = None):
+    """y (..., B·K) = x[..., perm] · blockdiag(r), the gather fused into the kernel's loads.
+
+    x: (..., N) float; perm: (B·K,) int32, a permutation of range(N) followed by padding values ≥ N
+    (which read 0); r: (B, K, K), cast to x.dtype for the products (its cotangent keeps r's dtype and is
+    accumulated in float32). Differentiable in x and r (``jax.custom_vjp`` with Pallas backward kernels).
+    ``interpret=True`` runs the kernels in Pallas's interpreter (any backend; for tests).
+    """
+    nb, k = _check_r(r)
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a floating array (..., N), got shape {tuple(x.shape)} dtype {x.dtype}")
+    check_index_vector("perm", perm, nb * k)
+    cfg = _config(config, k)
+    lead, n = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, nb * k), x.dtype) + 0 * jnp.sum(r).astype(x.dtype)
+    y = _gather_rotate(x2, perm.astype(jnp.int32), r, n, cfg, bool(interpret))
+    return y.reshape(*lead, nb * k)
+
+
+def block_matmul_permuted(h, perm, r, *, inv_perm=None, interpret: bool = False,
+                          config: BlockMatmulConfig | None = None):
+    """y (..., M) = (h · blockdiag(r))[..., perm], the gather fused into the kernel's stores.
+
+    h: (..., B·K) float; perm: (M,) int32, distinct values in range(B·K); inv_perm: (B·K,) int32 with
+    inv_perm[perm[q]] = q and values ≥ M elsewhere (computed from perm when omitted: pass it when you
+    have it, as POET layers do); r: (B, K, K). Differentiable in h and r.
+    """
+    nb, k = _check_r(r)
+    d = nb * k
+    if h.ndim < 1 or h.shape[-1] != d or not jnp.issubdtype(h.dtype, jnp.floating):
+        raise ValueError(f"h must be a floating array (..., {d}) for r of shape {tuple(r.shape)}, "
+                         f"got shape {tuple(h.shape)} dtype {h.dtype}")
+    check_index_vector("perm", perm)
+    if inv_perm is None:
+        inv_perm = inverse_index(perm, d)
+    check_index_vector("inv_perm", inv_perm, d)
+    cfg = _config(config, k)
+    lead, m = h.shape[:-1], perm.shape[0]
+    h2 = h.reshape(-1, d)
+    if h2.shape[0] == 0:
+        return jnp.zeros((*lead, m), h.dtype) + 0 * jnp.sum(r).astype(h.dtype)
+    y = _rotate_gather(h2, perm.astype(jnp.int32), inv_perm.astype(jnp.int32), r, cfg, bool(interpret))
+    return y.reshape(*lead, m)

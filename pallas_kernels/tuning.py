@@ -1,0 +1,63 @@
+"""Default kernel configurations, by kernel and block size.
+
+``TABLE`` holds configurations chosen by measurement on a GPU: run
+``python benchmarks/layer_bench.py --sweep`` on the target GPU, which times a small grid of tiles, warps
+and stages per kernel and prints the best ones as a ``TABLE`` literal to paste here (with the device
+and date in the comment). Block sizes missing from the table use the heuristics below, which are
+reasoned guesses, not measurements.
+
+Keys: ``(kernel, block_size)`` with kernel one of "rotate_fwd" (gather → rotate, and rotate →
+scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens), "cayley"; values: the
+fields of the matching config dataclass in ``pallas_kernels._common``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
+                                    check_block_size, fit_cayley, fit_reduce, fit_rotate)
+
+# Measured defaults. Empty until a sweep has been run on the H100 (see the module docstring).
+TABLE: dict[tuple[str, int], dict] = {}
+
+
+def _rotate_heuristic(block_size: int) -> RotateConfig:
+    # One program owns block_t tokens × the whole block when it fits in registers: the x tile is then
+    # read once and R[j] once per token tile (both dominate L2 traffic at K = 256); the float32
+    # accumulator is block_t × K, i.e. 64 registers per thread at 8 warps for 64 × 256.
+    block_n = 0 if block_size <= 256 else 256
+    warps = 4 if block_size <= 64 else 8
+    return fit_rotate(RotateConfig(block_t=64, block_k=32, block_n=block_n, num_warps=warps, num_stages=3),
+                      block_size)
+
+
+def _reduce_heuristic(block_size: int) -> ReduceConfig:
+    return fit_reduce(ReduceConfig(block_t=64, block_m=64, block_n=64, num_chunks=0, num_warps=4, num_stages=3),
+                      block_size)
+
+
+def _cayley_heuristic(block_size: int) -> CayleyConfig:
+    return fit_cayley(CayleyConfig(block_m=64, block_k=32, num_warps=4, num_stages=2), block_size)
+
+
+def _lookup(kernel: str, block_size: int, default):
+    entry = TABLE.get((kernel, block_size))
+    return default if entry is None else dataclasses.replace(default, **entry)
+
+
+def block_matmul_config(block_size: int) -> BlockMatmulConfig:
+    """The default configuration of the fused permutation + block-diagonal kernels for this K."""
+    check_block_size(block_size)
+    cfg = BlockMatmulConfig(
+        forward=_lookup("rotate_fwd", block_size, _rotate_heuristic(block_size)),
+        backward=_lookup("rotate_bwd", block_size, _rotate_heuristic(block_size)),
+        reduce=_lookup("reduce", block_size, _reduce_heuristic(block_size)),
+        save_gathered=True)
+    return cfg.validate(block_size)
+
+
+def cayley_config(block_size: int) -> CayleyConfig:
+    """The default configuration of the Cayley–Neumann kernels for this K."""
+    check_block_size(block_size)
+    return _lookup("cayley", block_size, _cayley_heuristic(block_size)).validate(block_size)

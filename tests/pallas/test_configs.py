@@ -1,0 +1,62 @@
+"""Kernel configurations: validation messages, heuristics, the tuning table, token chunking."""
+
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig
+from pallas_kernels import tuning
+
+
+@pytest.mark.parametrize("k", [16, 32, 48, 64, 96, 128, 256, 512])
+def test_default_configs_are_valid_for_supported_block_sizes(k):
+    bm = tuning.block_matmul_config(k)
+    for cfg in (bm.forward, bm.backward):
+        assert k % cfg.block_k == 0 and k % cfg.n_tile(k) == 0
+    assert k % bm.reduce.block_m == 0 and k % bm.reduce.block_n == 0
+    cy = tuning.cayley_config(k)
+    assert k % cy.block_m == 0 and k % cy.block_k == 0
+
+
+def test_tuning_table_entries_are_valid_configs():
+    kinds = {"rotate_fwd": RotateConfig, "rotate_bwd": RotateConfig, "reduce": ReduceConfig, "cayley": CayleyConfig}
+    for (kernel, k), fields in tuning.TABLE.items():
+        kinds[kernel](**fields).validate(k)
+
+
+def test_table_overrides_heuristics(monkeypatch):
+    monkeypatch.setitem(tuning.TABLE, ("rotate_fwd", 64), {"block_t": 128, "num_warps": 4})
+    cfg = tuning.block_matmul_config(64)
+    assert cfg.forward.block_t == 128 and cfg.forward.num_warps == 4
+    assert cfg.backward == tuning._rotate_heuristic(64)  # other kernels keep their heuristics
+
+
+@pytest.mark.parametrize("k", [0, 8, 20, 24, 250])
+def test_unsupported_block_sizes(k):
+    assert not pk.supports_block_size(k)
+    with pytest.raises(ValueError, match=f"block_size={k} is not supported by the Pallas kernels"):
+        tuning.block_matmul_config(k)
+
+
+def test_validation_messages_quote_values():
+    with pytest.raises(ValueError, match=r"RotateConfig.block_t=24 must be a power of two ≥ 16"):
+        RotateConfig(block_t=24).validate()
+    with pytest.raises(ValueError, match=r"RotateConfig.block_n=64 does not divide block_size=32"):
+        RotateConfig(block_k=16, block_n=64).validate(32)
+    with pytest.raises(ValueError, match=r"ReduceConfig.num_chunks=-1 must be an int ≥ 0"):
+        ReduceConfig(num_chunks=-1).validate(64)
+    with pytest.raises(ValueError, match=r"ReduceConfig.num_warps=3 must be one of"):
+        ReduceConfig(num_warps=3).validate(64)
+    with pytest.raises(ValueError, match=r"CayleyConfig.num_stages=0 must be an int in \[1, 8\]"):
+        CayleyConfig(num_stages=0).validate(64)
+    with pytest.raises(ValueError, match=r"save_gathered=1 must be a bool"):
+        BlockMatmulConfig(save_gathered=1).validate(64)
+
+
+def test_token_chunks():
+    cfg = ReduceConfig(block_t=64, block_m=64, block_n=64)
+    # 16 blocks × 4 × 4 tiles = 256 programs per chunk: one chunk already fills the GPU twice
+    assert cfg.chunks(16384, 16, 256) == 2               # 256 programs per chunk: ⌈2·132 / 256⌉
+    assert cfg.chunks(16384, 1, 64) == 256               # 1 program per chunk wants 264, capped by 256 tiles
+    assert cfg.chunks(100, 1, 64) == 2                # never more chunks than token tiles
+    assert ReduceConfig(num_chunks=8).chunks(16384, 1, 64) == 8
+    assert ReduceConfig(num_chunks=8).chunks(100, 1, 64) == 2

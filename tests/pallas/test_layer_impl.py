@@ -1,0 +1,88 @@
+"""impl="pallas" vs impl="xla" on whole POET layers: same numbers (forward and gradients), plumbing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pallas_kernels as pk
+import poetjax as pj
+from poetjax import ops
+from poetjax.testing import assert_close
+
+from _modes import MODES
+
+# (N, M, K, variant, dtype); the first is ragged on both sides (padded input and output blocks)
+CASES = [(40, 50, 16, "fast", jnp.float32), (64, 96, 32, "mem", jnp.bfloat16)]
+
+
+def _run(n, m, k, variant, dtype, impl):
+    cfg = pj.POETConfig(block_size=k, variant=variant, init="normalized_gaussian", impl=impl)
+    lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, use_bias=True,
+                        precision=jax.lax.Precision.HIGHEST)
+    lay.theta_in[...] = 0.1 * jax.random.normal(jax.random.key(1), lay.theta_in.shape)
+    lay.theta_out[...] = 0.1 * jax.random.normal(jax.random.key(2), lay.theta_out.shape)
+    lay.bias[...] = jax.random.normal(jax.random.key(5), (m,)).astype(dtype)
+    x = jax.random.normal(jax.random.key(3), (2, 9, n)).astype(dtype)
+    g = jax.random.normal(jax.random.key(4), (2, 9, m))
+    graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
+
+    def loss(gens, x):
+        y = nnx.merge(graphdef, gens, rest)(x)
+        return jnp.sum(y.astype(jnp.float32) * g), y
+
+    (_, y), (dgens, dx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(gens, x)
+    return y, dgens["theta_in"][...], dgens["theta_out"][...], dx
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("n,m,k,variant,dtype", CASES)
+def test_pallas_layer_matches_xla(n, m, k, variant, dtype, interpret, monkeypatch):
+    monkeypatch.setattr(pk, "default_interpret", lambda: interpret)
+    got = _run(n, m, k, variant, dtype, "pallas")
+    want = _run(n, m, k, variant, dtype, "xla")
+    assert got[0].dtype == want[0].dtype == dtype
+    for name, a, b, kind in zip(("y", "dθ_in", "dθ_out", "dx"), got, want, ("value", "grad", "grad", "grad")):
+        # bf16: the kernels sum dR in float32 where XLA rounds it to bf16 first; both within tolerance
+        assert_close(a.astype(jnp.float32), b.astype(jnp.float32), dtype, kind, what=f"pallas vs xla {name}")
+
+
+def test_poetize_passes_impl_and_layers_can_override():
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(32, 48, rngs=rngs)
+            self.down = nnx.Linear(48, 32, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jax.nn.relu(self.up(x)))
+
+    model = pj.poetize(MLP(nnx.Rngs(0)), pj.POETConfig(block_size=16, impl="pallas"), rngs=nnx.Rngs(1))
+    assert [lay.impl for _, lay in pj.poet_layers(model)] == ["pallas", "pallas"]
+    lay = pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16, impl="pallas"), rngs=nnx.Rngs(0), impl="xla")
+    assert lay.impl == "xla"
+    assert pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16), rngs=nnx.Rngs(0)).impl == "auto"
+
+
+def test_impl_validation_and_resolution(monkeypatch):
+    with pytest.raises(ValueError, match="impl must be one of .*got impl='triton'"):
+        pj.POETConfig(impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of .*got impl='cuda'"):
+        pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16), rngs=nnx.Rngs(0), impl="cuda")
+    with pytest.raises(ValueError, match="block_size=20 is not supported by the Pallas kernels"):
+        ops.resolve_impl("pallas", 20)
+    assert ops.resolve_impl("xla", 20) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert ops.resolve_impl("auto", 256) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ops.resolve_impl("auto", 256) == "pallas"
+    assert ops.resolve_impl("auto", 20) == "xla"  # kernels need a multiple of 16: fall back
+    assert pk.default_interpret() is False
+
+
+def test_pallas_impl_runs_with_unsupported_block_size_only_when_asked():
+    lay = pj.POETLinear(40, 40, config=pj.POETConfig(block_size=20, impl="pallas"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="block_size=20 is not supported"):
+        lay(jnp.ones((2, 40)))
+    lay = pj.POETLinear(40, 40, config=pj.POETConfig(block_size=20, impl="auto"), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(lay(jnp.ones((2, 40))), jnp.ones((2, 40)) @ lay.effective_kernel(), rtol=1e-5)
