@@ -71,7 +71,7 @@ def test_exact_cayley_spectrum_equals_w0_and_neumann_within_bound():
 
 
 def test_phase_probe_tracks_accumulated_rotation_across_merges():
-    lay, _ = _layer(32, 48, 16, scale=0.2)
+    lay, _ = _layer(32, 48, 16, scale=0.05)
     model = nnx.Sequential(lay)
     probes = dg.PhaseProbe.init(model, jax.random.key(0))
     v_in, v_out = np.asarray(probes["layers/0"].v_in), np.asarray(probes["layers/0"].v_out)
@@ -85,9 +85,10 @@ def test_phase_probe_tracks_accumulated_rotation_across_merges():
         probes = dg.PhaseProbe.advance(probes, model)
         r_total, p_total = r_cur @ r_total, p_total @ p_cur
         pj.merge(model, jax.random.key(10 + i))
-        lay.theta_in[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), lay.theta_in.shape)
-        lay.theta_out[...] = 0.2 * jax.random.normal(jax.random.key(30 + i), lay.theta_out.shape)
-    assert float(cos_in) < 0.999  # the rotations really moved the probe
+        lay.theta_in[...] = 0.05 * jax.random.normal(jax.random.key(20 + i), lay.theta_in.shape)
+        lay.theta_out[...] = 0.05 * jax.random.normal(jax.random.key(30 + i), lay.theta_out.shape)
+    # ‖Q‖ < 1 keeps the Neumann rotations near-orthogonal, so the cosine is a real cosine that moved
+    assert -1.0 < float(cos_in) < 0.999 and -1.0 < float(cos_out) < 0.999
 
 
 def test_spectrum_stats_on_plain_and_poet_models():
