@@ -59,11 +59,13 @@ def touch_counts(layer) -> jax.Array:
 
 
 class Coverage(NamedTuple):
-    """Per-entry counts over a run, each (N, M) int32."""
+    """Counts over a run (int32): per kernel row, per column, and per entry."""
 
-    touches: jax.Array  # the spec's count: Σ over inner loops of [row rotated] + [column rotated]
-    touched: jax.Array  # inner loops in which the row or the column was rotated
-    changed: jax.Array  # inner loops in which the entry's value actually changed
+    rows: jax.Array     # (N,)   inner loops in which R rotated row i
+    cols: jax.Array     # (M,)   inner loops in which P rotated column j
+    touches: jax.Array  # (N, M) the spec's count: rows[i] + cols[j]
+    touched: jax.Array  # (N, M) inner loops in which row i or column j was rotated
+    changed: jax.Array  # (N, M) inner loops in which the entry's value actually changed
 
 
 def coverage_run(layer, num_merges: int, key: jax.Array, *, theta_scale: float = 0.1) -> Coverage:
@@ -96,14 +98,16 @@ def _coverage_scan(graphdef, state, key, num_merges, shape_NxM, theta_scale):
         lay.theta_out[...] = theta_scale * jax.random.normal(k_out, lay.theta_out.shape, jnp.float32)
         lay.merge_and_reinit(k_merge)
         changed = lay.effective_kernel() != before
-        cov = Coverage(cov.touches + rows[:, None].astype(jnp.int32) + cols[None, :].astype(jnp.int32),
+        r, c = rows.astype(jnp.int32), cols.astype(jnp.int32)
+        cov = Coverage(cov.rows + r, cov.cols + c, cov.touches + r[:, None] + c[None, :],
                        cov.touched + (rows[:, None] | cols[None, :]).astype(jnp.int32),
                        cov.changed + changed.astype(jnp.int32))
         return (nnx.state(lay), cov), None
 
+    n, m = shape_NxM
     zeros = jnp.zeros(shape_NxM, jnp.int32)
-    (_, cov), _ = jax.lax.scan(inner_loop, (state, Coverage(zeros, zeros, zeros)),
-                               jax.random.split(key, num_merges))
+    init = Coverage(jnp.zeros((n,), jnp.int32), jnp.zeros((m,), jnp.int32), zeros, zeros, zeros)
+    (_, cov), _ = jax.lax.scan(inner_loop, (state, init), jax.random.split(key, num_merges))
     return cov
 
 
