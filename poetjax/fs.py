@@ -33,6 +33,7 @@ memory traffic only, and the core already pays the same two gathers for POET-BS.
 
 A merge folds G̃_in, G̃_out into W0, draws new permutations (hence new subsets) from the merge key and
 zeroes θ — exactly ``POETLinear.merge_and_reinit``; subsets are array values, so merges never retrace.
+The backward pass is plain autodiff of this forward (like the BS "fast" variant: u and h are kept).
 """
 
 from __future__ import annotations
