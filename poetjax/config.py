@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-VARIANTS = ("fast", "mem")
+VARIANTS = ("fast", "mem", "fs")
 CAYLEY_MAPS = ("neumann", "exact")
 IMPLS = ("auto", "xla", "pallas")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
@@ -19,10 +19,14 @@ class POETConfig:
     """Configuration of POET-X layers and of their optimizer.
 
     block_size:     K, the size of each orthogonal block (an int ≥ 1). A dimension that K does not divide
-                    gets a smaller last block (see ``poetjax.cayley.block_layout``).
+                    gets a smaller last block (see ``poetjax.cayley.block_layout``). With variant="fs" it
+                    is the subset size |S| per side: an int, or a float in (0, 1] taken as a fraction of
+                    each dimension (0.5 → |S_in| = N/2, |S_out| = M/2; ``poetjax.fs``). Fractions are
+                    rejected for the block-stochastic variants, whose b is an absolute size (spec §3.2).
     merge_interval: T_m, optimizer steps between merge-then-reinitialize events.
-    variant:        "fast" (autodiff through the factored layer, keeps the pre-rotation activation) or
-                    "mem" (saves only the layer input and the small rotation blocks, recomputes the rest).
+    variant:        "fast" (autodiff through the factored layer, keeps the pre-rotation activation),
+                    "mem" (saves only the layer input and the small rotation blocks, recomputes the rest),
+                    both POET-BS (POET-X); or "fs": POET-FS, one random index subset per side (spec §3.1).
     num_terms:      k of the Cayley–Neumann series (I+Q)·Σ_{i=0..k} Qⁱ; the papers use k = 3.
     cayley:         "neumann" (the papers' truncated series) or "exact" ((I+Q)(I−Q)⁻¹ by a solve: exactly
                     orthogonal, slower; for checks and research).
@@ -43,7 +47,7 @@ class POETConfig:
                     ``POETLinear(impl=...)`` overrides it per layer. Never changes the math.
     """
 
-    block_size: int = 256
+    block_size: int | float = 256
     merge_interval: int = 200
     variant: str = "fast"
     num_terms: int = 3
@@ -58,7 +62,13 @@ class POETConfig:
     impl: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+        if isinstance(self.block_size, float) and self.variant == "fs":
+            if not 0.0 < self.block_size <= 1.0:  # also rejects nan
+                raise ValueError(f"a fractional block_size must be in (0, 1], got block_size={self.block_size!r}")
+        elif isinstance(self.block_size, float):
+            raise ValueError(f"a fractional block_size is only defined for variant='fs' (BS block sizes are "
+                             f"absolute); got block_size={self.block_size!r} with variant={self.variant!r}")
+        elif isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got block_size={self.block_size!r}")
         if (isinstance(self.merge_interval, bool) or not isinstance(self.merge_interval, int)
                 or self.merge_interval <= 0):

@@ -5,6 +5,8 @@ State of one layer (N in, M out, K block size; I, O blocks; Np, Mp padded sizes;
   w0            FrozenWeight (Np, Mp)   W_s, the frozen base weight, stored pre-permuted
   theta_in      Generator    (I, P)     packed skew generators of the input-side blocks (float32)
   theta_out     Generator    (O, P)     same for the output side
+                                        (variant="fs": Np = N, Mp = M, theta_in (1, Ki(Ki−1)/2) and
+                                        theta_out (1, Ko(Ko−1)/2) for the two index subsets, poetjax.fs)
   perm_in …     Permutation  int32      the index vectors of ``poetjax.perms``
   bias          Param        (M,)       optional; added after the output permutation, so it lives in
                                         the layer's own output coordinates and no merge ever moves it
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from poetjax import ops
+from poetjax import fs, ops
 from poetjax.cayley import block_layout, rotations
 from poetjax.config import IMPLS, POETConfig
 from poetjax.initializers import base_weight
@@ -62,17 +64,19 @@ class POETLinear(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
-        self.layout_in = block_layout(self.in_features, config.block_size, name="in_features")
-        self.layout_out = block_layout(self.out_features, config.block_size, name="out_features")
+        # POET-FS: one rotated index subset per side instead of blocks (poetjax.fs).
+        layout = fs.subset_layout if config.variant == "fs" else block_layout
+        self.layout_in = layout(self.in_features, config.block_size, name="in_features")
+        self.layout_out = layout(self.out_features, config.block_size, name="out_features")
 
         w = base_weight(config.init, rngs.params(), (self.in_features, self.out_features), kernel=kernel,
                         std=config.init_std)
         perms = self._draw_perms(rngs.params())
         self.w0 = FrozenWeight(ops.store_base_weight(w, perms).astype(param_dtype))
         self._set_perms(perms, init=True)
-        p = config.block_size * (config.block_size - 1) // 2
-        self.theta_in = Generator(jnp.zeros((self.layout_in.num_blocks, p), jnp.float32))
-        self.theta_out = Generator(jnp.zeros((self.layout_out.num_blocks, p), jnp.float32))
+        self.theta_in = Generator(jnp.zeros((self.layout_in.num_blocks, self.layout_in.num_packed), jnp.float32))
+        self.theta_out = Generator(jnp.zeros((self.layout_out.num_blocks, self.layout_out.num_packed),
+                                             jnp.float32))
         if use_bias:
             b = jnp.zeros((self.out_features,), param_dtype) if bias is None else jnp.asarray(bias, param_dtype)
             if b.shape != (self.out_features,):
@@ -84,9 +88,12 @@ class POETLinear(nnx.Module):
     # -- permutations -------------------------------------------------------------------------
     def _draw_perms(self, key: jax.Array) -> ops.LayerPerms:
         k_in, k_out = jax.random.split(key)
-        k = self.config.block_size  # sorted inside blocks: same POET, cheaper gathers (poetjax.perms)
-        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k)
-        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k)
+        # BS: sorted inside blocks (same POET up to relabeling, cheaper gathers; poetjax.perms). FS rotates one
+        # subset whose size need not divide the dimension, and its order there is irrelevant: no sorting.
+        k_in_blk = None if self.config.variant == "fs" else self.layout_in.block_size
+        k_out_blk = None if self.config.variant == "fs" else self.layout_out.block_size
+        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k_in_blk)
+        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k_out_blk)
         return ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
 
     def _set_perms(self, perms: ops.LayerPerms, init: bool = False):
@@ -117,10 +124,14 @@ class POETLinear(nnx.Module):
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        impl = ops.resolve_impl(self.impl, self.config.block_size)
-        r_in, r_out = self.rotation_blocks(impl=impl)
-        y = ops.poet_x_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms,
-                              variant=self.config.variant, precision=self.precision, impl=impl)
+        if self.config.variant == "fs":
+            r_in, r_out = self.rotation_blocks()
+            y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
+        else:
+            impl = ops.resolve_impl(self.impl, self.config.block_size)
+            r_in, r_out = self.rotation_blocks(impl=impl)
+            y = ops.poet_x_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms,
+                                  variant=self.config.variant, precision=self.precision, impl=impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -128,10 +139,13 @@ class POETLinear(nnx.Module):
     def effective_kernel(self, *, exact: bool | None = None) -> jax.Array:
         """Dense (N, M) float32 kernel with layer(x) == x @ kernel (+ bias)."""
         r_in, r_out = self.rotation_blocks(exact=exact)
-        return ops.effective_kernel(self.w0[...], r_in, r_out, self.perms)
+        kernel_fn = fs.effective_kernel if self.config.variant == "fs" else ops.effective_kernel
+        return kernel_fn(self.w0[...], r_in, r_out, self.perms)
 
     def merge_and_reinit(self, key: jax.Array) -> None:
         """Fold the rotations into W0, draw new permutations, zero the generators (spec §6).
+
+        For POET-FS the new permutations carry the new index subsets (``poetjax.fs.index_subsets``).
 
         The merge is computed in float32 and cast back to W0's storage dtype once.
         """

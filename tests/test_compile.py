@@ -3,15 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import poetjax as pj
 
-from test_optim import _loss, _setup
+from test_optim import VARIANTS, _loss, _setup
 
 
-def test_second_step_and_second_merge_do_not_recompile():
-    model, opt, _ = _setup()
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_second_step_and_second_merge_do_not_recompile(variant):
+    model, opt, _ = _setup(**VARIANTS[variant])
     traces = {"step": 0, "merge": 0}
 
     @nnx.jit

@@ -93,9 +93,9 @@ def test_mem_variant_saves_no_activation_sized_residual():
     assert sum(s >= big for s in mem) == 1, mem
 
 
-@pytest.mark.parametrize("variant", ["fast", "mem"])
-def test_backward_has_no_scatter(variant):
-    lay, _ = _layer(40, 50, 16, variant=variant)
+@pytest.mark.parametrize("variant,k", [("fast", 16), ("mem", 16), ("fs", 0.5)])
+def test_backward_has_no_scatter(variant, k):
+    lay, _ = _layer(40, 50, k, variant=variant)
     graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
     x = jnp.ones((3, 40))
 
@@ -107,8 +107,9 @@ def test_backward_has_no_scatter(variant):
     assert "scatter" not in jaxpr  # … and neither they nor the skew packing backprop through a scatter
 
 
-def test_bf16_close_to_fp32():
-    lay, w0 = _layer(64, 96, 32)
+@pytest.mark.parametrize("variant,k", [("fast", 32), ("fs", 0.5)])
+def test_bf16_close_to_fp32(variant, k):
+    lay, w0 = _layer(64, 96, k, variant=variant)
     x = jax.random.normal(jax.random.key(0), (16, 64))
     ref = lay(x)
     lay16 = pj.POETLinear(64, 96, config=lay.config, rngs=nnx.Rngs(0), kernel=w0, dtype=jnp.bfloat16,

@@ -45,9 +45,13 @@ def test_labels_by_type_and_by_name():
     assert {l for k, l in flat.items() if "theta" not in k} == {"base"}
 
 
-def _setup(merge_interval=4, lr=1e-2):
+# POET-BS (the default) and POET-FS at b = 1/2: the same training loop must work for both.
+VARIANTS = {"bs": {}, "fs": {"variant": "fs", "block_size": 0.5}}
+
+
+def _setup(merge_interval=4, lr=1e-2, **fields):
     model = Tiny(rngs=nnx.Rngs(0))
-    cfg = pj.POETConfig(block_size=8, merge_interval=merge_interval)
+    cfg = pj.POETConfig(**{"block_size": 8, **fields}, merge_interval=merge_interval)
     pj.poetize(model, cfg, rngs=nnx.Rngs(1))
     opt = nnx.Optimizer(model, pj.poet_optimizer(cfg, lr, weight_decay=0.01, max_grad_norm=1.0), wrt=nnx.Param)
     return model, opt, cfg
@@ -83,8 +87,9 @@ def _poet_adam_states(opt):
     return jax.tree.leaves(pure, is_leaf=lambda x: isinstance(x, optax.transforms.PartitionState))
 
 
-def test_generator_moments_zero_right_after_merge_step():
-    model, opt, cfg = _setup()
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_generator_moments_zero_right_after_merge_step(variant):
+    model, opt, cfg = _setup(**VARIANTS[variant])
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 9)))
     merge_step = nnx.jit(pj.merge_and_reset)
     for step in range(1, cfg.merge_interval + 1):
@@ -103,9 +108,10 @@ def test_generator_moments_zero_right_after_merge_step():
     assert not np.any(np.asarray(model.blocks[0].up.theta_in[...]))
 
 
-def test_tiny_model_training_loss_halves():
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tiny_model_training_loss_halves(variant):
     # A learnable task: the next token is (token + 1) mod 11.
-    model, opt, cfg = _setup(merge_interval=25, lr=2e-2)
+    model, opt, cfg = _setup(merge_interval=25, lr=2e-2, **VARIANTS[variant])
     rng = np.random.default_rng(0)
     merge_step = nnx.jit(pj.merge_and_reset)
     losses = []
