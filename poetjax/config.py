@@ -42,8 +42,8 @@ class POETConfig:
     exclude:        Linear layers whose path contains one of these names are not converted.
     impl:           how POET layers compute: "xla" (plain jnp/XLA), "pallas" (the fused kernels of
                     ``pallas_kernels``; on a machine without a GPU they run in Pallas's interpreter, for
-                    tests) or "auto" (Pallas on a GPU when the kernels support block_size — a multiple
-                    of 16 — XLA otherwise). ``poetize`` passes it to every layer it builds;
+                    tests) or "auto" (the path measured fastest on this backend: XLA until the kernels beat
+                    it on the GPU, see ``poetjax.ops.resolve_impl``). ``poetize`` passes it to every layer it builds;
                     ``POETLinear(impl=...)`` overrides it per layer. Never changes the math.
     """
 

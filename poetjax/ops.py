@@ -74,17 +74,26 @@ _poet_x_mem_body = jax.checkpoint(_poet_x_body, policy=jax.checkpoint_policies.n
                                   static_argnums=(5,))
 
 
+AUTO_PREFERS_PALLAS = False  # see resolve_impl
+
+
 def resolve_impl(impl: str, block_size: int) -> str:
-    """"xla" or "pallas" for a layer of this block size: "auto" is Pallas on a GPU when the kernels
-    support block_size (a multiple of 16), XLA otherwise; "pallas" with an unsupported block size is
-    a ValueError. Decided at trace time, so a model built on one machine runs on another."""
+    """"xla" or "pallas" for a layer of this block size; "pallas" with an unsupported block size is a
+    ValueError. Decided at trace time, so a model built on one machine runs on another.
+
+    "auto" picks the path measured fastest: today that is XLA everywhere. On the H100 (2026-11-23,
+    BENCHMARKS.md) the Pallas layer ran 1.91× a dense layer vs 1.40× for XLA at T=16384, 4096², b=256:
+    the kernels' element-wise gathered loads/scattered stores waste most of each memory sector. Flip
+    ``AUTO_PREFERS_PALLAS`` once a kernel version beats XLA on the GPU.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
     if impl == "pallas":
         pk.check_block_size(block_size)
         return impl
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" and pk.supports_block_size(block_size) else "xla"
+        use = AUTO_PREFERS_PALLAS and jax.default_backend() == "gpu" and pk.supports_block_size(block_size)
+        return "pallas" if use else "xla"
     return impl
 
 

@@ -75,6 +75,9 @@ def test_impl_validation_and_resolution(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert ops.resolve_impl("auto", 256) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # auto follows the measurements (ops.AUTO_PREFERS_PALLAS): XLA while the kernels are slower …
+    assert ops.resolve_impl("auto", 256) == ("pallas" if ops.AUTO_PREFERS_PALLAS else "xla")
+    monkeypatch.setattr(ops, "AUTO_PREFERS_PALLAS", True)  # … and Pallas once they win
     assert ops.resolve_impl("auto", 256) == "pallas"
     assert ops.resolve_impl("auto", 20) == "xla"  # kernels need a multiple of 16: fall back
     assert pk.default_interpret() is False
