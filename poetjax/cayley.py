@@ -125,6 +125,8 @@ def block_size_from_packed(p: int) -> int:
 def skew_from_packed(theta_BxP: jax.Array) -> jax.Array:
     """(..., P) packed generators → (..., K, K) skew-symmetric Q (gather forward, gather backward)."""
     k = block_size_from_packed(theta_BxP.shape[-1])
+    if k == 1:  # 1×1 blocks have no generator entries: Q = 0 (and R = I)
+        return jnp.zeros((*theta_BxP.shape[:-1], 1, 1), theta_BxP.dtype)
     idx, sign = _unpack_maps(k)
     q = jnp.take(theta_BxP, jnp.asarray(idx), axis=-1, mode="fill", fill_value=0)
     q = q * jnp.asarray(sign, theta_BxP.dtype)

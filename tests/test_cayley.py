@@ -118,3 +118,11 @@ def test_tolerance_helper():
     assert tolerance(jnp.float32) == 1e-5
     with pytest.raises(ValueError, match="int32"):
         tolerance(jnp.int32)
+
+
+def test_block_size_one_is_identity():
+    lay = cayley.block_layout(5, 1)
+    theta = jnp.zeros((5, 0), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(cayley.rotations(theta, lay, 3)), np.ones((5, 1, 1)))
+    g = jax.grad(lambda t: jnp.sum(cayley.rotations(t, lay, 3)))(theta)
+    assert g.shape == (5, 0)
