@@ -11,7 +11,7 @@
   loop calls it through ``poetjax.merge_and_reset`` on the merge step itself, so each inner loop starts
   with θ = 0 and fresh moments (the reference's README loop is one step out of line, spec §12.7).
 * ``poet_clip_schedule``: the post-merge gradient-clip warm-up of spec §7.3, for
-  ``optax.inject_hyperparams(optax.clip_by_global_norm)``.
+  ``clip_by_global_norm_schedule`` (dtype-preserving, threshold by completed-step count).
 """
 
 from __future__ import annotations
@@ -126,6 +126,32 @@ def poet_clip_schedule(max_norm: float, merge_interval: int, warmup_steps: int =
     return schedule
 
 
+class ClipState(NamedTuple):
+    count: jax.Array  # completed optimizer steps
+
+
+def clip_by_global_norm_schedule(max_norm: ScalarOrSchedule) -> optax.GradientTransformation:
+    """Global-norm clipping whose threshold may follow a schedule of the completed-step count.
+
+    The norm and the scale are computed in float32 and every leaf keeps its own dtype (bf16 gradients
+    stay bf16), which ``inject_hyperparams(clip_by_global_norm)`` does not do with a float32 threshold.
+    """
+
+    def init(params):
+        del params
+        return ClipState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        limit = jnp.asarray(max_norm(state.count) if callable(max_norm) else max_norm, jnp.float32)
+        norm = optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), updates))
+        scale = jnp.where(norm > limit, limit / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny), 1.0)
+        updates = jax.tree.map(lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype), updates)
+        return updates, ClipState(count=state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
 def warmup_cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0,
                            min_ratio: float = 0.1) -> Callable[[jax.Array], jax.Array]:
     """The reference's LambdaLR: linear warmup from 0, then cosine down to min_ratio·peak (spec §7.2)."""
@@ -168,8 +194,8 @@ def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_d
     if max_grad_norm is not None:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got max_grad_norm={max_grad_norm!r}")
-        clip = optax.inject_hyperparams(optax.clip_by_global_norm)(
-            max_norm=poet_clip_schedule(max_grad_norm, config.merge_interval, clip_warmup_steps))
+        clip = clip_by_global_norm_schedule(poet_clip_schedule(max_grad_norm, config.merge_interval,
+                                                               clip_warmup_steps))
         tx = optax.chain(clip, tx)
     return tx
 

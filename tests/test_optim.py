@@ -142,3 +142,30 @@ def test_warmup_cosine_schedule():
 def test_reset_needs_a_partition_state():
     with pytest.raises(ValueError, match="partition"):
         pj.reset_generator_state(optax.adam(1e-3).init({"a": jnp.zeros(2)}))
+
+
+def test_scheduled_clip_matches_global_norm_clipping_and_keeps_dtypes():
+    from poetjax.optim import clip_by_global_norm_schedule
+    grads = {"a": jnp.asarray([3.0, 4.0], jnp.bfloat16), "b": jnp.asarray([[12.0]], jnp.float32)}  # norm 13
+    tx = clip_by_global_norm_schedule(lambda s: jnp.where(s == 0, 1.0, 100.0))
+    st = tx.init(grads)
+    out, st = tx.update(grads, st)
+    assert out["a"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out["b"]), [[12.0 / 13.0]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["a"], np.float32), [3 / 13, 4 / 13], rtol=1e-2)
+    out2, _ = tx.update(grads, st)  # second step: threshold 100 > 13 → unchanged
+    np.testing.assert_array_equal(np.asarray(out2["b"]), np.asarray(grads["b"]))
+
+
+def test_poet_optimizer_with_bf16_params_and_clipping():
+    model = Tiny(rngs=nnx.Rngs(0))
+    cfg = pj.POETConfig(block_size=8)
+    pj.poetize(model, cfg, rngs=nnx.Rngs(1))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda p: p if p.ndim == 2 and p.shape[1] > 20 else p.astype(jnp.bfloat16), params)
+    tx = pj.poet_optimizer(cfg, 1e-3, 0.1, max_grad_norm=0.5)
+    st = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    upd, _ = jax.jit(tx.update)(grads, st, params)
+    for u, p in zip(jax.tree.leaves(upd), jax.tree.leaves(params)):
+        assert u.dtype == p.dtype
