@@ -22,3 +22,13 @@ def _compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     yield
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, data_cache):
+    """The reference run of the resume tests: 30 tiny steps (merges at 10, 20, 30) that nothing interrupts;
+    its checkpoints (steps 20, 25, 30) also serve the checkpoint tests, which work on copies."""
+    from _runs import RESUME, tiny
+    from poetjax.train.loop import run
+
+    return run(tiny(tmp_path_factory.mktemp("full"), data_cache, "name=full", *RESUME))

@@ -108,7 +108,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
         loss, grads = grads_of(state.params, state.frozen, tokens)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
