@@ -234,7 +234,8 @@ class RunConfig:
                     f"optimizer.block_size={o.block_size} does not fit the model: it must be <= every projection "
                     f"dimension (model.hidden_size={m.hidden_size}, model.intermediate_size={m.intermediate_size})")
         if self.schedule.warmup_steps > self.train.steps:
-            raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds train.steps={self.train.steps}")
+            raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds "
+                              f"train.steps={self.train.steps}")
         if self.data.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={self.data.vocab_size} exceeds model.vocab_size={m.vocab_size}")
 

@@ -56,7 +56,8 @@ def test_config_builds_abstractly_with_spec_parameter_counts(path):
     if name in SPEC:
         h, f, heads, layers, total_m = SPEC[name]
         m = cfg.model
-        assert (m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers, m.vocab_size) == (h, f, heads, layers, 32000)
+        shape = (m.hidden_size, m.intermediate_size, m.num_heads, m.num_layers, m.vocab_size)
+        assert shape == (h, f, heads, layers, 32000)
         assert round(n / 1e6, 1) == total_m
         assert m.dtype == "bfloat16"  # the GPU family computes in bf16
     assert cfg.optimizer.name == "poet"

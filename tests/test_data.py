@@ -1,6 +1,5 @@
 """Data: prepare (sources, tokenizers, shards, cache), the memmap sampler, evaluation windows, errors."""
 
-import json
 import lzma
 import math
 import os
@@ -74,7 +73,8 @@ def test_gutenberg_format_folder_of_xz_files(tmp_path, data_cache):
 
 def test_folder_and_single_file_hold_out_the_tail(tmp_path):
     (tmp_path / "sub").mkdir()
-    texts = {"a.txt": "alpha line one\nalpha line two\n" * 30, "b.txt.xz": "beta\n" * 50, "sub/c.txt": "gamma gamma\n" * 40}
+    texts = {"a.txt": "alpha line one\nalpha line two\n" * 30, "b.txt.xz": "beta\n" * 50,
+             "sub/c.txt": "gamma gamma\n" * 40}
     for name, text in texts.items():
         if name.endswith(".xz"):
             with lzma.open(tmp_path / name, "wt") as f:
@@ -118,12 +118,10 @@ def test_vocab_above_65536_is_stored_as_uint32(tmp_path, data_cache):
 
 
 def test_sentencepiece_model_needs_its_package(tmp_path, data_cache):
-    pytest.importorskip("tokenizers")
-    try:
-        import sentencepiece  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is not None:
         pytest.skip("sentencepiece is installed")
-    except ImportError:
-        pass
     (tmp_path / "sp.model").write_bytes(b"\x00")
     with pytest.raises(DataError, match="sentencepiece"):
         prepare(SHAKESPEARE, tokenizer=str(tmp_path / "sp.model"), vocab_size=0, cache_dir=data_cache)

@@ -28,9 +28,11 @@ from poetjax.train import steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 
-# Keys that may differ between a checkpoint's config and the resuming config: they do not change what is
-# computed (train.steps moves the schedule's horizon, which is reported).
-RESUME_FREE_KEYS = ("name", "out_dir", "train.steps", "train.eval_interval", "train.eval_batches",
+# Keys that may differ between a checkpoint's config and the resuming config: bookkeeping, where files
+# go, and implementation choices (remat, attention kernel) that compute the same function. train.steps
+# moves the schedule's horizon, which is reported.
+RESUME_FREE_KEYS = ("name", "out_dir", "train.steps", "train.eval_interval", "train.eval_batches", "data.cache_dir",
+                    "model.remat", "model.attention",
                     "train.log_interval", "train.stop_after", "checkpoint.", "logging.")
 
 
@@ -87,7 +89,6 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     """Train as configured; resumes from the run directory's newest checkpoint when there is one."""
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     os.makedirs(run_dir, exist_ok=True)
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
     progress = Progress(cfg.train.steps, mode=cfg.logging.progress)
     say = progress.message if cfg.logging.progress != "none" else (lambda s: None)
 
@@ -111,8 +112,21 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     del model
     say(_param_summary(state, cfg))
 
-    # -- resume --------------------------------------------------------------------------------------
-    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    # -- resume and train ----------------------------------------------------------------------------
+    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    try:
+        return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn)
+    finally:
+        progress.close()
+        ckpt.close()
+
+
+def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn) -> RunResult:
+    """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report."""
+    ckpt_dir = ckpt.directory
+    valid_tokens = data.tokens("valid")
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     start, position, resumed = 0, 0, False
     on_disk = ckpt.steps()
     if on_disk:
@@ -164,10 +178,8 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     tokens_per_step = batch * seq_len
     stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     watch = Stopwatch()
-    timed_steps = 0
 
     def flush(step: int, timed: bool):
-        nonlocal timed_steps
         if not pending:
             return
         host = jax.device_get([m for _, m in pending])
@@ -196,53 +208,49 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
         pending.clear()
 
     step = start
-    try:
-        if start >= stop:
-            say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
-        t_start = time.time()
-        while step < stop:
-            state, m = train_step(state, jnp.asarray(sampler.batch(position)))
-            position += 1
-            step += 1
-            pending.append((step, m))
-            if poet and step % merge_interval == 0:
-                state = merge_step(state)
-            first = step == start + 1
-            do_eval = bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0 and step < cfg.train.steps
-            do_ckpt = (bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0) or step == stop
-            if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt:
-                flush(step, timed=not first)
-                if first:
-                    say(f"compiled and ran the first step in {time.time() - t_start:.1f}s")
-            if do_eval:
-                vl, vp = evaluate(cfg.train.eval_batches)
-                metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})
-                progress.val_ppl = vp
-                watch.lap()
-            if do_ckpt:
-                save(step)
-                watch.lap()
-        progress.close()
-        completed = step >= cfg.train.steps
-        result = RunResult(run_dir, step, completed, None, None, unigram, losses, metrics_path, None, ckpt_dir)
-        if not completed:
-            say(f"stopped at step {step} (train.stop_after); resume with the same command")
-            return result
-        vl, vp = evaluate(0)
-        metrics.write({"step": step, "val_loss": vl, "val_ppl": vp, "final": True})
-        result.val_loss, result.val_ppl = vl, vp
-        if cfg.logging.plot:
-            title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
-                     + (f" ({cfg.optimizer.variant}, b={cfg.optimizer.block_size})" if poet else "")
-                     + f", {cfg.train.steps} steps")
-            result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title)
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
-                       "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)
-        print_fn(f"final validation perplexity: {vp:.2f} (loss {vl:.4f} nats/token; unigram perplexity "
-                 f"{unigram:.2f}) after {step} steps -> {run_dir}")
+    if start >= stop:
+        say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
+    t_start = time.time()
+    while step < stop:
+        state, m = train_step(state, jnp.asarray(sampler.batch(position)))
+        position += 1
+        step += 1
+        pending.append((step, m))
+        if poet and step % merge_interval == 0:
+            state = merge_step(state)
+        first = step == start + 1
+        do_eval = bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0 and step < cfg.train.steps
+        do_ckpt = (bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0) or step == stop
+        if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt:
+            flush(step, timed=not first)
+            if first:
+                say(f"compiled and ran the first step in {time.time() - t_start:.1f}s")
+        if do_eval:
+            vl, vp = evaluate(cfg.train.eval_batches)
+            metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})
+            progress.val_ppl = vp
+            watch.lap()
+        if do_ckpt:
+            save(step)
+            watch.lap()
+    progress.close()
+    completed = step >= cfg.train.steps
+    result = RunResult(run_dir, step, completed, None, None, unigram, losses, metrics_path, None, ckpt_dir)
+    if not completed:
+        say(f"stopped at step {step} (train.stop_after); resume with the same command")
         return result
-    finally:
-        progress.close()
-        ckpt.close()
+    vl, vp = evaluate(0)
+    metrics.write({"step": step, "val_loss": vl, "val_ppl": vp, "final": True})
+    result.val_loss, result.val_ppl = vl, vp
+    if cfg.logging.plot:
+        title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
+                 + (f" ({cfg.optimizer.variant}, b={cfg.optimizer.block_size})" if poet else "")
+                 + f", {cfg.train.steps} steps")
+        result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title, unigram)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
+                   "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)
+    print_fn(f"final validation perplexity: {vp:.2f} (loss {vl:.4f} nats/token; unigram perplexity "
+             f"{unigram:.2f}) after {step} steps -> {run_dir}")
+    return result
 

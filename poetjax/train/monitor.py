@@ -123,25 +123,36 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
-def plot_curves(metrics_path: str, out_path: str, title: str) -> str:
-    """Training loss, validation loss (left) and validation perplexity (right, log scale) against step."""
+def plot_curves(metrics_path: str, out_path: str, title: str, unigram_ppl: float | None = None) -> str:
+    """Training loss, validation loss (left) and validation perplexity (right, log scale) against step;
+    ``unigram_ppl`` adds the unigram model's perplexity as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     rows = read_jsonl(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"], r["val_ppl"]) for r in rows if "val_loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     if train:
         ax1.plot(*zip(*train), label="train loss", lw=1.2)
     if val:
         s, vl, vp = zip(*val)
         ax1.plot(s, vl, "o-", label="validation loss", lw=1.5, ms=4)
         ax2.plot(s, vp, "o-", color="C1", label="validation perplexity", lw=1.5, ms=4)
-        ax2.set_yscale("log")
         ax2.annotate(f"{vp[-1]:.2f}", (s[-1], vp[-1]), textcoords="offset points", xytext=(-10, 8), ha="right")
+    if unigram_ppl is not None:
+        ax2.axhline(unigram_ppl, color="gray", ls="--", lw=1, label=f"unigram model ({unigram_ppl:.1f})")
+        if train:
+            ax1.axhline(math.log(unigram_ppl), color="gray", ls="--", lw=1, label="unigram model")
+    ax2.set_yscale("log")
+    lo, hi = ax2.get_ylim()
+    narrow = hi / lo < 10  # within a decade label every minor tick, else only 2·10ᵏ and 5·10ᵏ
+    ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if narrow or f"{v:e}"[0] in "25" else ""))
     ax1.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     ax2.set(xlabel="step", ylabel="perplexity", title="validation perplexity")
     for ax in (ax1, ax2):
