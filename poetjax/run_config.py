@@ -92,7 +92,7 @@ class OptimizerConfig:
     """
 
     name: str = "poet"
-    lr: float = 3e-3
+    lr: float = 1e-2
     poet_lr: float = 1e-2
     muon_lr: float = 0.02
     weight_decay: float = 0.0
@@ -101,7 +101,7 @@ class OptimizerConfig:
     eps: float = 1e-6
     max_grad_norm: float = 1.0
     clip_warmup_steps: int = 2000
-    block_size: int = 64
+    block_size: int = 32
     merge_interval: int = 100
     variant: str = "fast"
     num_terms: int = 3
@@ -131,7 +131,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Linear warmup from 0, then cosine decay to min_lr_ratio × peak at train.steps (spec §7.2)."""
 
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     min_lr_ratio: float = 0.1
 
     def __post_init__(self):
@@ -153,10 +153,10 @@ class TrainConfig:
                    to ``steps``); resuming then continues the same run.
     """
 
-    steps: int = 1500
-    batch_size: int = 16
+    steps: int = 640
+    batch_size: int = 8
     microbatches: int = 1
-    eval_interval: int = 250
+    eval_interval: int = 160
     eval_batches: int = 0
     log_interval: int = 10
     stop_after: int = 0
@@ -181,7 +181,7 @@ class CheckpointConfig:
     async_save:  write in a background thread (the run waits for it before exiting).
     """
 
-    interval: int = 500
+    interval: int = 320
     keep: int = 3
     resume: bool = True
     resume_step: int = 0
