@@ -50,7 +50,7 @@ def test_prepare_reuses_its_cache_and_keys_it_by_content(shakespeare, data_cache
     copy = tmp_path / "copy"
     shutil.copytree(SHAKESPEARE, copy)
     same = prepare(str(copy), vocab_size=512, cache_dir=data_cache, log=logs.append)
-    assert os.path.basename(same.folder).split("-")[-1] == os.path.basename(shakespeare.folder).split("-")[-1]
+    assert same.folder == shakespeare.folder and logs == []  # same content under another name: reused
     with open(copy / "valid.txt", "a") as f:
         f.write("One more line.\n")
     changed = prepare(str(copy), vocab_size=512, cache_dir=data_cache, log=logs.append)
@@ -88,6 +88,8 @@ def test_folder_and_single_file_hold_out_the_tail(tmp_path):
     assert train.endswith("\n") and abs(len(valid) / (len(train) + len(valid)) - 0.2) < 0.02
     one = open_source(str(tmp_path / "a.txt"), valid_fraction=0.5)
     assert "".join(one.splits["train"]()) + "".join(one.splits["valid"]()) == texts["a.txt"]
+    capped = open_source(str(tmp_path), valid_fraction=0.2, max_chars=500)  # data.max_chars
+    assert "".join(capped.splits["train"]()) + "".join(capped.splits["valid"]()) == (train + valid)[:500]
 
 
 def test_user_tokenizer_json_gives_the_same_shards(shakespeare, data_cache, tmp_path):

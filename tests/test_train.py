@@ -119,6 +119,32 @@ def test_baselines_train_the_same_model_from_the_same_script(tmp_path, data_cach
         assert len(muon) + len(adam) == len(jax.tree.leaves(state.params))
 
 
+def test_bad_inputs_stop_the_run_before_training(tmp_path, data_cache):
+    from poetjax.data import DataError
+    from poetjax.run_config import ConfigError
+
+    with pytest.raises(DataError, match="does not exist"):
+        run(tiny(tmp_path, data_cache, f"data.source={tmp_path / 'no_such_corpus'}"))
+    with pytest.raises(ConfigError, match=r"tokenizer has 512 tokens but model.vocab_size=400"):
+        run(tiny(tmp_path, data_cache, "model.vocab_size=400", "data.vocab_size=0",
+                 f"data.tokenizer={_tiny_tokenizer(tmp_path, data_cache)}"))
+    with pytest.raises(DataError, match="too few for one sequence"):
+        run(tiny(tmp_path, data_cache, "data.max_chars=150"))
+    assert not os.path.exists(os.path.join(tmp_path, "tiny", "checkpoints", "0"))
+
+
+def _tiny_tokenizer(tmp_path, data_cache):
+    """The 512-token BPE of the tiny config's corpus, as a user tokenizer file."""
+    import shutil
+
+    from poetjax.data import prepare_from_config
+
+    data = prepare_from_config(tiny(tmp_path, data_cache).data, 512, log=lambda s: None)
+    dest = tmp_path / "tok512.json"
+    shutil.copyfile(os.path.join(data.folder, "tokenizer.json"), dest)
+    return dest
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_cache, monkeypatch):
     real = core.make_train_step
 

@@ -14,6 +14,7 @@ renamed when complete: an interrupted prepare leaves no half-written cache behin
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -107,10 +108,12 @@ def prepare(source: str, *, tokenizer: str = "bpe", vocab_size: int, cache_dir: 
                             f"tokenizer.json or a SentencePiece .model)") from None
     key = hashlib.sha256(json.dumps([FORMAT_VERSION, src.fingerprint, tok_id]).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, f"{_slug(source)}-{key}")
+    # The key alone identifies the shards: a cache prepared elsewhere under another folder name also counts.
+    for found in [folder] + sorted(glob.glob(os.path.join(cache_dir, f"*-{key}"))):
+        if os.path.isfile(os.path.join(found, "meta.json")):
+            with open(os.path.join(found, "meta.json")) as f:
+                return PreparedData(found, json.load(f))
     meta_path = os.path.join(folder, "meta.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            return PreparedData(folder, json.load(f))
 
     for split in ("train", "valid"):
         if not _nonempty(src.splits[split]):

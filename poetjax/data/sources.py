@@ -58,28 +58,35 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
-def _file_chunks(paths: list[str], max_chars: int = 0) -> Iterator[str]:
-    """Whole lines from ``paths`` in order, grouped into chunks of about CHUNK_CHARS characters."""
-    total = 0
+def _group(pieces: Iterator[str], max_chars: int = 0) -> Iterator[str]:
+    """Concatenate text pieces (lines, documents) into chunks of about CHUNK_CHARS characters, stopping
+    after ``max_chars`` characters in total (0 = no limit)."""
+    total = size = 0
     buf: list[str] = []
-    size = 0
-    for p in paths:
-        with _open_text(p) as f:
-            for line in f:
-                if max_chars and total + len(line) > max_chars:
-                    line = line[: max_chars - total]
-                buf.append(line)
-                size += len(line)
-                total += len(line)
-                if size >= CHUNK_CHARS:
-                    yield "".join(buf)
-                    buf, size = [], 0
-                if max_chars and total >= max_chars:
-                    break
+    for piece in pieces:
+        if max_chars and total + len(piece) > max_chars:
+            piece = piece[: max_chars - total]
+        buf.append(piece)
+        size += len(piece)
+        total += len(piece)
+        if size >= CHUNK_CHARS:
+            yield "".join(buf)
+            buf, size = [], 0
         if max_chars and total >= max_chars:
             break
     if buf:
         yield "".join(buf)
+
+
+def _lines(paths: list[str]) -> Iterator[str]:
+    for p in paths:
+        with _open_text(p) as f:
+            yield from f
+
+
+def _file_chunks(paths: list[str], max_chars: int = 0) -> Iterator[str]:
+    """Whole lines from ``paths`` in order, grouped into chunks of about CHUNK_CHARS characters."""
+    return _group(_lines(paths), max_chars)
 
 
 def _hash_files(paths: list[str]) -> str:
@@ -185,28 +192,18 @@ def tfds_source(spec: str, data_dir: str = "", train_split: str = "train", valid
                 f"under data.tfds_data_dir; it cannot be downloaded or built here (C4 needs Apache Beam and "
                 f"the Common Crawl download).") from None
 
-    def chunks(split: str) -> Iterator[str]:
+    def documents(split: str) -> Iterator[str]:
         ds = open_split(split)
-        total, buf, size = 0, [], 0
         for i in range(len(ds)):
             ex = ds[i]
             if text_key not in ex:
                 raise DataError(f"TFDS dataset {spec!r} has no feature {text_key!r}; features: {sorted(ex)}")
             text = ex[text_key]
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-            text = text if text.endswith("\n") else text + "\n"
-            if max_chars and total + len(text) > max_chars:
-                text = text[: max_chars - total]
-            buf.append(text)
-            size += len(text)
-            total += len(text)
-            if size >= CHUNK_CHARS:
-                yield "".join(buf)
-                buf, size = [], 0
-            if max_chars and total >= max_chars:
-                break
-        if buf:
-            yield "".join(buf)
+            yield text if text.endswith("\n") else text + "\n"
+
+    def chunks(split: str) -> Iterator[str]:
+        return _group(documents(split), max_chars)
 
     open_split(train_split)  # fail now, with the message above, rather than inside the tokenizer
     fp = hashlib.sha256(f"tfds:{spec}:{data_dir}:{train_split}:{valid_split}:{text_key}:{max_chars}".encode())

@@ -80,7 +80,11 @@ class SentencePieceTokenizer(TextTokenizer):
 
 def train_bpe(chunks: Iterator[str], vocab_size: int) -> HFTokenizer:
     """A byte-level BPE with ``vocab_size`` entries (including the 256 bytes and ``<|endoftext|>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise DataError("training a BPE needs the tokenizers package; or run `python train.py --prepare-only` "
+                        "where it is installed and bring data.cache_dir along") from None
 
     if vocab_size < 257 + 1:
         raise DataError(f"a byte-level BPE needs vocab_size > 257 (256 bytes + {EOS}), got {vocab_size}")
@@ -103,8 +107,10 @@ def load_tokenizer(path: str) -> TextTokenizer:
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
     if path.endswith(".json"):
-        from tokenizers import Tokenizer
-
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError(f"data.tokenizer={path!r} needs the tokenizers package") from None
         try:
             return HFTokenizer(Tokenizer.from_file(path))
         except Exception as e:

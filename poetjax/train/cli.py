@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
         "arguments: the default job, a small POET model on the shipped Tiny Shakespeare corpus, on CPU.")
     ap.add_argument("--config", help="YAML file of overrides (may name a 'base:' file)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="tokenize data.source into data.cache_dir and exit (e.g. to carry the shards elsewhere)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.lr=1e-3")
     args = ap.parse_args(argv)
     try:
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     from poetjax.train.loop import TrainingDiverged, run
 
     try:
+        if args.prepare_only:
+            from poetjax.data import prepare_from_config
+
+            data = prepare_from_config(cfg.data, cfg.model.vocab_size, log=lambda m: print(m, file=sys.stderr))
+            print(data.folder)
+            return 0
         run(cfg)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -246,7 +246,10 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
                  + (f" ({cfg.optimizer.variant}, b={cfg.optimizer.block_size})" if poet else "")
                  + f", {cfg.train.steps} steps")
-        result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title, unigram)
+        try:
+            result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title, unigram)
+        except ImportError as e:  # a machine without matplotlib still finishes the run
+            say(f"no plot: {e}")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
                    "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)

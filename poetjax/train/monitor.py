@@ -91,8 +91,8 @@ class Progress:
 
 
 class MetricsLog:
-    """Append-only JSONL of dicts (each has "step"); on resume, lines beyond the restored step are dropped
-    so the file reads like one uninterrupted run."""
+    """Append-only JSONL of dicts (each has "step"); on resume, lines beyond the restored step (and a
+    finished run's final evaluation, which is redone) are dropped so the file reads like one run."""
 
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
@@ -100,7 +100,7 @@ class MetricsLog:
         if resume_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            keep = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+            keep = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step and not r.get("final")]
             with open(path, "w") as f:
                 for r in keep:
                     f.write(json.dumps(r) + "\n")
