@@ -1,5 +1,34 @@
 import os
 import sys
 
+import pytest
+
 # Tests import the package from the checkout even when it is not installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """A token-shard cache shared by the tests of one session (prepare runs once per setting)."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for the session: the training tests compile the same programs in several
+    runs (uninterrupted vs stopped + resumed); later runs load them instead of compiling again."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, data_cache):
+    """The reference run of the resume tests: 30 tiny steps (merges at 10, 20, 30) that nothing interrupts;
+    its checkpoints (steps 20, 25, 30) also serve the checkpoint tests, which work on copies."""
+    from _runs import RESUME, tiny
+    from poetjax.train.loop import run
+
+    return run(tiny(tmp_path_factory.mktemp("full"), data_cache, "name=full", *RESUME))

@@ -1,0 +1,225 @@
+"""LLaMA in Flax NNX, the reference's model family (POET spec §11).
+
+Shape legend: B batch, T sequence, D hidden, H heads, E = D/H head dim, F intermediate, V vocab.
+
+    x = embed(tokens)                                       (B, T, D)
+    for each layer:
+        x = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))   causal MHA
+        x = x + down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))                       SwiGLU
+    logits = lm_head(norm(x))                               (B, T, V), untied from the embedding
+
+RMSNorm(x) = x / sqrt(mean(x²) + eps) · g, computed in float32 (eps 1e-6). RoPE is the HF LLaMA form
+("rotate half": the head dim is split into two halves that form the (real, imaginary) pairs). Every
+weight is N(0, init_std²) (0.02), norms start at 1. Every projection is an ``nnx.Linear`` named
+q_proj … down_proj, so ``poetjax.poetize`` converts them, while ``lm_head`` (excluded by name) and the
+embedding stay ordinary parameters.
+
+``dtype`` is the compute dtype (bf16 on GPU), ``param_dtype`` the storage dtype; logits come out in
+the compute dtype and the loss casts them to float32. ``remat`` wraps each layer in ``nnx.remat`` with
+a named policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a LLaMA model; field names are the ``model.*`` keys of a run config.
+
+    dtype:       compute dtype of activations and matmuls ("float32", "bfloat16", "float16").
+    param_dtype: storage dtype of the weights.
+    remat:       per-layer rematerialization: "none", "full" (save only each layer's input),
+                 "dots_saveable" or "dots_with_no_batch_dims_saveable" (jax.checkpoint_policies).
+    attention:   implementation passed to ``jax.nn.dot_product_attention``: "xla", "cudnn" (GPU fused
+                 kernel; bf16/fp16 only) or "auto" (cudnn on a GPU with a 16-bit compute dtype and a
+                 head dim it supports, else xla).
+    """
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_heads: int = 4
+    num_layers: int = 4
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim; hidden_size/num_heads = {self.head_dim}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {name}={getattr(self, name)!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, got {name}={getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got remat={self.remat!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got attention={self.attention!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def llama_param_formula(cfg: LlamaConfig) -> int:
+    """Parameters of the plain model: V·D (embed) + L·(4D² + 3·D·F + 2D) + D (final norm) + D·V (lm_head)."""
+    v, d, f, n = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    return v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d + d * v
+
+
+def count_params(model: nnx.Module, kind=nnx.Param) -> int:
+    """Number of scalar entries in the ``kind`` Variables of ``model`` (works under ``nnx.eval_shape``)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, kind)))
+
+
+def _remat_policy(name: str):
+    return {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+            "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def rope_tables(positions_T: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each (T, E) float32, for the rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxHxE: jax.Array, cos_TxE: jax.Array, sin_TxE: jax.Array) -> jax.Array:
+    """x·cos + rotate_half(x)·sin in float32, cast back to x's dtype; rotate_half(x) = (−x₂, x₁)."""
+    x = x_BxTxHxE.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos_TxE[:, None, :] + rotated * sin_TxE[:, None, :]
+    return out.astype(x_BxTxHxE.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def _linear(d_in, d_out, cfg: LlamaConfig, rngs):
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                      kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+
+
+def _attention_impl(cfg: LlamaConfig) -> str:
+    if cfg.attention != "auto":
+        return cfg.attention
+    fused_ok = (jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
+                and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
+    return "cudnn" if fused_ok else "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.q_proj = _linear(d, d, cfg, rngs)
+        self.k_proj = _linear(d, d, cfg, rngs)
+        self.v_proj = _linear(d, d, cfg, rngs)
+        self.o_proj = _linear(d, d, cfg, rngs)
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.impl = _attention_impl(cfg)
+
+    def __call__(self, x_BxTxD, cos_TxE, sin_TxE):
+        b, t, _ = x_BxTxD.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
+        q = apply_rope(split(self.q_proj(x_BxTxD)), cos_TxE, sin_TxE)
+        k = apply_rope(split(self.k_proj(x_BxTxD)), cos_TxE, sin_TxE)
+        v = split(self.v_proj(x_BxTxD))
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin):
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+def _run_block(block: Block, x, cos, sin):
+    return block(x, cos, sin)
+
+
+class Llama(nnx.Module):
+    """tokens (B, T) int → logits (B, T, V) in the compute dtype."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, LlamaConfig):
+            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+                               embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        return self.forward_embeddings(self.embed(tokens_BxT))
+
+    def forward_embeddings(self, x_BxTxD: jax.Array) -> jax.Array:
+        """Logits (B, T, V) from input embeddings (the model after its embedding lookup)."""
+        t = x_BxTxD.shape[-2]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = rope_tables(jnp.arange(t), self.cfg.head_dim, self.cfg.rope_theta)
+        run = _run_block
+        if self.cfg.remat != "none":
+            run = nnx.remat(_run_block, policy=_remat_policy(self.cfg.remat))
+        x = x_BxTxD.astype(jnp.dtype(self.cfg.dtype))
+        for block in self.layers:
+            x = run(block, x, cos, sin)
+        return self.lm_head(self.norm(x))

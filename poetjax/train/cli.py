@@ -1,0 +1,49 @@
+"""``python train.py [--config FILE.yaml] [key=value ...]`` — see README "Training"."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from poetjax.run_config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="train.py", description="Pretrain a LLaMA model with POET-X (or an AdamW/Muon baseline). With no "
+        "arguments: the default job, a small POET model on the shipped Tiny Shakespeare corpus, on CPU.")
+    ap.add_argument("--config", help="YAML file of overrides (may name a 'base:' file)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="tokenize data.source into data.cache_dir and exit (e.g. to carry the shards elsewhere)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.lr=1e-3")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+
+    # Heavy imports after the config is known to be valid: a bad key fails in well under a second.
+    from poetjax.checkpoint import CheckpointError
+    from poetjax.data import DataError
+    from poetjax.train.loop import TrainingDiverged, run
+
+    try:
+        if args.prepare_only:
+            from poetjax.data import prepare_from_config
+
+            data = prepare_from_config(cfg.data, cfg.model.vocab_size, log=lambda m: print(m, file=sys.stderr))
+            print(data.folder)
+            return 0
+        run(cfg)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; resume with the same command (from the newest checkpoint)", file=sys.stderr)
+        return 130
+    return 0

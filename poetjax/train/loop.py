@@ -1,0 +1,259 @@
+"""The main job: data → model → jitted steps → loop with merges, evaluation, checkpoints and logs.
+
+Outputs in ``<out_dir>/<name>/``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per
+log interval: step, loss, grad_norm, lr, tokens_per_s; one per evaluation: val_loss, val_ppl),
+``curves.png``, ``summary.json`` and ``checkpoints/<step>/``.
+
+Host syncs happen only every ``log_interval`` steps (and before evaluations and checkpoints), so the
+device runs ahead of the Python loop. A non-finite loss or gradient norm stops the run with
+``TrainingDiverged`` naming the step; no checkpoint is written after it, so the last good one remains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from poetjax.checkpoint import Checkpointer, CheckpointError
+from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
+from poetjax.run_config import ConfigError, RunConfig, diff
+from poetjax.train import steps as core
+from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
+from poetjax.train.optimizers import lr_schedules, make_optimizer
+
+# Keys that may differ between a checkpoint's config and the resuming config: bookkeeping, where files
+# go, and implementation choices (remat, attention kernel) that compute the same function. train.steps
+# moves the schedule's horizon, which is reported.
+RESUME_FREE_KEYS = ("name", "out_dir", "train.steps", "train.eval_interval", "train.eval_batches", "data.cache_dir",
+                    "model.remat", "model.attention",
+                    "train.log_interval", "train.stop_after", "checkpoint.", "logging.")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the message names the step and the last checkpoint."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: str
+    step: int
+    completed: bool                # False when stopped early by train.stop_after
+    val_loss: float | None
+    val_ppl: float | None
+    unigram_ppl: float
+    losses: dict[int, float]       # step -> training loss, this invocation's steps
+    metrics_path: str
+    plot_path: str | None
+    checkpoint_dir: str
+
+
+def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: str) -> list[str]:
+    """Raise CheckpointError if the checkpoint was written by a different run; return notes for allowed changes."""
+    diffs = diff(meta.get("config", {}), cfg.to_dict())
+    bad = [d for d in diffs if not any(d[0] == k or (k.endswith(".") and d[0].startswith(k))
+                                       for k in RESUME_FREE_KEYS)]
+    if bad:
+        listed = "; ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (now)" for k, a, b in bad[:6])
+        raise CheckpointError(f"{where} was written by a different run config — {listed}. Resume with the same "
+                              f"settings, or start a new run with another name=...; nothing was deleted.")
+    saved = meta.get("data", {})
+    if saved.get("fingerprint") != data_meta["fingerprint"] or saved.get("vocab_size") != data_meta["vocab_size"]:
+        raise CheckpointError(f"{where} was trained on different data or a different tokenizer than "
+                              f"data.source={cfg.data.source!r} now gives; nothing was deleted.")
+    return [f"note: {k} changed from {a!r} to {b!r} since the checkpoint" for k, a, b in diffs if (k, a, b) not in bad
+            and k == "train.steps"]
+
+
+def _param_summary(state: core.TrainState, cfg: RunConfig) -> str:
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    n_frozen = sum(int(x.size) for x in jax.tree.leaves(state.frozen) if jnp.issubdtype(x.dtype, jnp.floating))
+    text = f"model: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size} (ffn {cfg.model.intermediate_size}, " \
+           f"{cfg.model.num_heads} heads, vocab {cfg.model.vocab_size}); trainable {n_params / 1e6:.3f}M"
+    if cfg.optimizer.name == "poet":
+        text += (f" (POET generators + embedding/norms/lm_head), frozen W0 {n_frozen / 1e6:.3f}M; "
+                 f"POET-X {cfg.optimizer.variant}, block {cfg.optimizer.block_size}, "
+                 f"merge every {cfg.optimizer.merge_interval}")
+    else:
+        text += f"; optimizer {cfg.optimizer.name}"
+    return text
+
+
+def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult:
+    """Train as configured; resumes from the run directory's newest checkpoint when there is one."""
+    run_dir = os.path.join(cfg.out_dir, cfg.name)
+    os.makedirs(run_dir, exist_ok=True)
+    progress = Progress(cfg.train.steps, mode=cfg.logging.progress)
+    say = progress.message if cfg.logging.progress != "none" else (lambda s: None)
+
+    # -- data ------------------------------------------------------------------------------------
+    data = prepare_from_config(cfg.data, cfg.model.vocab_size, log=say)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                          f"raise model.vocab_size or use a smaller tokenizer")
+    train_tokens, valid_tokens = data.tokens("train"), data.tokens("valid")
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
+    sampler = BatchSampler(train_tokens, batch, seq_len, cfg.seed)
+    list(eval_windows(valid_tokens, batch, seq_len, max_batches=1))  # fail now if valid is too short
+    unigram = unigram_perplexity(train_tokens, valid_tokens, data.vocab_size)
+    say(f"data: {data.meta['source']}: {train_tokens.size:,} train / {valid_tokens.size:,} valid tokens, "
+        f"vocab {data.vocab_size}; unigram perplexity of the valid split {unigram:.2f}")
+
+    # -- model, optimizer, state ---------------------------------------------------------------------
+    model = core.build_model(cfg)
+    tx = make_optimizer(cfg)
+    graphdef, state = core.init_state(model, tx, core.run_keys(cfg.seed)[2])
+    del model
+    say(_param_summary(state, cfg))
+
+    # -- resume and train ----------------------------------------------------------------------------
+    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    try:
+        return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn)
+    finally:
+        progress.close()
+        ckpt.close()
+
+
+def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn) -> RunResult:
+    """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report."""
+    ckpt_dir = ckpt.directory
+    valid_tokens = data.tokens("valid")
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
+    start, position, resumed = 0, 0, False
+    on_disk = ckpt.steps()
+    if on_disk:
+        if not cfg.checkpoint.resume:
+            raise CheckpointError(f"{ckpt_dir} already holds checkpoints {on_disk}; set checkpoint.resume=true to "
+                                  f"continue that run or choose another name=...; nothing was deleted")
+        step0 = cfg.checkpoint.resume_step or on_disk[-1]
+        later = [s for s in on_disk if s > step0]
+        if later:
+            raise CheckpointError(f"checkpoint.resume_step={step0} but {ckpt_dir} also holds later steps {later}; "
+                                  f"move them out of the way first (nothing was deleted)")
+        where = f"checkpoint step {step0} in {ckpt_dir}"
+        for note in check_resume_compatible(ckpt.read_meta(step0), cfg, data.meta, where):
+            say(note)
+        state, meta = ckpt.restore(step0, state)
+        start, position, resumed = step0, int(meta["data_position"]), True
+        say(f"resumed from {where} (data position {position}, {int(meta['merges'])} merges)")
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(cfg.to_yaml())
+
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    metrics = MetricsLog(metrics_path, resume_step=start if resumed else None)
+    sched = lr_schedules(cfg)
+    train_step = core.make_train_step(graphdef, tx, microbatches=cfg.train.microbatches, lr_schedule=sched["lr"])
+    eval_step = core.make_eval_step(graphdef)
+    poet = cfg.optimizer.name == "poet"
+    merge_step = core.make_merge_step(graphdef) if poet else None
+    merge_interval = cfg.optimizer.merge_interval
+
+    def evaluate(max_batches: int) -> tuple[float, float]:
+        tot = cnt = 0.0
+        for toks, w in eval_windows(valid_tokens, batch, seq_len, max_batches):
+            s, c = eval_step(state.params, state.frozen, jnp.asarray(toks), jnp.asarray(w))
+            tot, cnt = tot + s, cnt + c
+        loss = float(tot) / float(cnt)
+        return loss, math.exp(loss)
+
+    last_saved = start if resumed else None
+
+    def save(step: int):
+        nonlocal last_saved
+        ckpt.save(step, state, {"data_position": position, "merges": int(state.merges), "config": cfg.to_dict(),
+                                "data": {"fingerprint": data.meta["fingerprint"], "vocab_size": data.vocab_size,
+                                         "folder": data.folder}})
+        last_saved = step
+
+    pending: list[tuple[int, dict]] = []
+    losses: dict[int, float] = {}
+    tokens_per_step = batch * seq_len
+    stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    watch = Stopwatch()
+
+    def flush(step: int, timed: bool):
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        dt = watch.lap()
+        n = len(pending)
+        if timed:
+            progress.rate_sample(n, dt)
+        for (s, _), m in zip(pending, host):
+            loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                pending.clear()
+                ckpt.wait()
+                last = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}" if last_saved is not None
+                        else "no checkpoint had been written yet")
+                raise TrainingDiverged(f"training diverged: loss {loss} (gradient norm {gnorm}) at step {s}; "
+                                       f"the run stopped and {last}")
+            losses[s] = loss
+        s_last, m_last = pending[-1][0], host[-1]
+        rec = {"step": s_last, "loss": float(m_last["loss"]), "grad_norm": float(m_last["grad_norm"]),
+               "lr": float(m_last.get("lr", float("nan"))), "epoch": round(sampler.epoch(position), 4),
+               "tokens": s_last * tokens_per_step}
+        if timed and dt > 0:
+            rec["tokens_per_s"] = round(n * tokens_per_step / dt, 1)
+        metrics.write(rec)
+        progress.update(s_last, rec["loss"], tokens_per_step)
+        pending.clear()
+
+    step = start
+    if start >= stop:
+        say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
+    t_start = time.time()
+    while step < stop:
+        state, m = train_step(state, jnp.asarray(sampler.batch(position)))
+        position += 1
+        step += 1
+        pending.append((step, m))
+        if poet and step % merge_interval == 0:
+            state = merge_step(state)
+        first = step == start + 1
+        do_eval = bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0 and step < cfg.train.steps
+        do_ckpt = (bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0) or step == stop
+        if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt:
+            flush(step, timed=not first)
+            if first:
+                say(f"compiled and ran the first step in {time.time() - t_start:.1f}s")
+        if do_eval:
+            vl, vp = evaluate(cfg.train.eval_batches)
+            metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})
+            progress.val_ppl = vp
+            watch.lap()
+        if do_ckpt:
+            save(step)
+            watch.lap()
+    progress.close()
+    completed = step >= cfg.train.steps
+    result = RunResult(run_dir, step, completed, None, None, unigram, losses, metrics_path, None, ckpt_dir)
+    if not completed:
+        say(f"stopped at step {step} (train.stop_after); resume with the same command")
+        return result
+    vl, vp = evaluate(0)
+    metrics.write({"step": step, "val_loss": vl, "val_ppl": vp, "final": True})
+    result.val_loss, result.val_ppl = vl, vp
+    if cfg.logging.plot:
+        title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
+                 + (f" ({cfg.optimizer.variant}, b={cfg.optimizer.block_size})" if poet else "")
+                 + f", {cfg.train.steps} steps")
+        try:
+            result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title, unigram)
+        except ImportError as e:  # a machine without matplotlib still finishes the run
+            say(f"no plot: {e}")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
+                   "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)
+    print_fn(f"final validation perplexity: {vp:.2f} (loss {vl:.4f} nats/token; unigram perplexity "
+             f"{unigram:.2f}) after {step} steps -> {run_dir}")
+    return result
+

@@ -1,0 +1,202 @@
+"""The main job: the default run beats the unigram model, exact resume, baselines, NaN handling, merges."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from poetjax.checkpoint import Checkpointer
+from poetjax.run_config import load_config
+from poetjax.train import steps as core
+from poetjax.train.cli import main as cli_main
+from poetjax.train.loop import TrainingDiverged, run
+from poetjax.train.monitor import read_jsonl
+
+from _runs import RESUME, ROOT, TINY, state_like, tiny
+
+
+def test_shortened_default_job_beats_the_unigram_model(tmp_path, data_cache, capsys):
+    # The default job (python train.py) with fewer steps; everything else as shipped.
+    cfg = load_config(None, [f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "train.steps=100",
+                             "schedule.warmup_steps=10", "train.eval_interval=50", "train.eval_batches=4",
+                             "logging.progress=lines"])
+    res = run(cfg)
+    out, err = capsys.readouterr()
+    assert "final validation perplexity" in out and "tok/s" in err and "ETA" in err
+    assert res.completed and res.step == 100
+    assert res.val_ppl < 0.5 * res.unigram_ppl, (res.val_ppl, res.unigram_ppl)
+    rows = read_jsonl(res.metrics_path)
+    vals = [r for r in rows if "val_ppl" in r]
+    assert [r["step"] for r in vals] == [50, 100] and vals[-1]["val_ppl"] == pytest.approx(res.val_ppl)
+    assert all(k in rows[1] for k in ("loss", "grad_norm", "lr", "tokens_per_s"))
+    with open(os.path.join(res.run_dir, "summary.json")) as f:
+        assert json.load(f)["val_ppl"] == pytest.approx(res.val_ppl)
+    png = os.path.join(res.run_dir, "curves.png")
+    assert res.plot_path == png and os.path.getsize(png) > 10_000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Checkpointer(res.checkpoint_dir).steps() == [100]
+
+
+def test_stop_and_resume_gives_bit_identical_losses(uninterrupted, tmp_path, data_cache):
+    # 2k = 30 steps, k = 15: merges 2 and 3 (steps 20, 30) happen after the restart.
+    full = uninterrupted
+    first = run(tiny(tmp_path, data_cache, "name=split", "train.stop_after=15", *RESUME))
+    assert not first.completed and sorted(first.losses) == list(range(1, 16))
+    second = run(tiny(tmp_path, data_cache, "name=split", *RESUME))
+    assert sorted(second.losses) == list(range(16, 31))
+    assert {**first.losses, **second.losses} == full.losses  # exact float equality, step by step
+    assert second.val_ppl == full.val_ppl
+    # the final states agree leaf by leaf, including W0 and permutations after the post-restart merges
+    like = state_like(tiny(tmp_path, data_cache, *RESUME))
+    s_full, m_full = Checkpointer(full.checkpoint_dir).restore(30, like)
+    s_split, m_split = Checkpointer(second.checkpoint_dir).restore(30, like)
+    assert m_full["merges"] == m_split["merges"] == 3 and m_full["data_position"] == m_split["data_position"] == 30
+    jax.tree.map(np.testing.assert_array_equal, s_full, s_split)
+    # the metrics file of the resumed run reads like one run
+    split_rows = [r for r in read_jsonl(os.path.join(second.run_dir, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in split_rows] == list(range(1, 31))
+
+
+def test_sigkill_and_resume_matches_the_uninterrupted_run(uninterrupted, tmp_path, data_cache):
+    """A real kill: the process dies at an arbitrary point (possibly mid-checkpoint) and the same command
+    resumes from the newest complete checkpoint. A checkpoint every step keeps the run slow enough to be
+    killed half way; checkpoints do not change the numbers."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"out_dir={tmp_path}",
+            f"data.cache_dir={data_cache}", "logging.plot=false", "logging.progress=lines", "name=killed",
+            *RESUME, "checkpoint.interval=1"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckdir = os.path.join(tmp_path, "killed", "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckdir) and any(d.isdigit() and int(d) >= 12 for d in os.listdir(ckdir)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = Checkpointer(ckdir).latest_step()
+    assert killed_at is not None and 12 <= killed_at < 30
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from checkpoint step {killed_at}" in done.stderr
+    rows = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(tmp_path, "killed", "metrics.jsonl")) if "loss" in r}
+    assert rows == uninterrupted.losses
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_baselines_train_the_same_model_from_the_same_script(tmp_path, data_cache, name, capsys):
+    args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
+            "logging.progress=none", f"optimizer.name={name}", "optimizer.lr=1e-2", "train.steps=40"]
+    assert cli_main(args) == 0
+    assert "final validation perplexity" in capsys.readouterr().out
+    run_dir = os.path.join(tmp_path, "tiny")
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert losses[-1] < losses[0] - 1.0 and summary["val_ppl"] < summary["unigram_ppl"]
+    cfg = tiny(tmp_path, data_cache, f"optimizer.name={name}")
+    state = state_like(cfg)
+    from poetjax.models.llama import llama_param_formula
+    assert sum(x.size for x in jax.tree.leaves(state.params)) == llama_param_formula(cfg.model)  # the plain model
+    assert not jax.tree.leaves(state.frozen)
+    if name == "muon":  # Newton–Schulz momentum for the 7 hidden matrices per layer, Adam for the rest
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+        muon = {p.split(".mu", 1)[1] for p in paths if "['muon']" in p and ".mu[" in p}
+        adam = {p.split(".mu", 1)[1] for p in paths if "['adam']" in p and ".mu[" in p}
+        assert len(muon) == 7 * cfg.model.num_layers and all("proj" in p for p in muon)
+        assert not muon & adam and any("embed" in p for p in adam) and any("lm_head" in p for p in adam)
+        assert len(muon) + len(adam) == len(jax.tree.leaves(state.params))
+
+
+def test_bad_inputs_stop_the_run_before_training(tmp_path, data_cache):
+    from poetjax.data import DataError
+    from poetjax.run_config import ConfigError
+
+    with pytest.raises(DataError, match="does not exist"):
+        run(tiny(tmp_path, data_cache, f"data.source={tmp_path / 'no_such_corpus'}"))
+    with pytest.raises(ConfigError, match=r"tokenizer has 512 tokens but model.vocab_size=400"):
+        run(tiny(tmp_path, data_cache, "model.vocab_size=400", "data.vocab_size=0",
+                 f"data.tokenizer={_tiny_tokenizer(tmp_path, data_cache)}"))
+    with pytest.raises(DataError, match="too few for one sequence"):
+        run(tiny(tmp_path, data_cache, "data.max_chars=150"))
+    assert not os.path.exists(os.path.join(tmp_path, "tiny", "checkpoints", "0"))
+
+
+def _tiny_tokenizer(tmp_path, data_cache):
+    """The 512-token BPE of the tiny config's corpus, as a user tokenizer file."""
+    import shutil
+
+    from poetjax.data import prepare_from_config
+
+    data = prepare_from_config(tiny(tmp_path, data_cache).data, 512, log=lambda s: None)
+    dest = tmp_path / "tok512.json"
+    shutil.copyfile(os.path.join(data.folder, "tokenizer.json"), dest)
+    return dest
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data_cache, monkeypatch):
+    real = core.make_train_step
+
+    def poisoned(graphdef, tx, **kw):
+        step_fn = real(graphdef, tx, **kw)
+        count = {"n": 0}
+
+        def step(state, tokens):
+            count["n"] += 1
+            if count["n"] == 12:  # the 12th update sees NaN weights, so its loss is NaN
+                state = state._replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+            return step_fn(state, tokens)
+
+        return step
+
+    monkeypatch.setattr(core, "make_train_step", poisoned)
+    cfg = tiny(tmp_path, data_cache, "checkpoint.interval=5", "train.log_interval=4")
+    with pytest.raises(TrainingDiverged, match=r"loss nan .* at step 12; .*last good checkpoint is step 10"):
+        run(cfg)
+    monkeypatch.setattr(core, "make_train_step", real)
+    ck = Checkpointer(os.path.join(tmp_path, "tiny", "checkpoints"))
+    assert ck.steps() == [5, 10]
+    state, meta = ck.restore(10, state_like(cfg))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_merges_compile_once_and_microbatches_give_the_same_update(tmp_path, data_cache):
+    from poetjax.testing import assert_close
+    from poetjax.train.optimizers import make_optimizer
+
+    cfg = tiny(tmp_path, data_cache, "model.num_layers=1", "schedule.warmup_steps=0")  # full lr at step 0
+    tx = make_optimizer(cfg)
+    graphdef, state = core.init_state(core.build_model(cfg), tx, core.run_keys(0)[2])
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (8, 65)), jnp.int32)
+    a, ma = core.make_train_step(graphdef, tx, donate=False)(state, tokens)
+    b, mb = core.make_train_step(graphdef, tx, microbatches=4, donate=False)(state, tokens)
+    assert_close(mb["loss"], ma["loss"], jnp.float32, "same", "loss")
+    assert_close(mb["grad_norm"], ma["grad_norm"], jnp.float32, "grad", "accumulated gradient norm")
+    moved = 0
+    for x, y, x0 in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params), jax.tree.leaves(state.params)):
+        assert_close(x - x0, y - x0, jnp.float32, "grad", "update")
+        moved += int(np.any(np.asarray(y) != np.asarray(x0)))
+    assert moved == len(jax.tree.leaves(state.params))  # every trainable leaf was updated
+    merge = core.make_merge_step(graphdef, donate=False)
+    s = a
+    for _ in range(3):
+        before = s
+        s = merge(s)
+    assert merge._cache_size() == 1 and int(s.merges) == 3  # one compiled program for every merge
+    thetas = [x for p, x in jax.tree_util.tree_flatten_with_path(s.params)[0] if "theta" in jax.tree_util.keystr(p)]
+    assert thetas and not any(np.any(np.asarray(x)) for x in thetas)
+    assert not np.array_equal(np.asarray(s.key), np.asarray(before.key))
+    w0 = lambda st: [np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(st.frozen)[0]
+                     if "w0" in jax.tree_util.keystr(p)]
+    assert not np.array_equal(w0(s)[0], w0(before)[0])  # new permutations re-lay W0

@@ -1,0 +1,16 @@
+"""Pretrain a LLaMA model with POET-X: ``python train.py [--config configs/X.yaml] [key=value ...]``.
+
+With no arguments this is the default job: tokenize the shipped Tiny Shakespeare corpus, train a small
+POET LLaMA on CPU for a few minutes, and print the final validation perplexity. The logic lives in
+``poetjax.train``; outputs go to ``runs/<name>/``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
+
+from poetjax.train.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
