@@ -88,7 +88,8 @@ class OptimizerConfig:
     weight_decay:   decoupled weight decay of ≥2-D directly trained parameters.
     max_grad_norm:  global-norm clipping threshold (0 = off); for poet with the post-merge warm-up.
     clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
-    block_size … poet_scale: the POET fields, mapped onto ``poetjax.POETConfig``.
+    block_size … poet_scale, impl: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
+                    fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas").
     """
 
     name: str = "poet"
@@ -101,13 +102,14 @@ class OptimizerConfig:
     eps: float = 1e-6
     max_grad_norm: float = 1.0
     clip_warmup_steps: int = 2000
-    block_size: int = 32
+    block_size: int | float = 32
     merge_interval: int = 100
     variant: str = "fast"
     num_terms: int = 3
     cayley: str = "neumann"
     init: str = "normalized"
     poet_scale: float = 0.5
+    impl: str = "auto"
 
     def __post_init__(self):
         _check(self.name in OPTIMIZERS, f"name must be one of {OPTIMIZERS}, got name={self.name!r}")
@@ -124,7 +126,7 @@ class OptimizerConfig:
     def poet_config(self, init_std: float = 0.02) -> POETConfig:
         return POETConfig(block_size=self.block_size, merge_interval=self.merge_interval, variant=self.variant,
                           num_terms=self.num_terms, cayley=self.cayley, init=self.init, init_std=init_std,
-                          poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps)
+                          poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +274,13 @@ def _coerce(value: Any, tp: Any, key: str, from_cli: bool) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], key, from_cli)
+        errors = []
+        for arg in args:  # first member type that accepts the value (int | float: 256 → int, 0.5 → float)
+            try:
+                return _coerce(value, arg, key, from_cli)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1])
     if origin is tuple:
         (elem, *_rest) = typing.get_args(tp)
         if from_cli and isinstance(value, str):

@@ -200,3 +200,17 @@ def test_merges_compile_once_and_microbatches_give_the_same_update(tmp_path, dat
     w0 = lambda st: [np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(st.frozen)[0]
                      if "w0" in jax.tree_util.keystr(p)]
     assert not np.array_equal(w0(s)[0], w0(before)[0])  # new permutations re-lay W0
+
+
+def test_fs_variant_trains_from_the_script(tmp_path, data_cache, capsys):
+    args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
+            "logging.progress=none", "optimizer.variant=fs", "optimizer.block_size=0.5", "train.steps=40"]
+    assert cli_main(args) == 0
+    rows = read_jsonl(os.path.join(tmp_path, "tiny", "metrics.jsonl"))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    cfg = tiny(tmp_path, data_cache, "optimizer.variant=fs", "optimizer.block_size=0.5")
+    state = state_like(cfg)
+    # one rotated half-size subset per side: θ_in of a 64→64 projection is (1, 32·31/2)
+    q = state.params["layers"][0]["attn"]["q_proj"]["theta_in"]
+    assert q.shape == (1, 32 * 31 // 2)
