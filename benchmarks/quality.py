@@ -1,0 +1,203 @@
+"""Quality runs (issue 11): several ``train.py`` rows at one token budget, run side by side, then one table.
+
+    python benchmarks/quality.py --rows adamw_1e-3,poet_b256 --out runs/quality [--parallel 4] \
+        [--timeout 540] [--config configs/quality/gutenberg_60m.yaml] [key=value ...]
+
+Every row is one ``python train.py --config <config> <row overrides> <extra overrides> name=<row>
+out_dir=<out>`` in its own process (the command is printed, so a single row can be rerun by hand). Rows
+run ``--parallel`` at a time on the same accelerator; a small model leaves most of an H100 idle between
+kernel launches, so sharing it costs little per run (each process gets an equal slice of GPU memory).
+A row that fails or runs past ``--timeout`` is reported as such and keeps its log and metrics.
+
+After the runs: ``<out>/quality.md`` (the table: final validation perplexity over the whole held-out
+split, tokens seen, wall time, tokens/s), ``<out>/quality_curves.png`` (training loss and validation
+perplexity against tokens) and, with ``--spectra``, each run's singular values of every transformer
+weight at step 0 and at the end (``<out>/<row>/spectra.npz``, plotted in ``quality_spectra.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DEFAULT_CONFIG = "configs/quality/gutenberg_60m.yaml"
+
+# The rows of RESULTS.md. Learning rates follow POET_SPEC §7.2 (POET, Tables 9/10 for LLaMA-60M: BS
+# b=256 -> POET lr 1e-3, b=128 -> 2e-3) and the AdamW sweep values of the papers' grid.
+ROWS: dict[str, list[str]] = {
+    "adamw_5e-4": ["optimizer.name=adamw", "optimizer.lr=5e-4"],
+    "adamw_1e-3": ["optimizer.name=adamw", "optimizer.lr=1e-3"],
+    "adamw_2e-3": ["optimizer.name=adamw", "optimizer.lr=2e-3"],
+    "adamw_5e-3": ["optimizer.name=adamw", "optimizer.lr=5e-3"],
+    "muon": ["optimizer.name=muon", "optimizer.lr=1e-3", "optimizer.muon_lr=0.02"],
+    "poet_b256": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=1e-3"],
+    "poet_b128": ["optimizer.name=poet", "optimizer.block_size=128", "optimizer.poet_lr=2e-3"],
+    "poet_b256_lr2e-3": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=2e-3"],
+    "poet_b256_lr4e-3": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=4e-3"],
+    "poet_b128_lr4e-3": ["optimizer.name=poet", "optimizer.block_size=128", "optimizer.poet_lr=4e-3"],
+    "poet_fs_half": ["optimizer.name=poet", "optimizer.variant=fs", "optimizer.block_size=0.5",
+                     "optimizer.poet_lr=1e-3"],
+}
+
+
+def row_overrides(row: str) -> list[str]:
+    """A named row, or ``name:key=value;key=value`` for an ad-hoc one."""
+    if ":" in row:
+        _, _, spec = row.partition(":")
+        return [kv for kv in spec.split(";") if kv]
+    if row not in ROWS:
+        raise SystemExit(f"unknown row {row!r}; known: {', '.join(ROWS)} (or name:key=value;key=value)")
+    return list(ROWS[row])
+
+
+def row_name(row: str) -> str:
+    return row.partition(":")[0]
+
+
+def command(config: str, row: str, out: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "train.py", "--config", config, *row_overrides(row), *extra,
+            f"name={row_name(row)}", f"out_dir={out}"]
+
+
+def launch(rows: list[str], args) -> dict[str, dict]:
+    env = dict(os.environ)
+    if args.parallel > 1:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.3f}")
+    pending, running, done = list(rows), {}, {}
+    os.makedirs(args.out, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            row = pending.pop(0)
+            cmd = command(args.config, row, args.out, args.overrides)
+            log = open(os.path.join(args.out, f"{row_name(row)}.log"), "w")
+            print("$ " + " ".join(cmd[1:]), flush=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[row] = (proc, log, time.time())
+        time.sleep(2)
+        for row, (proc, log, t0) in list(running.items()):
+            rc = proc.poll()
+            timed_out = rc is None and time.time() - t0 > args.timeout
+            if timed_out:
+                proc.kill()
+                rc = proc.wait()
+            if rc is not None:
+                log.close()
+                done[row] = {"rc": rc, "timed_out": timed_out, "wall_s": time.time() - t0}
+                print(f"  {row_name(row)}: {'timed out' if timed_out else f'exit {rc}'} "
+                      f"after {time.time() - t0:.0f}s", flush=True)
+                del running[row]
+    return done
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(rows: list[str], done: dict, args) -> list[dict]:
+    from poetjax.run_config import load_config
+
+    table = []
+    for row in rows:
+        name = row_name(row)
+        cfg = load_config(args.config, row_overrides(row) + list(args.overrides))
+        run_dir = os.path.join(args.out, name)
+        summary = {}
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                summary = json.load(f)
+        metrics = read_metrics(run_dir)
+        rates = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
+        status = done.get(row, {})
+        table.append({
+            "row": name, "overrides": " ".join(row_overrides(row)),
+            "val_ppl": summary.get("val_ppl"), "step": summary.get("step", max([m["step"] for m in metrics], default=0)),
+            "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len,
+            "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+            "wall_s": status.get("wall_s"), "rc": status.get("rc"), "timed_out": status.get("timed_out", False),
+        })
+    return table
+
+
+def write_table(table: list[dict], args) -> str:
+    lines = ["| row | overrides | val PPL | steps | tokens | tokens/s (median, shared GPU) | wall s | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        ppl = f"{r['val_ppl']:.2f}" if r["val_ppl"] else "—"
+        tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] else "—"
+        status = "timed out" if r["timed_out"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}")
+        lines.append(f"| {r['row']} | `{r['overrides']}` | {ppl} | {r['step']} | {r['tokens']:,} | {tps} | {wall} "
+                     f"| {status} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    return text
+
+
+def plot_curves(rows: list[str], args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from poetjax.run_config import load_config
+
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        name = row_name(row)
+        cfg = load_config(args.config, row_overrides(row) + list(args.overrides))
+        per_step = cfg.train.batch_size * cfg.data.seq_len
+        ms = read_metrics(os.path.join(args.out, name))
+        tr = [(m["step"] * per_step / 1e6, m["loss"]) for m in ms if "loss" in m]
+        va = [(m["step"] * per_step / 1e6, m["val_ppl"]) for m in ms if "val_ppl" in m]
+        if tr:
+            ax_l.plot(*zip(*tr), label=name, lw=1)
+        if va:
+            ax_v.plot(*zip(*va), marker="o", ms=3, label=name)
+    ax_l.set(xlabel="training tokens (millions)", ylabel="training loss (nats/token)", title="Training loss")
+    ax_v.set(xlabel="training tokens (millions)", ylabel="validation perplexity", yscale="log",
+             title="Validation perplexity (held-out author)")
+    for ax in (ax_l, ax_v):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "quality_curves.png"), dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", required=True, help="comma-separated row names (see ROWS) or name:k=v;k=v")
+    ap.add_argument("--config", default=DEFAULT_CONFIG)
+    ap.add_argument("--out", default="runs/quality")
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per row before it is stopped")
+    ap.add_argument("--collect-only", action="store_true", help="only rebuild the table and plots from --out")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every row")
+    args = ap.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    from poetjax.run_config import load_config
+
+    for row in rows:  # unknown rows and invalid configs fail before anything runs
+        load_config(args.config, row_overrides(row) + list(args.overrides))
+    done = {} if args.collect_only else launch(rows, args)
+    table = summarize(rows, done, args)
+    plot_curves(rows, args)
+    print(write_table(table, args))
+    return 0 if all(r["val_ppl"] for r in table) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
