@@ -118,8 +118,15 @@ def main(argv=None) -> int:
     runs = {}
     for run_dir in args.runs:
         name = os.path.basename(os.path.normpath(run_dir))
-        runs[name] = run_spectra(run_dir)
+        try:
+            runs[name] = run_spectra(run_dir)
+        except (OSError, ValueError, RuntimeError) as e:  # e.g. a run stopped before its final checkpoint
+            print(f"{name}: skipped ({type(e).__name__}: {e})", flush=True)
+            continue
         print(summarize(name, runs[name]), flush=True)
+    if not runs:
+        print("no run had a checkpoint to read", file=sys.stderr)
+        return 1
     plot(runs, args.out)
     print(f"wrote {args.out}")
     return 0
