@@ -139,7 +139,8 @@ def write_table(table: list[dict], args) -> str:
         ppl = f"{r['val_ppl']:.2f}" if r["val_ppl"] else "—"
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] else "—"
-        status = "timed out" if r["timed_out"] else ("ok" if r["rc"] == 0 else f"exit {r['rc']}")
+        status = ("timed out" if r["timed_out"] else "ok" if r["rc"] == 0 else
+                  "collected" if r["rc"] is None else f"exit {r['rc']}")
         lines.append(f"| {r['row']} | `{r['overrides']}` | {ppl} | {r['step']} | {r['tokens']:,} | {tps} | {wall} "
                      f"| {status} |")
     text = "\n".join(lines) + "\n"
@@ -171,8 +172,8 @@ def plot_curves(rows: list[str], args) -> None:
         if va:
             ax_v.plot(*zip(*va), marker="o", ms=3, label=name)
     ax_l.set(xlabel="training tokens (millions)", ylabel="training loss (nats/token)", title="Training loss")
-    ax_v.set(xlabel="training tokens (millions)", ylabel="validation perplexity", yscale="log",
-             title="Validation perplexity (held-out author)")
+    ax_v.set(xlabel="training tokens (millions)", ylabel="validation perplexity",
+             title="Validation perplexity (held-out author)\n(periodic: eval_batches batches; last point: whole split)")
     for ax in (ax_l, ax_v):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

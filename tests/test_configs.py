@@ -144,3 +144,29 @@ def test_cli_rejects_bad_config_before_running(capsys):
     assert cli_main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "hidden_size: 64" in out and "name: tiny" in out
+
+
+def _quality_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", os.path.join(ROOT, "benchmarks", "quality.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_rows_share_one_budget_and_schedule_and_differ_only_in_the_optimizer():
+    """RESULTS.md compares rows at equal tokens: every row of benchmarks/quality.py must resolve to a valid
+    config whose data, model, schedule and step count are those of the quality config itself."""
+    q = _quality_module()
+    path = os.path.join(ROOT, q.DEFAULT_CONFIG)
+    base = load_config(path)
+    assert base.model.hidden_size == 512 and base.model.num_layers == 8  # LLaMA-60M
+    for row in q.ROWS:
+        cfg = load_config(path, q.row_overrides(row))
+        for section in ("model", "data", "schedule", "train"):
+            assert getattr(cfg, section) == getattr(base, section), (row, section)
+        assert cfg.optimizer.name in ("adamw", "muon", "poet"), row
+    assert q.row_overrides("x:optimizer.lr=3e-3;optimizer.name=adamw") == ["optimizer.lr=3e-3", "optimizer.name=adamw"]
+    with pytest.raises(SystemExit, match="unknown row 'nope'"):
+        q.row_overrides("nope")
