@@ -42,9 +42,8 @@ sys.path.insert(0, ROOT)
 DEFAULT_CONFIGS = "configs/llama_1b.yaml,configs/llama_8b.yaml"
 
 
-def role_bytes(cfg, fsdp: int) -> dict[str, int]:
-    """Bytes of the model of ``cfg`` by communication role: "w0", "sharded" (trainable leaves split over
-    fsdp), "replicated" (trainable leaves all-reduced), "dense" (every weight, for AdamW)."""
+def model_leaves(cfg) -> list[tuple[str, tuple[int, ...], int]]:
+    """(role, shape, bytes) of every array of the model of ``cfg``, built abstractly (no memory)."""
     import jax
     import numpy as np
     from flax import nnx
@@ -54,19 +53,26 @@ def role_bytes(cfg, fsdp: int) -> dict[str, int]:
 
     graphdef, params, frozen = core.split_model(nnx.eval_shape(lambda: core.build_model(cfg)))
     roles = dist.leaf_roles(graphdef, params, frozen)
+    return [(roles[dist._path_key(path)], tuple(leaf.shape), int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize)
+            for tree in (params, frozen) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def role_bytes(leaves, fsdp: int, min_shard_size: int) -> dict[str, int]:
+    """Bytes by communication role under ``fsdp`` shards: "w0", "sharded" (trainable leaves split over
+    fsdp by ``poetjax.distributed.spec_for``), "replicated" (trainable leaves all-reduced), "other"
+    (permutations: never communicated)."""
+    from poetjax import distributed as dist
+
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": fsdp})  # spec_for only reads the axis sizes
-    out = {"w0": 0, "sharded": 0, "replicated": 0, "frozen_other": 0}
-    for tree in (params, frozen):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            role = roles[dist._path_key(path)]
-            nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-            if role == dist.W0:
-                out["w0"] += nbytes
-            elif role in (dist.GENERATOR, dist.TRAINABLE):
-                spec = dist.spec_for(role, tuple(leaf.shape), mesh, cfg.mesh.min_shard_size)
-                out["sharded" if any(a is not None for a in spec) else "replicated"] += nbytes
-            else:
-                out["frozen_other"] += nbytes  # permutations: never communicated
+    out = {"w0": 0, "sharded": 0, "replicated": 0, "other": 0}
+    for role, shape, nbytes in leaves:
+        if role == dist.W0:
+            out["w0"] += nbytes
+        elif role in (dist.GENERATOR, dist.TRAINABLE):
+            spec = dist.spec_for(role, shape, mesh, min_shard_size)
+            out["sharded" if any(a is not None for a in spec) else "replicated"] += nbytes
+        else:
+            out["other"] += nbytes
     return out
 
 
@@ -98,10 +104,11 @@ def main(argv=None):
         for method in ("adamw", "poet"):
             cfg = load_config(os.path.join(ROOT, path) if not os.path.isabs(path) else path,
                               [f"optimizer.name={method}", *args.overrides])
+            leaves = model_leaves(cfg)
             for layout in ("dp", "fsdp"):
                 per_n = []
                 for n in counts:
-                    b = role_bytes(cfg, n if layout == "fsdp" else 1)
+                    b = role_bytes(leaves, n if layout == "fsdp" else 1, cfg.mesh.min_shard_size)
                     per_n.append(step_bytes(method, layout, b, n, cfg.optimizer.merge_interval))
                 rows[(method, layout)] = (b, per_n)
         for (method, layout), (b, per_n) in rows.items():

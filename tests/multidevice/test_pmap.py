@@ -68,23 +68,25 @@ def test_train_and_merge_steps_under_pmap_match_one_device():
                for i in range(3)]
 
     step = core.make_train_step(graphdef, tx, jit=False, axis_name="batch")
-    pstep = jax.pmap(step, axis_name="batch", in_axes=(None, 0))
-    pmerge = jax.pmap(core.make_merge_step(graphdef, jit=False), axis_name="batch", in_axes=None, axis_size=N)
+    # the classic pmap layout: the state replicated along a leading device axis, the batch split along it
+    pstep = jax.pmap(step, axis_name="batch")
+    pmerge = jax.pmap(core.make_merge_step(graphdef, jit=False), axis_name="batch")
     ref_step = core.make_train_step(graphdef, tx, donate=False)
     ref_merge = core.make_merge_step(graphdef, donate=False)
 
     # three steps with a merge after the second; replicas share nothing but the inputs they are given
-    ours, ref = state, state
+    stacked, ref = jax.tree.map(lambda x: jnp.broadcast_to(x, (N, *x.shape)), state), state
     for i, tokens in enumerate(batches):
-        new, m = pstep(ours, tokens.reshape(N, b // N, ln))
-        ours, m = _replicas_agree((new, m), f"step {i + 1}: ")
+        stacked, m = pstep(stacked, tokens.reshape(N, b // N, ln))
+        ours, m = _replicas_agree((stacked, m), f"step {i + 1}: ")
         ref, m_ref = ref_step(ref, tokens)
         assert_close(m["loss"], m_ref["loss"], jnp.float32, "same", f"loss of step {i + 1}")
         assert_close(m["grad_norm"], m_ref["grad_norm"], jnp.float32, "grad", f"grad norm of step {i + 1}")
         for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(ours.params)[0], jax.tree.leaves(ref.params)):
             assert_close(x, y, jnp.float32, "grad", f"params{jax.tree_util.keystr(path)} after step {i + 1}")
         if i == 1:
-            ours = _replicas_agree(pmerge(ours), "merge: ")
+            stacked = pmerge(stacked)
+            ours = _replicas_agree(stacked, "merge: ")
             ref = ref_merge(ref)
             # the same key in every replica: the same fresh permutations, no broadcast needed
             for x, y in zip(jax.tree.leaves(ours.frozen), jax.tree.leaves(ref.frozen)):
