@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_bench import _method_overrides  # noqa: E402  (the method names of the single-device benchmark)
+from train_bench import _method_overrides, time_steps  # noqa: E402  (shared with the single-device benchmark)
 
 LAYOUTS = ("dp", "fsdp")
 
@@ -51,7 +51,6 @@ def measure(config: str, spec: str, n: int, batch_per_device: int, seq: int, ste
     """Build, compile and time the sharded train step of ``spec`` on the first ``n`` devices."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from poetjax import distributed as dist
     from poetjax.run_config import load_config
@@ -74,20 +73,7 @@ def measure(config: str, spec: str, n: int, batch_per_device: int, seq: int, ste
     tokens = jax.device_put(jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.model.vocab_size,
                                                jnp.int32), dist.batch_sharding(mesh))
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    state, m = step(state, tokens)
-    jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    for _ in range(2):
-        state, m = step(state, tokens)
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = step(state, tokens)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    med = float(np.median(times))
+    state, m, compile_s, med = time_steps(step, state, tokens, steps)
     dev = jax.devices()[0]
     return {"method": spec if ":" in spec else f"{method}:{layout}", "devices": n, "config": config,
             "batch_per_device": batch_per_device, "seq": seq, "step_ms": med * 1e3,
