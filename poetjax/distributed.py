@@ -358,9 +358,10 @@ def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, sharding
     (``state_shardings``), tokens as ``batch_sharding`` and the metrics replicated."""
     from poetjax.train import steps as core
 
-    step = core.make_train_step(graphdef, tx, microbatches=microbatches, lr_schedule=lr_schedule, jit=False)
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+    # jitted by core.make_train_step itself, so a wrapper of it (tests poison one step) still sees every call
+    return core.make_train_step(graphdef, tx, microbatches=microbatches, lr_schedule=lr_schedule, donate=donate,
+                                in_shardings=(shardings, batch_sharding(mesh)),
+                                out_shardings=(shardings, replicated(mesh)))
 
 
 def make_sharded_eval_step(graphdef, shardings, mesh: Mesh):

@@ -80,7 +80,7 @@ def loss_fn(graphdef, params, frozen, tokens_BxL1: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches: int = 1,
                     lr_schedule: Callable | None = None, jit: bool = True, donate: bool = True,
-                    axis_name: str | None = None):
+                    axis_name: str | None = None, in_shardings=None, out_shardings=None):
     """``train_step(state, tokens (B, L+1) int32) -> (state, metrics)``.
 
     With ``microbatches = m`` the batch is split into m equal chunks whose gradients are averaged (a
@@ -90,6 +90,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
     ``axis_name``: for ``jax.pmap``/``shard_map`` over that axis (each instance holding its part of the
     batch): the loss and gradients are ``lax.pmean``'d over it before the optimizer, so every instance
     applies the same update. Not needed under ``jax.jit`` with shardings (``poetjax.distributed``).
+
+    ``in_shardings``/``out_shardings``: passed to ``jax.jit`` when given (``poetjax.distributed.
+    make_sharded_train_step``).
     """
 
     grad_fn = jax.value_and_grad(lambda p, f, t: loss_fn(graphdef, p, f, t))
@@ -123,7 +126,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
 
     if not jit:
         return train_step
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    shard_kw = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
+    return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shard_kw)
 
 
 def make_eval_step(graphdef, *, jit: bool = True):
