@@ -40,6 +40,28 @@ def _method_overrides(method: str) -> list[str]:
     raise ValueError(f"unknown method {method!r}; expected adamw, poet_fast, poet_mem (optionally @xla/@pallas)")
 
 
+def time_steps(step, state, tokens, steps: int, warmup: int = 2):
+    """(state, last metrics, compile seconds, median step seconds): the first call (compilation), then
+    ``warmup`` untimed steps, then ``steps`` steps timed one by one."""
+    import jax
+    import numpy as np
+
+    t0 = time.perf_counter()
+    state, m = step(state, tokens)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, m = step(state, tokens)
+    jax.block_until_ready(m["loss"])
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, tokens)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    return state, m, compile_s, float(np.median(times))
+
+
 def run_one(args, method: str) -> dict:
     """Runs inside the child process: build, compile, time one method."""
     import jax
@@ -63,20 +85,7 @@ def run_one(args, method: str) -> dict:
     step = make_train_step(graphdef, tx)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.model.vocab_size, jnp.int32)
     build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    state, m = step(state, tokens)
-    jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
-    for _ in range(2):
-        state, m = step(state, tokens)
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = step(state, tokens)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    med = float(np.median(times))
+    state, m, compile_s, med = time_steps(step, state, tokens, args.steps)
     stats = dev.memory_stats() or {}
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))

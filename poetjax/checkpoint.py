@@ -104,14 +104,22 @@ class Checkpointer:
             raise self._broken(step, ValueError("meta is missing or does not describe this step"))
         return meta
 
-    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
-        """(state shaped like ``like``, meta) of ``step``; ``like`` may hold arrays or ShapeDtypeStructs."""
+    def restore(self, step: int, like: Any, shardings: Any = None) -> tuple[Any, dict]:
+        """(state shaped like ``like``, meta) of ``step``; ``like`` may hold arrays or ShapeDtypeStructs.
+
+        The restored arrays are laid out as ``shardings`` (a pytree of ``jax.sharding.Sharding`` shaped
+        like ``like``) when given, else as ``like``'s own arrays are. The layout at save time does not
+        matter: a checkpoint written on one device mesh restores onto any other (each device reads only
+        its shards).
+        """
         meta = self.read_meta(step)
         now = state_signature(like)
         if meta["signature"] != now:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match the model/optimizer of "
                                   f"the current config: {_first_difference(meta['signature'], now)}")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        if shardings is not None:
+            target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:

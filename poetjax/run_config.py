@@ -25,6 +25,7 @@ from poetjax.models.llama import LlamaConfig
 
 OPTIMIZERS = ("poet", "adamw", "muon")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,36 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """How the run uses devices (``poetjax.distributed``; README "Several devices and hosts").
+
+    data:           data-parallel replicas; -1 = every device that fsdp leaves.
+    fsdp:           shards of the frozen W0s and of big trainable leaves with their optimizer state; -1 =
+                    every device that data leaves. The batch is split over data × fsdp devices, so
+                    train.batch_size must be divisible by (data × fsdp × train.microbatches).
+    min_shard_size: trainable leaves with fewer entries stay replicated under fsdp (POET's generators
+                    always do: they are the all-reduced, data-parallel part).
+    distributed:    "auto": start JAX's multi-process runtime (``jax.distributed.initialize``) when
+                    JAX_COORDINATOR_ADDRESS is set; "on": always (cluster auto-detection, e.g. SLURM);
+                    "off": never.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    min_shard_size: int = 1 << 16
+    distributed: str = "auto"
+
+    def __post_init__(self):
+        for f in ("data", "fsdp"):
+            v = getattr(self, f)
+            _check(v == -1 or v > 0, f"{f} must be a positive number of devices or -1 (the rest), got {f}={v!r}")
+        _check(not (self.data == -1 and self.fsdp == -1), "at most one of data and fsdp may be -1 (the rest)")
+        _check(self.min_shard_size >= 0, f"min_shard_size must be >= 0, got {self.min_shard_size!r}")
+        _check(self.distributed in DISTRIBUTED_MODES,
+               f"distributed must be one of {DISTRIBUTED_MODES}, got distributed={self.distributed!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     """progress: "bar" (one self-updating stderr line), "lines" (a line per log interval), "none", or
     "auto" (bar on a terminal, lines otherwise). plot: write curves.png at the end."""
@@ -221,6 +252,7 @@ class RunConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def __post_init__(self):
@@ -238,6 +270,12 @@ class RunConfig:
         if self.schedule.warmup_steps > self.train.steps:
             raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds "
                               f"train.steps={self.train.steps}")
+        if self.mesh.data > 0 and self.mesh.fsdp > 0:
+            shards = self.mesh.data * self.mesh.fsdp * self.train.microbatches
+            if self.train.batch_size % shards:
+                raise ConfigError(f"train.batch_size={self.train.batch_size} is not divisible by mesh.data="
+                                  f"{self.mesh.data} x mesh.fsdp={self.mesh.fsdp} x train.microbatches="
+                                  f"{self.train.microbatches} = {shards}")
         if self.data.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={self.data.vocab_size} exceeds model.vocab_size={m.vocab_size}")
 

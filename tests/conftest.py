@@ -6,6 +6,9 @@ import pytest
 # Tests import the package from the checkout even when it is not installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# tests/multidevice needs a process with 8 devices: test_distributed.py runs it in subprocesses.
+collect_ignore = [] if os.environ.get("POETJAX_MULTIDEVICE") == "1" else ["multidevice"]
+
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):

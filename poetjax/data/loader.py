@@ -45,18 +45,22 @@ class BatchSampler:
             self._epoch = epoch
         return self._offset, self._order
 
-    def starts(self, position: int) -> np.ndarray:
-        """(B,) token offsets of the sequences of batch ``position``."""
-        out = np.empty(self.batch_size, np.int64)
-        for j in range(self.batch_size):
+    def starts(self, position: int, rows: slice | None = None) -> np.ndarray:
+        """Token offsets of the sequences of batch ``position`` ((B,), or only those of ``rows``)."""
+        picked = range(self.batch_size)[rows] if rows is not None else range(self.batch_size)
+        out = np.empty(len(picked), np.int64)
+        for n, j in enumerate(picked):
             i = position * self.batch_size + j
             offset, order = self._epoch_plan(i // self.num_windows)
-            out[j] = offset + int(order[i % self.num_windows]) * self.seq_len
+            out[n] = offset + int(order[i % self.num_windows]) * self.seq_len
         return out
 
-    def batch(self, position: int) -> np.ndarray:
+    def batch(self, position: int, rows: slice | None = None) -> np.ndarray:
+        """int32 (B, L + 1) tokens of batch ``position``; with ``rows``, only those rows of it (what one
+        host of a multi-host run reads: ``poetjax.distributed.global_batch``)."""
         ln = self.seq_len + 1
-        return np.stack([np.asarray(self.tokens[s:s + ln], np.int32) for s in self.starts(position)])
+        seqs = [np.asarray(self.tokens[s:s + ln], np.int32) for s in self.starts(position, rows)]
+        return np.stack(seqs) if seqs else np.zeros((0, ln), np.int32)
 
     def epoch(self, position: int) -> float:
         return position * self.batch_size / self.num_windows

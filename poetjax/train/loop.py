@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
 from poetjax.run_config import ConfigError, RunConfig, diff
@@ -29,10 +30,10 @@ from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 
 # Keys that may differ between a checkpoint's config and the resuming config: bookkeeping, where files
-# go, and implementation choices (remat, attention kernel) that compute the same function. train.steps
-# moves the schedule's horizon, which is reported.
+# go, and implementation choices (remat, attention kernel, the device mesh) that compute the same
+# function. train.steps moves the schedule's horizon, which is reported.
 RESUME_FREE_KEYS = ("name", "out_dir", "train.steps", "train.eval_interval", "train.eval_batches", "data.cache_dir",
-                    "model.remat", "model.attention",
+                    "model.remat", "model.attention", "mesh", "mesh.",
                     "train.log_interval", "train.stop_after", "checkpoint.", "logging.")
 
 
@@ -86,11 +87,19 @@ def _param_summary(state: core.TrainState, cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult:
-    """Train as configured; resumes from the run directory's newest checkpoint when there is one."""
+    """Train as configured; resumes from the run directory's newest checkpoint when there is one.
+
+    On a mesh of several devices (``cfg.mesh``) the steps run sharded (``poetjax.distributed``); in a
+    multi-host run every process calls this, each reads its rows of every batch, and only process 0
+    prints and writes the metrics, plot and summary (all of them write the checkpoints together).
+    """
+    dist.initialize_distributed(cfg.mesh.distributed)  # before anything touches a device
+    main = jax.process_index() == 0
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     os.makedirs(run_dir, exist_ok=True)
-    progress = Progress(cfg.train.steps, mode=cfg.logging.progress)
-    say = progress.message if cfg.logging.progress != "none" else (lambda s: None)
+    progress = Progress(cfg.train.steps, mode=cfg.logging.progress if main else "none")
+    say = progress.message if cfg.logging.progress != "none" and main else (lambda s: None)
+    print_fn = print_fn if main else (lambda s: None)
 
     # -- data ------------------------------------------------------------------------------------
     data = prepare_from_config(cfg.data, cfg.model.vocab_size, log=say)
@@ -105,25 +114,29 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     say(f"data: {data.meta['source']}: {train_tokens.size:,} train / {valid_tokens.size:,} valid tokens, "
         f"vocab {data.vocab_size}; unigram perplexity of the valid split {unigram:.2f}")
 
-    # -- model, optimizer, state ---------------------------------------------------------------------
-    model = core.build_model(cfg)
+    # -- model, optimizer, state (built in place on the device mesh) ----------------------------------
     tx = make_optimizer(cfg)
-    graphdef, state = core.init_state(model, tx, core.run_keys(cfg.seed)[2])
-    del model
+    mesh = dist.mesh_from_config(cfg.mesh)
+    dist.check_batch(batch, mesh, cfg.train.microbatches)
+    graphdef, state, shardings = dist.init_train_state(cfg, tx, mesh)
     say(_param_summary(state, cfg))
+    say(dist.describe(mesh))
 
     # -- resume and train ----------------------------------------------------------------------------
     ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     try:
-        return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn)
+        return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
+                      mesh, shardings)
     finally:
         progress.close()
         ckpt.close()
 
 
-def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn) -> RunResult:
+def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
+           mesh, shardings) -> RunResult:
     """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report."""
+    main = jax.process_index() == 0
     ckpt_dir = ckpt.directory
     valid_tokens = data.tokens("valid")
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
@@ -141,25 +154,30 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         where = f"checkpoint step {step0} in {ckpt_dir}"
         for note in check_resume_compatible(ckpt.read_meta(step0), cfg, data.meta, where):
             say(note)
-        state, meta = ckpt.restore(step0, state)
+        state, meta = ckpt.restore(step0, state, shardings=shardings)
         start, position, resumed = step0, int(meta["data_position"]), True
         say(f"resumed from {where} (data position {position}, {int(meta['merges'])} merges)")
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
+    if main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    metrics = MetricsLog(metrics_path, resume_step=start if resumed else None)
+    metrics = MetricsLog(metrics_path if main else os.devnull, resume_step=start if resumed else None)
     sched = lr_schedules(cfg)
-    train_step = core.make_train_step(graphdef, tx, microbatches=cfg.train.microbatches, lr_schedule=sched["lr"])
-    eval_step = core.make_eval_step(graphdef)
+    train_step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
+                                              lr_schedule=sched["lr"])
+    eval_step = dist.make_sharded_eval_step(graphdef, shardings, mesh)
     poet = cfg.optimizer.name == "poet"
-    merge_step = core.make_merge_step(graphdef) if poet else None
+    merge_step = dist.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
     merge_interval = cfg.optimizer.merge_interval
+    tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
 
     def evaluate(max_batches: int) -> tuple[float, float]:
         tot = cnt = 0.0
         for toks, w in eval_windows(valid_tokens, batch, seq_len, max_batches):
-            s, c = eval_step(state.params, state.frozen, jnp.asarray(toks), jnp.asarray(w))
+            toks = dist.global_batch(toks.__getitem__, toks.shape, tokens_sharding)  # this host's rows
+            w = dist.global_batch(w.__getitem__, w.shape, weights_sharding)
+            s, c = eval_step(state.params, state.frozen, toks, w)
             tot, cnt = tot + s, cnt + c
         loss = float(tot) / float(cnt)
         return loss, math.exp(loss)
@@ -212,7 +230,8 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
     t_start = time.time()
     while step < stop:
-        state, m = train_step(state, jnp.asarray(sampler.batch(position)))
+        tokens = dist.global_batch(lambda rows: sampler.batch(position, rows), (batch, seq_len + 1), tokens_sharding)
+        state, m = train_step(state, tokens)
         position += 1
         step += 1
         pending.append((step, m))
@@ -242,7 +261,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     vl, vp = evaluate(0)
     metrics.write({"step": step, "val_loss": vl, "val_ppl": vp, "final": True})
     result.val_loss, result.val_ppl = vl, vp
-    if cfg.logging.plot:
+    if cfg.logging.plot and main:
         title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
                  + (f" ({cfg.optimizer.variant}, b={cfg.optimizer.block_size})" if poet else "")
                  + f", {cfg.train.steps} steps")
@@ -250,9 +269,10 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
             result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title, unigram)
         except ImportError as e:  # a machine without matplotlib still finishes the run
             say(f"no plot: {e}")
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
-                   "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)
+    if main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
+                       "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)
     print_fn(f"final validation perplexity: {vp:.2f} (loss {vl:.4f} nats/token; unigram perplexity "
              f"{unigram:.2f}) after {step} steps -> {run_dir}")
     return result

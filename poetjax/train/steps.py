@@ -79,11 +79,20 @@ def loss_fn(graphdef, params, frozen, tokens_BxL1: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches: int = 1,
-                    lr_schedule: Callable | None = None, jit: bool = True, donate: bool = True):
+                    lr_schedule: Callable | None = None, jit: bool = True, donate: bool = True,
+                    axis_name: str | None = None, in_shardings=None, out_shardings=None):
     """``train_step(state, tokens (B, L+1) int32) -> (state, metrics)``.
 
     With ``microbatches = m`` the batch is split into m equal chunks whose gradients are averaged (a
-    ``lax.scan``), giving the same update as the whole batch at 1/m of the activation memory.
+    ``lax.scan``), giving the same update as the whole batch at 1/m of the activation memory. Chunk i
+    holds rows i, i + m, i + 2m, …: when the rows are split over devices, every chunk still is too.
+
+    ``axis_name``: for ``jax.pmap``/``shard_map`` over that axis (each instance holding its part of the
+    batch): the loss and gradients are ``lax.pmean``'d over it before the optimizer, so every instance
+    applies the same update. Not needed under ``jax.jit`` with shardings (``poetjax.distributed``).
+
+    ``in_shardings``/``out_shardings``: passed to ``jax.jit`` when given (``poetjax.distributed.
+    make_sharded_train_step``).
     """
 
     grad_fn = jax.value_and_grad(lambda p, f, t: loss_fn(graphdef, p, f, t))
@@ -92,7 +101,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
         if microbatches == 1:
             return grad_fn(params, frozen, tokens)
         b = tokens.shape[0]
-        chunks = tokens.reshape(microbatches, b // microbatches, *tokens.shape[1:])
+        chunks = tokens.reshape(b // microbatches, microbatches, *tokens.shape[1:]).swapaxes(0, 1)
         zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
         def body(carry, chunk):
@@ -106,6 +115,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
 
     def train_step(state: TrainState, tokens):
         loss, grads = grads_of(state.params, state.frozen, tokens)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -115,7 +126,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
 
     if not jit:
         return train_step
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    shard_kw = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
+    return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shard_kw)
 
 
 def make_eval_step(graphdef, *, jit: bool = True):

@@ -1,0 +1,108 @@
+"""The tiny model trained on meshes (8,1), (4,2), (2,4) and on one device: same losses; a checkpoint
+written on (8,1) restores on (2,4) and on one device, and training continues the same way."""
+
+import contextlib
+import io
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from poetjax import distributed as dist
+from poetjax.checkpoint import Checkpointer
+from poetjax.testing import assert_close
+from poetjax.train.loop import run
+from poetjax.train.optimizers import make_optimizer
+
+from _runs import tiny
+
+MESHES = [(1, 1), (8, 1), (4, 2), (2, 4)]
+STEPS = 50
+# 60-step schedule stopped after 50 (no final evaluation yet, a checkpoint at 50); merges every 10 steps.
+# min_shard_size 4096 makes fsdp split the embedding and lm_head (and their Adam moments) too.
+COMMON = ["train.steps=60", "train.eval_interval=0", "checkpoint.interval=0", "mesh.min_shard_size=4096",
+          "train.log_interval=10", "logging.progress=lines"]
+
+
+def _mesh_args(mesh):
+    return [f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}"]
+
+
+def _run(cfg):
+    """run(cfg) and its progress output (which names the mesh)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        res = run(cfg)
+    return res, err.getvalue()
+
+
+def _losses(res, steps):
+    assert sorted(res.losses) == list(steps)
+    return np.array([res.losses[s] for s in steps])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    out = {}
+    for mesh in MESHES:
+        cfg = tiny(tmp_path_factory.mktemp("mesh"), data_cache, f"name=m{mesh[0]}x{mesh[1]}", *COMMON,
+                   f"train.stop_after={STEPS}", *_mesh_args(mesh))
+        res, log = _run(cfg)
+        n = mesh[0] * mesh[1]
+        assert f"mesh (data={mesh[0]}, fsdp={mesh[1]}) over {n} cpu device(s)" in log
+        out[mesh] = res
+    return out
+
+
+def test_fifty_steps_with_merges_give_the_same_losses_on_every_mesh(runs):
+    ref = _losses(runs[(1, 1)], range(1, STEPS + 1))
+    assert ref[-1] < ref[0] - 1.0  # it trained
+    for mesh in MESHES[1:]:
+        got = _losses(runs[mesh], range(1, STEPS + 1))
+        # the same math summed in another order: fp32 reduction-order differences only
+        assert_close(got, ref, jnp.float32, "same", f"losses on mesh {mesh} vs one device")
+    for mesh in MESHES:
+        meta = Checkpointer(runs[mesh].checkpoint_dir).read_meta(STEPS)
+        assert meta["merges"] == STEPS // 10 and meta["data_position"] == STEPS
+
+
+def test_checkpoint_from_8x1_restores_on_2x4_and_one_device_and_training_continues(runs, tmp_path, data_cache):
+    src = runs[(8, 1)]
+    cfg = tiny(tmp_path, data_cache, *COMMON)
+    tx = make_optimizer(cfg)
+
+    # The restored state: laid out as the target mesh's rules say, values bit-identical on every mesh.
+    restored = {}
+    for mesh in [(2, 4), (1, 1)]:
+        m = dist.make_mesh(*mesh)
+        graphdef, like, shardings = dist.init_train_state(cfg, tx, m)
+        state, meta = Checkpointer(src.checkpoint_dir).restore(STEPS, like, shardings=shardings)
+        assert int(state.step) == STEPS and int(state.merges) == STEPS // 10
+        jax.tree.map(lambda x, s: _check_layout(x, s, m), state, shardings)
+        restored[mesh] = jax.device_get(state)
+    w0 = state.frozen["layers"][0]["mlp"]["gate_proj"]["w0"]  # (64, 128) on one device now
+    assert len(w0.sharding.device_set) == 1
+    jax.tree.map(np.testing.assert_array_equal, restored[(2, 4)], restored[(1, 1)])
+
+    # Training continues: steps 51-60 (a merge at 60) resumed on (8,1), (2,4) and one device.
+    cont = {}
+    for mesh in [(8, 1), (2, 4), (1, 1)]:
+        out = tmp_path / f"{mesh[0]}x{mesh[1]}"
+        shutil.copytree(src.run_dir, out / "resumed")
+        res, log = _run(tiny(out, data_cache, "name=resumed", *COMMON, *_mesh_args(mesh)))
+        assert f"resumed from checkpoint step {STEPS}" in log
+        assert res.completed and res.step == 60
+        cont[mesh] = res
+    ref = _losses(cont[(8, 1)], range(STEPS + 1, 61))
+    for mesh in [(2, 4), (1, 1)]:
+        assert_close(_losses(cont[mesh], range(STEPS + 1, 61)), ref, jnp.float32, "same",
+                     f"losses after resuming on {mesh}")
+        assert_close(cont[mesh].val_loss, cont[(8, 1)].val_loss, jnp.float32, "same", f"final val loss on {mesh}")
+
+
+def _check_layout(x, sharding, mesh):
+    assert x.sharding.is_equivalent_to(sharding, x.ndim), (x.sharding, sharding)
+    assert x.sharding.mesh.shape == mesh.shape
