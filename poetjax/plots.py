@@ -86,8 +86,12 @@ def group_series(rows: list[dict], key: str, group: str = "all") -> tuple[list[i
 
 
 def plot_diagnostics(runs: Sequence[Run], out_path: str | None = None, *, layer: str | None = None,
-                     title: str | None = None):
-    """The figure described in the module doc; saved to ``out_path`` (PNG) when given. Returns the Figure."""
+                     title: str | None = None, loss_label: str = "cross-entropy (nats/token)",
+                     matrices: str = "the transformer-block matrices (lm_head excluded)"):
+    """The figure described in the module doc; saved to ``out_path`` (PNG) when given. Returns the Figure.
+
+    ``loss_label`` names the loss axis and ``matrices`` the layers the bottom row summarises (the "all"
+    group of the records), for figures of other models than the trainer's LLaMA."""
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
@@ -152,12 +156,12 @@ def plot_diagnostics(runs: Sequence[Run], out_path: str | None = None, *, layer:
                  ylabel="max |Δσ| / σ_max at step 0")
     ax_drift.set_yscale("log")
     ax_cos.set(title="phase probe: cos(v, v·R_total) (mean)", xlabel="step", ylabel="cosine")
-    ax_loss.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax_loss.set(title="loss", xlabel="step", ylabel=loss_label)
     for ax in (ax_ent, ax_drift, ax_cos, ax_loss):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    bottom.suptitle("over the transformer-block matrices (lm_head excluded)")
+    bottom.suptitle(f"over {matrices}")
     fig.suptitle(title or "spectral diagnostics: " + " vs ".join(label for label, _ in runs), fontsize=13)
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
