@@ -205,13 +205,14 @@ class LoggingConfig:
                     linear layer the SVD entropy, spectral norm, sampled singular values, spectral drift
                     since step 0, and for POET layers the orthogonality errors, the drift since the last
                     merge and the phase-probe cosines (``poetjax.diagnostics``), plus a summary per
-                    projection type. Also written at step 0 of a fresh run. About 0.1 % of the default
-                    job's time at the default interval (README "Diagnostics").
+                    projection type. Also written at step 0 of a fresh run. Each record costs one SVD
+                    per weight matrix (and per POET base W0); measured cost in the README ("Diagnostics,
+                    plots and export", ``benchmarks/diag_overhead.py``).
     """
 
     progress: str = "auto"
     plot: bool = True
-    diagnostics_interval: int = 20
+    diagnostics_interval: int = 100
 
     def __post_init__(self):
         _check(self.progress in PROGRESS_MODES, f"progress must be one of {PROGRESS_MODES}, got {self.progress!r}")
