@@ -9,6 +9,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
+# LAPACK calls on CPU (the diagnostics' SVDs) go through OpenBLAS from XLA's own worker threads; letting
+# OpenBLAS start threads of its own oversubscribes the cores and made them ~30x slower on a 2-core VM.
+# Set before numpy loads OpenBLAS; an explicit setting in the environment wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from poetjax.train.cli import main  # noqa: E402
 

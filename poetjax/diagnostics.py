@@ -12,18 +12,24 @@ runs are measured by the same code.
   rotations into W0, so ``PhaseProbe`` carries w = v·R_total per layer and side and advances it at every merge;
   the current cosine is v·R_current·wᵀ;
 * spectral drift: the largest relative change of the singular values between two measurements (§1, and
-  the per-merge drift of the Neumann approximation).
+  the per-merge drift of the Neumann approximation: the effective kernel's spectrum against the current W0's).
+
+``model_diagnostics`` computes all of these for every linear layer in one jit-friendly pass (one batched
+SVD per distinct kernel shape); ``diagnostics_record`` turns its output into the JSON record the trainer
+logs (``logging.diagnostics_interval``), which ``poetjax.plots`` draws.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from poetjax import ops
+from poetjax import fs, ops
 from poetjax.layers import POETLinear
 from poetjax.perms import permute
 from poetjax.surgery import iter_modules
@@ -61,9 +67,22 @@ def spectral_norm(kernel: jax.Array) -> jax.Array:
     return singular_values(kernel)[..., 0]
 
 
-def spectral_drift(s_ref: jax.Array, s: jax.Array) -> jax.Array:
-    """max_i |s_i − s_ref,i| / s_ref,i (both descending)."""
-    return jnp.max(jnp.abs(s - s_ref) / jnp.maximum(s_ref, jnp.finfo(jnp.float32).tiny))
+def spectral_drift(s_ref: jax.Array, s: jax.Array, *, relative_to: str = "each") -> jax.Array:
+    """Largest relative change of the singular values s (n,) from s_ref (n,), both descending.
+
+    relative_to="each": max_i |s_i − s_ref,i| / s_ref,i, the multiplicative change that the Neumann bound
+    controls, but fp32 rounding of an SVD (~1e-7·σ_max per value) makes it noisy for tiny σ_i;
+    relative_to="max": max_i |s_i − s_ref,i| / s_ref,0, the change in units of the spectral norm, which
+    has the same bound (|Δσ_i| ≤ e·σ_i ≤ e·σ_0) and stays meaningful for ill-conditioned matrices (the
+    trainer logs this one).
+    """
+    s_ref, s = s_ref.astype(jnp.float32), s.astype(jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny
+    if relative_to == "each":
+        return jnp.max(jnp.abs(s - s_ref) / jnp.maximum(s_ref, tiny))
+    if relative_to == "max":
+        return jnp.max(jnp.abs(s - s_ref)) / jnp.maximum(s_ref[..., 0], tiny)
+    raise ValueError(f'relative_to must be "each" or "max", got relative_to={relative_to!r}')
 
 
 def spectrum_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
@@ -97,22 +116,27 @@ def orthogonality_errors(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Ar
     return out
 
 
+def _rotate_permuted(layer: POETLinear, u: jax.Array, r: jax.Array) -> jax.Array:
+    # In the permuted space BS rotates every block; FS rotates the leading subset and copies the rest.
+    if layer.config.variant == "fs":
+        return fs.prefix_rotate(u, r[0], precision="highest")
+    return ops.block_rotate(u, r, precision="highest")
+
+
 def rotate_input_side(layer: POETLinear, v_xN: jax.Array, *, transpose: bool = False) -> jax.Array:
     """v·R_in (or v·R_inᵀ) for row vectors v (..., N): the layer's input rotation alone, without W0."""
     r_in, _ = layer.rotation_blocks()
     if transpose:
         r_in = jnp.swapaxes(r_in, -1, -2)
     u = permute(v_xN, layer.perm_in[...], layer.perm_in_inv[...])
-    a = ops.block_rotate(u, r_in, precision="highest")
-    return permute(a, layer.perm_in_inv[...], layer.perm_in[...])
+    return permute(_rotate_permuted(layer, u, r_in), layer.perm_in_inv[...], layer.perm_in[...])
 
 
 def rotate_output_side(layer: POETLinear, v_xM: jax.Array) -> jax.Array:
     """v·P for row vectors v (..., M): the layer's output rotation alone."""
     _, r_out = layer.rotation_blocks()
     z = permute(v_xM, layer.perm_out_inv[...], layer.perm_out[...])
-    z = ops.block_rotate(z, r_out, precision="highest")
-    return permute(z, layer.perm_out[...], layer.perm_out_inv[...])
+    return permute(_rotate_permuted(layer, z, r_out), layer.perm_out[...], layer.perm_out_inv[...])
 
 
 class ProbeState(NamedTuple):
@@ -140,7 +164,8 @@ class PhaseProbe:
             v_in = jax.random.normal(k_in, (layer.in_features,), jnp.float32)
             v_out = jax.random.normal(k_out, (layer.out_features,), jnp.float32)
             v_in, v_out = v_in / jnp.linalg.norm(v_in), v_out / jnp.linalg.norm(v_out)
-            probes[path_name(path)] = ProbeState(v_in, v_in, v_out, v_out)
+            # w starts as a copy, not the same array: a donated state must not hold one buffer twice
+            probes[path_name(path)] = ProbeState(v_in, v_in.copy(), v_out, v_out.copy())
         return probes
 
     @staticmethod
@@ -162,3 +187,124 @@ class PhaseProbe:
             cos_out = jnp.dot(rotate_output_side(layer, p.w_out), p.v_out)  # (v·P_total·P_cur)·vᵀ
             out[path_name(path)] = (cos_in, cos_out)
         return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# all diagnostics of a model in one pass (what the trainer logs)
+
+# How ``summarize`` aggregates each per-layer scalar over the layers of a group: averages for quantities
+# that describe a typical layer, the worst layer for errors and drifts.
+SUMMARY_MEAN = ("svd_entropy", "spectral_norm", "cos_in", "cos_out")
+SUMMARY_MAX = ("drift", "merge_drift", "orth_in", "orth_out")
+
+
+def sampled_ranks(n: int, k: int) -> np.ndarray:
+    """min(k, n) distinct ranks spread evenly over 0 … n−1, always including the first and the last."""
+    if n <= 0 or k <= 0:
+        raise ValueError(f"need n > 0 and k > 0, got n={n}, k={k}")
+    return np.unique(np.round(np.linspace(0, n - 1, min(k, n))).astype(np.int64))
+
+
+def base_kernel(layer: POETLinear) -> jax.Array:
+    """The current frozen W0 of a POET layer as an (Np, Mp) float32 matrix (stored permuted and padded).
+
+    Permutations and zero padding leave the nonzero singular values unchanged, so its leading min(N, M)
+    singular values are those of the unpermuted (N, M) base.
+    """
+    return layer.w0[...].astype(jnp.float32)
+
+
+def _batched_singular_values(mats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Singular values of every matrix, one batched SVD per distinct shape."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, m in mats.items():
+        by_shape.setdefault(tuple(m.shape), []).append(name)
+    out = {}
+    for names in by_shape.values():
+        s = singular_values(jnp.stack([mats[n] for n in names]))
+        for i, n in enumerate(names):
+            out[n] = s[i]
+    return out
+
+
+def model_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None = None,
+                      s_ref: dict[str, jax.Array] | None = None, num_sv: int = 16) -> dict[str, dict[str, jax.Array]]:
+    """Every diagnostic of every linear layer (POET layers and plain ``nnx.Linear``), jit-friendly.
+
+    Returns {path: {name: array}}; for a layer with an (N, M) kernel and n = min(N, M):
+
+    * "singular_values" (n,) descending, "sv" (min(num_sv, n),) those at ``sampled_ranks(n, num_sv)``,
+      "svd_entropy", "spectral_norm";
+    * with ``s_ref`` ({path: (n,)}, e.g. the spectra at step 0): "drift" = ``spectral_drift(s_ref, s,
+      relative_to="max")``;
+    * POET layers: "orth_in", "orth_out" (``orthogonality_errors``) and "merge_drift", the spectral drift
+      (relative to σ_max) of the effective kernel from the current W0 — what the rotations since the last
+      merge did to the spectrum (0 for exact Cayley up to rounding, within the Neumann bound otherwise);
+    * POET layers with ``probes`` (``PhaseProbe.init``): "cos_in", "cos_out" (``PhaseProbe.cosines``).
+    """
+    kernels, bases, poet = {}, {}, {}
+    for path, node in nnx.iter_graph(model):
+        name = path_name(path)
+        if isinstance(node, POETLinear):
+            kernels[name] = node.effective_kernel()
+            bases[name] = base_kernel(node)
+            poet[name] = node
+        elif isinstance(node, nnx.Linear):
+            kernels[name] = node.kernel[...].astype(jnp.float32)
+    spectra = _batched_singular_values(kernels)
+    base_spectra = _batched_singular_values(bases)
+    orth = orthogonality_errors(model) if poet else {}
+    cos = PhaseProbe.cosines(probes, model) if (poet and probes) else {}
+    out = {}
+    for name, s in spectra.items():
+        n = s.shape[-1]
+        d = {"singular_values": s, "sv": s[sampled_ranks(n, num_sv)], "svd_entropy": svd_entropy(s),
+             "spectral_norm": s[0]}
+        if s_ref is not None:
+            d["drift"] = spectral_drift(s_ref[name], s, relative_to="max")
+        if name in poet:
+            d["merge_drift"] = spectral_drift(base_spectra[name][:n], s, relative_to="max")
+            d["orth_in"], d["orth_out"] = orth[name]
+        if name in cos:
+            d["cos_in"], d["cos_out"] = cos[name]
+        out[name] = d
+    return out
+
+
+def group_of(path: str) -> str:
+    """The projection type of a layer path: its last component ("layers/0/attn/q_proj" → "q_proj")."""
+    return path.rsplit("/", 1)[-1]
+
+
+def summarize(layers: dict[str, dict[str, float]], exclude: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """Per projection type (``group_of``) and over "all" layers whose path contains none of ``exclude``:
+    the mean of ``SUMMARY_MEAN`` scalars and the max of ``SUMMARY_MAX`` scalars (those present)."""
+    groups: dict[str, list[dict]] = {}
+    for path, d in layers.items():
+        groups.setdefault(group_of(path), []).append(d)
+        if not any(e.lower() in path.lower() for e in exclude):
+            groups.setdefault("all", []).append(d)
+    out = {}
+    for g, ds in groups.items():
+        agg = {}
+        for key in SUMMARY_MEAN + SUMMARY_MAX:
+            vals = [float(d[key]) for d in ds if key in d]
+            if vals:
+                agg[key] = float(np.mean(vals)) if key in SUMMARY_MEAN else float(np.max(vals))
+        out[g] = agg
+    return out
+
+
+def diagnostics_record(diag: dict[str, dict], exclude: Sequence[str] = ()) -> dict:
+    """A JSON-ready record of ``model_diagnostics`` output (host or device arrays):
+    {"layers": {path: {name: float, "sv": [floats]}}, "groups": ``summarize(...)``}. The full spectra
+    ("singular_values") are left out; "sv" holds the sampled ranks."""
+    host = jax.device_get(diag)
+    short = lambda v: float(f"{float(v):.7g}")  # float32 precision keeps the JSON lines short
+    layers = {}
+    for path, d in host.items():
+        rec = {k: short(v) for k, v in d.items() if k not in ("singular_values", "sv")}
+        rec["sv"] = [short(x) for x in np.asarray(d["sv"])]
+        layers[path] = rec
+    groups = {g: {k: short(v) for k, v in d.items()} for g, d in summarize(layers, exclude).items()}
+    return {"layers": layers, "groups": groups}

@@ -230,13 +230,25 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     """progress: "bar" (one self-updating stderr line), "lines" (a line per log interval), "none", or
-    "auto" (bar on a terminal, lines otherwise). plot: write curves.png at the end."""
+    "auto" (bar on a terminal, lines otherwise). plot: write curves.png at the end.
+
+    diagnostics_interval: steps between spectral diagnostics written to metrics.jsonl (0 = off): per
+                    linear layer the SVD entropy, spectral norm, sampled singular values, spectral drift
+                    since step 0, and for POET layers the orthogonality errors, the drift since the last
+                    merge and the phase-probe cosines (``poetjax.diagnostics``), plus a summary per
+                    projection type. Also written at step 0 of a fresh run. Each record costs one SVD
+                    per weight matrix (and per POET base W0); measured cost in the README ("Diagnostics,
+                    plots and export", ``benchmarks/diag_overhead.py``).
+    """
 
     progress: str = "auto"
     plot: bool = True
+    diagnostics_interval: int = 100
 
     def __post_init__(self):
         _check(self.progress in PROGRESS_MODES, f"progress must be one of {PROGRESS_MODES}, got {self.progress!r}")
+        _check(self.diagnostics_interval >= 0,
+               f"diagnostics_interval must be >= 0 (0 = off), got diagnostics_interval={self.diagnostics_interval!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Diagnostics vs numpy/float64, spectrum preservation, phase probing, and plain-model export."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +119,238 @@ def test_export_round_trip_logits(tmp_path, ext):
     assert float(jnp.max(jnp.abs(fresh(tokens) - ref))) <= 1e-5
     with pytest.raises(ValueError, match="do not match"):
         load_weights(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model_diagnostics, summaries and the trainer's jitted diagnostics step
+
+def test_spectral_drift_modes_vs_numpy():
+    rng = np.random.default_rng(3)
+    s_ref = np.sort(rng.uniform(1e-3, 2.0, 12))[::-1]
+    s = s_ref * (1 + rng.uniform(-0.01, 0.01, 12))
+    # the reference in float64 from the float32-rounded inputs: the drift is a difference of nearby values
+    s_ref, s = (x.astype(np.float32).astype(np.float64) for x in (s_ref, s))
+    each = np.max(np.abs(s - s_ref) / s_ref)
+    rel_max = np.max(np.abs(s - s_ref)) / s_ref[0]
+    assert_close(dg.spectral_drift(jnp.asarray(s_ref, jnp.float32), jnp.asarray(s, jnp.float32)), each, jnp.float32)
+    assert_close(dg.spectral_drift(jnp.asarray(s_ref, jnp.float32), jnp.asarray(s, jnp.float32), relative_to="max"),
+                 rel_max, jnp.float32)
+    with pytest.raises(ValueError, match="relative_to=.*'sum'"):
+        dg.spectral_drift(jnp.ones(3), jnp.ones(3), relative_to="sum")
+
+
+def test_sampled_ranks_spread_over_the_spectrum():
+    r = dg.sampled_ranks(64, 16)
+    assert len(r) == 16 and r[0] == 0 and r[-1] == 63 and np.all(np.diff(r) > 0)
+    assert list(dg.sampled_ranks(5, 16)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="n > 0 and k > 0"):
+        dg.sampled_ranks(0, 4)
+
+
+def _w0_true(layer):
+    """The unpermuted (N, M) base of a POET layer, in float64."""
+    w = np.asarray(layer.w0[...], np.float64)
+    return w[np.asarray(layer.perm_in_inv[...])][:, np.asarray(layer.perm_out[...])]
+
+
+def _np_stats(w, s_ref=None):
+    s = np.linalg.svd(w, compute_uv=False)
+    out = {"singular_values": s, "svd_entropy": _np_entropy(s), "spectral_norm": s[0]}
+    if s_ref is not None:
+        out["drift"] = np.max(np.abs(s - s_ref)) / s_ref[0]
+    return out
+
+
+def _random_generators(model, seed, scale=0.05):
+    for i, (_, layer) in enumerate(pj.poet_layers(model)):
+        k1, k2 = jax.random.split(jax.random.key(1000 * seed + i))
+        layer.theta_in[...] = scale * jax.random.normal(k1, layer.theta_in.shape)
+        layer.theta_out[...] = scale * jax.random.normal(k2, layer.theta_out.shape)
+
+
+def test_model_diagnostics_vs_float64_dense_matrices():
+    """Every logged quantity recomputed in float64 from dense R, W0, P (whose product is the layer, see
+    test_orthogonality_error_vs_dense), across a merge, on a model with POET and plain layers."""
+    model = pj.poetize(Tiny(rngs=nnx.Rngs(0)), pj.POETConfig(block_size=8), rngs=nnx.Rngs(1))
+    s0 = {k: np.linalg.svd(np.asarray(v, np.float64), compute_uv=False) for k, v in dg.linear_kernels(model).items()}
+    probes = dg.PhaseProbe.init(model, jax.random.key(5))
+    totals = {n: (np.eye(l.in_features), np.eye(l.out_features)) for n, l in
+              ((dg.path_name(p), l) for p, l in pj.poet_layers(model))}
+    _random_generators(model, 1)
+    for n, l in ((dg.path_name(p), l) for p, l in pj.poet_layers(model)):  # what advance folds in
+        totals[n] = (_dense_rotation(l, "in") @ totals[n][0], totals[n][1] @ _dense_rotation(l, "out"))
+    probes = dg.PhaseProbe.advance(probes, model)
+    pj.merge(model, jax.random.key(2))
+    _random_generators(model, 2)
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 1.5  # a plain layer whose spectrum moved
+
+    out = dg.model_diagnostics(model, probes=probes, s_ref={k: jnp.asarray(v, jnp.float32) for k, v in s0.items()},
+                               num_sv=5)
+    assert set(out) == {"blocks/0/up", "blocks/0/down", "blocks/1/up", "blocks/1/down", "lm_head"}
+    ref = _np_stats(np.asarray(model.lm_head.kernel[...], np.float64), s0["lm_head"])
+    assert_close(out["lm_head"]["drift"], 0.5, jnp.float32)  # every σ scaled by 1.5
+    assert "orth_in" not in out["lm_head"] and "cos_in" not in out["lm_head"]
+    for key in ("singular_values", "svd_entropy", "spectral_norm", "drift"):
+        assert_close(out["lm_head"][key], ref[key], jnp.float32, what=key)
+    for path, layer in pj.poet_layers(model):
+        name = dg.path_name(path)
+        d = out[name]
+        r, p, w0 = _dense_rotation(layer, "in"), _dense_rotation(layer, "out"), _w0_true(layer)
+        ref = _np_stats(r @ w0 @ p, s0[name])
+        for key in ("singular_values", "svd_entropy", "spectral_norm"):
+            assert_close(d[key], ref[key], jnp.float32, what=f"{name} {key}")
+        assert_close(d["sv"], ref["singular_values"][dg.sampled_ranks(len(ref["singular_values"]), 5)],
+                     jnp.float32, what="sampled σ")
+        # drifts are differences of nearby σ: compare with an absolute margin of fp32 SVD rounding
+        s_w0 = np.linalg.svd(w0, compute_uv=False)
+        assert abs(float(d["drift"]) - ref["drift"]) < 1e-5 and ref["drift"] > 1e-4
+        merge_drift = np.max(np.abs(ref["singular_values"] - s_w0)) / s_w0[0]
+        assert abs(float(d["merge_drift"]) - merge_drift) < 1e-5 and merge_drift > 1e-6
+        for key, rot, dim in (("orth_in", r, layer.in_features), ("orth_out", p, layer.out_features)):
+            e = np.linalg.norm(rot @ rot.T - np.eye(dim)) / np.sqrt(dim)
+            assert abs(float(d[key]) - e) <= 1e-4 * e, (key, float(d[key]), e)
+        v_in, v_out = np.asarray(probes[name].v_in, np.float64), np.asarray(probes[name].v_out, np.float64)
+        r_tot, p_tot = totals[name]
+        assert abs(float(d["cos_in"]) - v_in @ (r @ r_tot) @ v_in) < 1e-5
+        assert abs(float(d["cos_out"]) - v_out @ (p_tot @ p) @ v_out) < 1e-5
+
+
+def test_fs_rotations_and_probe_vs_dense_subset_rotation():
+    from poetjax.fs import index_subsets
+
+    lay, _ = _layer(24, 40, 0.5, variant="fs", scale=0.1)
+    g_in, g_out = (np.asarray(g[0], np.float64) for g in lay.rotation_blocks())
+    s_in, s_out = (np.asarray(s) for s in index_subsets(lay.perms, g_in.shape[0], g_out.shape[0]))
+    dense = []
+    for g, s, dim in ((g_in, s_in, 24), (g_out, s_out, 40)):
+        sel = np.eye(dim)[:, s]  # D(S)
+        dense.append(np.eye(dim) + sel @ (g - np.eye(len(s))) @ sel.T)
+    r, p = dense
+    assert_close(_dense_rotation(lay, "in"), r, jnp.float32)
+    assert_close(_dense_rotation(lay, "out"), p, jnp.float32)
+    model = nnx.Sequential(lay)
+    probes = dg.PhaseProbe.init(model, jax.random.key(0))
+    cos_in, cos_out = dg.PhaseProbe.cosines(probes, model)["layers/0"]
+    v_in, v_out = np.asarray(probes["layers/0"].v_in), np.asarray(probes["layers/0"].v_out)
+    assert abs(float(cos_in) - v_in @ r @ v_in) < 1e-5 and abs(float(cos_out) - v_out @ p @ v_out) < 1e-5
+    d = dg.model_diagnostics(model)["layers/0"]
+    assert_close(d["singular_values"], np.linalg.svd(r @ _w0_true(lay) @ p, compute_uv=False), jnp.float32)
+
+
+def test_summarize_and_json_record():
+    import json
+
+    model = pj.poetize(Tiny(rngs=nnx.Rngs(0)), pj.POETConfig(block_size=8), rngs=nnx.Rngs(1))
+    _random_generators(model, 3)
+    diag = dg.model_diagnostics(model, probes=dg.PhaseProbe.init(model, jax.random.key(1)))
+    rec = json.loads(json.dumps(dg.diagnostics_record(diag, exclude=("lm_head",))))
+    layers, groups = rec["layers"], rec["groups"]
+    assert set(groups) == {"up", "down", "lm_head", "all"}
+    blocks = [k for k in layers if k != "lm_head"]
+    for g, members in (("up", ["blocks/0/up", "blocks/1/up"]), ("all", blocks)):
+        for key in dg.SUMMARY_MEAN:
+            assert groups[g][key] == pytest.approx(np.mean([float(diag[m][key]) for m in members]), rel=1e-6)
+        for key in ("merge_drift", "orth_in", "orth_out"):
+            assert groups[g][key] == pytest.approx(np.max([float(diag[m][key]) for m in members]), rel=1e-6)
+    assert set(groups["lm_head"]) == {"svd_entropy", "spectral_norm"}  # a plain layer, no reference given
+    assert len(layers["blocks/0/up"]["sv"]) == 16 and "singular_values" not in layers["blocks/0/up"]
+
+
+def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
+    from _runs import TINY
+
+    from poetjax.run_config import load_config
+    from poetjax.train import steps as core
+    from poetjax.train.optimizers import make_optimizer
+
+    cfg = load_config(TINY, ["model.num_layers=1"])
+    tx = make_optimizer(cfg)
+    graphdef, state = core.init_state(core.build_model(cfg), tx, core.run_keys(0)[2])
+    diag = core.make_diagnostics_step(graphdef)
+    s_ref = core.reference_spectra(diag, state)
+    merge = core.make_merge_step(graphdef, donate=False)
+    d0 = diag(state, s_ref)
+
+    # what training does to the generators, without compiling a train step (the test suite's time)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+    leaves = [0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype) if "theta" in jax.tree_util.keystr(p)
+              else x for i, (p, x) in enumerate(leaves)]
+    state = state._replace(params=jax.tree_util.tree_unflatten(treedef, leaves))
+    before = diag(state, s_ref)
+    merged = merge(state)
+    after = diag(merged, s_ref)
+    assert diag._cache_size() == 1  # reference spectra, step 0, before and after the merge: one program
+    q = "layers/0/attn/q_proj"
+    assert float(d0[q]["drift"]) == 0 and float(d0[q]["cos_in"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(before[q]["orth_in"]) > 0 and float(after[q]["orth_in"]) == 0  # rotations folded into W0
+    assert float(before[q]["cos_in"]) < 1 - 1e-6
+    for name in before:
+        if "lm_head" in name:
+            continue
+        # the merge moves the rotations into W0 and the probes: the accumulated rotation is unchanged
+        for key in ("cos_in", "cos_out", "spectral_norm"):
+            assert abs(float(after[name][key]) - float(before[name][key])) < 1e-5, (name, key)
+    # the merged state's probes are what PhaseProbe.advance gives on the pre-merge model
+    ref = dg.PhaseProbe.advance(state.probe, nnx.merge(graphdef, state.params, state.frozen))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), merged.probe, ref)
+
+
+def test_diagnostics_interval_is_validated():
+    from poetjax.run_config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"diagnostics_interval must be >= 0 .*-5"):
+        load_config(None, ["logging.diagnostics_interval=-5"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# export of the real (tiny) LLaMA, in the library and through the CLI
+
+def test_export_poet_llama_loads_into_plain_llama_with_identical_logits(tmp_path):
+    from _runs import TINY
+
+    from poetjax.models.llama import Llama
+    from poetjax.run_config import load_config
+    from poetjax.train import steps as core
+
+    cfg = load_config(TINY, [])
+    model = core.build_model(cfg)  # the POET LLaMA of the trainer
+    _random_generators(model, 4)
+    pj.merge(model, jax.random.key(3))  # W0 ≠ its initial value and fresh permutations
+    _random_generators(model, 5)
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, cfg.model.vocab_size)
+    ref = model(tokens).astype(jnp.float32)
+    plain_tree = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(1)), nnx.Param))
+    exported = nnx.to_pure_dict(nnx.state(export_plain(model), nnx.Param))
+    assert jax.tree.structure(exported) == jax.tree.structure(plain_tree)
+    assert jax.tree.map(jnp.shape, exported) == jax.tree.map(jnp.shape, plain_tree)
+    fresh = load_weights(Llama(cfg.model, rngs=nnx.Rngs(7)), save_weights(model, str(tmp_path / "llama.npz")))
+    out = fresh(tokens).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(ref))) > 0.1  # logits of a size where an absolute 1e-5 means something
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+    assert_close(out, ref, jnp.float32)
+
+
+def test_export_cli_writes_the_trained_checkpoint_as_a_plain_llama(uninterrupted, tmp_path, data_cache, capsys):
+    from _runs import RESUME, TINY, state_like, tiny
+
+    from poetjax.checkpoint import Checkpointer
+    from poetjax.models.llama import Llama
+    from poetjax.train import steps as core
+    from poetjax.train.cli import main as cli_main
+
+    out_dir = os.path.dirname(uninterrupted.run_dir)
+    base = ["--config", TINY, f"out_dir={out_dir}", f"data.cache_dir={data_cache}", "name=full", *RESUME]
+    path = str(tmp_path / "exported.npz")
+    assert cli_main([*base, "--export", path]) == 0
+    printed = capsys.readouterr().out
+    assert "exported step 30" in printed and path in printed
+    cfg = tiny(out_dir, data_cache, "name=full", *RESUME)
+    state, _ = Checkpointer(uninterrupted.checkpoint_dir).restore(30, state_like(cfg))
+    graphdef = core.split_model(core.build_model(cfg))[0]
+    trained = nnx.merge(graphdef, state.params, state.frozen)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.model.vocab_size)
+    plain = load_weights(Llama(cfg.model, rngs=nnx.Rngs(0)), path)
+    assert float(jnp.max(jnp.abs(plain(tokens) - trained(tokens)))) <= 1e-5
+    # another model shape than the checkpoint's is refused with the differing key named
+    assert cli_main([*base, "model.hidden_size=32", "--export", str(tmp_path / "bad.npz")]) == 1
+    assert "model.hidden_size" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad.npz")

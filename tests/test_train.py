@@ -35,7 +35,10 @@ def test_shortened_default_job_beats_the_unigram_model(tmp_path, data_cache, cap
     rows = read_jsonl(res.metrics_path)
     vals = [r for r in rows if "val_ppl" in r]
     assert [r["step"] for r in vals] == [50, 100] and vals[-1]["val_ppl"] == pytest.approx(res.val_ppl)
-    assert all(k in rows[1] for k in ("loss", "grad_norm", "lr", "tokens_per_s"))
+    loss_rows = [r for r in rows if "loss" in r]
+    assert all(k in loss_rows[1] for k in ("loss", "grad_norm", "lr", "tokens_per_s"))
+    # spectral diagnostics at the default interval (100), from step 0 on
+    assert [r["step"] for r in rows if "diagnostics" in r] == [0, cfg.logging.diagnostics_interval]
     with open(os.path.join(res.run_dir, "summary.json")) as f:
         assert json.load(f)["val_ppl"] == pytest.approx(res.val_ppl)
     png = os.path.join(res.run_dir, "curves.png")
@@ -94,7 +97,7 @@ def test_sigkill_and_resume_matches_the_uninterrupted_run(uninterrupted, tmp_pat
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
-def test_baselines_train_the_same_model_from_the_same_script(tmp_path, data_cache, name, capsys):
+def test_baselines_train_the_same_model_from_the_same_script(tmp_path, data_cache, name, capsys, request):
     args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
             "logging.progress=none", f"optimizer.name={name}", "optimizer.lr=1e-2", "train.steps=40"]
     assert cli_main(args) == 0
@@ -105,6 +108,22 @@ def test_baselines_train_the_same_model_from_the_same_script(tmp_path, data_cach
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert losses[-1] < losses[0] - 1.0 and summary["val_ppl"] < summary["unigram_ppl"]
+    # spectral diagnostics of the plain model: the spectrum, no rotations
+    diags = [r for r in rows if "diagnostics" in r]
+    assert [r["step"] for r in diags] == [0, 10, 20, 30, 40]
+    q = diags[-1]["diagnostics"]["layers"]["layers/0/attn/q_proj"]
+    assert q["drift"] > 0 and not {"orth_in", "cos_in", "merge_drift"} & set(q)
+    if name == "adamw":  # the README's plot command: this run beside the POET run of the resume tests
+        poet_dir = request.getfixturevalue("uninterrupted").run_dir
+        png = str(tmp_path / "diag.png")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot_diagnostics.py"), run_dir,
+                               poet_dir, "--out", png], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 30_000
+        bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot_diagnostics.py"), run_dir,
+                              "--labels", "a", "b"], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and "--labels has 2 entries for 1 runs" in bad.stderr
     cfg = tiny(tmp_path, data_cache, f"optimizer.name={name}")
     state = state_like(cfg)
     from poetjax.models.llama import llama_param_formula

@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--prepare-only", action="store_true",
                     help="tokenize data.source into data.cache_dir and exit (e.g. to carry the shards elsewhere)")
+    ap.add_argument("--export", nargs="?", const="", metavar="PATH",
+                    help="write the run's newest checkpoint (or checkpoint.resume_step) as plain LLaMA weights "
+                         "(.npz or .safetensors; POET rotations merged) to PATH (default "
+                         "<run dir>/export_step<N>.npz) and exit")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.lr=1e-3")
     args = ap.parse_args(argv)
     try:
@@ -33,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from poetjax.train.loop import TrainingDiverged, run
 
     try:
+        if args.export is not None:
+            from poetjax.train.export import export_run
+
+            export_run(cfg, args.export or None)
+            return 0
         if args.prepare_only:
             from poetjax.data import prepare_from_config
 

@@ -1,8 +1,14 @@
 """The main job: data → model → jitted steps → loop with merges, evaluation, checkpoints and logs.
 
 Outputs in ``<out_dir>/<name>/``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per
-log interval: step, loss, grad_norm, lr, tokens_per_s; one per evaluation: val_loss, val_ppl),
+log interval: step, loss, grad_norm, lr, tokens_per_s; one per evaluation: val_loss, val_ppl; one per
+``logging.diagnostics_interval``: "diagnostics", see ``poetjax.diagnostics.diagnostics_record``),
 ``curves.png``, ``summary.json`` and ``checkpoints/<step>/``.
+
+Diagnostics are taken after the optimizer step and before a merge due at the same step, so the
+orthogonality errors and the drift since the last merge show the rotations about to be folded; the
+spectral drift is measured against the spectra of the step-0 model (rebuilt from the seed on resume),
+and the phase probes live in the ``TrainState`` (advanced by every merge, checkpointed with it).
 
 Host syncs happen only every ``log_interval`` steps (and before evaluations and checkpoints), so the
 device runs ahead of the Python loop. A non-finite loss or gradient norm stops the run with
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
+from poetjax.diagnostics import diagnostics_record
 from poetjax.run_config import ConfigError, RunConfig, diff
 from poetjax.train import steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
@@ -141,6 +148,10 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     valid_tokens = data.tokens("valid")
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     start, position, resumed = 0, 0, False
+    diag_every = cfg.logging.diagnostics_interval
+    diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
+    # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
+    s_ref = core.reference_spectra(diag_step, state) if diag_every else None
     on_disk = ckpt.steps()
     if on_disk:
         if not cfg.checkpoint.resume:
@@ -163,6 +174,15 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path if main else os.devnull, resume_step=start if resumed else None)
+    exclude = tuple(cfg.poet.exclude)  # layers left out of the "all" summary (lm_head: never a POET layer)
+
+    def write_diagnostics(step: int):
+        t0 = time.perf_counter()
+        rec = diagnostics_record(diag_step(state, s_ref), exclude)
+        metrics.write({"step": step, "diagnostics": rec, "diagnostics_s": round(time.perf_counter() - t0, 4)})
+
+    if diag_every and not resumed:
+        write_diagnostics(0)
     sched = lr_schedules(cfg)
     train_step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
                                               lr_schedule=sched["lr"])
@@ -235,15 +255,19 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         position += 1
         step += 1
         pending.append((step, m))
-        if poet and step % merge_interval == 0:
-            state = merge_step(state)
         first = step == start + 1
         do_eval = bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0 and step < cfg.train.steps
         do_ckpt = (bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0) or step == stop
-        if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt:
+        do_diag = bool(diag_every) and step % diag_every == 0
+        if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt or do_diag:
             flush(step, timed=not first)
             if first:
                 say(f"compiled and ran the first step in {time.time() - t_start:.1f}s")
+        if do_diag:  # before the merge of this step (see the module doc); not counted in tokens/s
+            write_diagnostics(step)
+            watch.lap()
+        if poet and step % merge_interval == 0:
+            state = merge_step(state)
         if do_eval:
             vl, vp = evaluate(cfg.train.eval_batches)
             metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})

@@ -10,7 +10,10 @@ the whole ``TrainState`` is an ordinary pytree: it can be jitted with ``donate_a
 * ``make_eval_step(graphdef)``: params, frozen, tokens, weights (B,) → (Σ weighted token NLL, Σ tokens).
 * ``make_merge_step(graphdef)``: POET merge-then-reinitialize of every layer (``poetjax.merge``) and the
   reset of the generators' Adam state (``poetjax.optim.reset_generator_state``), one compiled program
-  reused by every merge (the permutations are values).
+  reused by every merge (the permutations are values). It first advances the phase probes, so the
+  probes always describe the rotation accumulated since step 0.
+* ``make_diagnostics_step(graphdef)``: state, reference spectra → ``poetjax.diagnostics.model_diagnostics``
+  of the current model, compiled once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from poetjax.diagnostics import PhaseProbe, model_diagnostics
 from poetjax.merge import merge as merge_model
 from poetjax.models.llama import Llama
 from poetjax.optim import reset_generator_state
@@ -36,6 +40,7 @@ class TrainState(NamedTuple):
     step: jax.Array     # int32 (): completed optimizer steps
     merges: jax.Array   # int32 (): merges done
     key: jax.Array      # uint32 raw key data of the run's PRNG stream (merge permutations)
+    probe: Any          # {layer path: diagnostics.ProbeState} of the POET layers ({} for plain models)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -59,11 +64,17 @@ def split_model(model: nnx.Module):
     return graphdef, nnx.as_pure(params), nnx.as_pure(frozen)
 
 
+# fold_in constant that separates the phase probes' key from the training stream (which only splits).
+PROBE_STREAM = 0x50524F42
+
+
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array):
-    """(graphdef, TrainState at step 0). ``key`` is a typed PRNG key."""
+    """(graphdef, TrainState at step 0). ``key`` is a typed PRNG key: the training stream; the phase
+    probes' random unit vectors come from ``fold_in(key, PROBE_STREAM)``."""
+    probe = PhaseProbe.init(model, jax.random.fold_in(key, PROBE_STREAM))
     graphdef, params, frozen = split_model(model)
     state = TrainState(params=params, frozen=frozen, opt_state=tx.init(params), step=jnp.zeros([], jnp.int32),
-                       merges=jnp.zeros([], jnp.int32), key=jax.random.key_data(key))
+                       merges=jnp.zeros([], jnp.int32), key=jax.random.key_data(key), probe=probe)
     return graphdef, state
 
 
@@ -149,11 +160,32 @@ def make_merge_step(graphdef, *, jit: bool = True, donate: bool = True):
     def merge_step(state: TrainState) -> TrainState:
         key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
         model = nnx.merge(graphdef, state.params, state.frozen)
+        probe = PhaseProbe.advance(state.probe, model)  # the rotations about to be folded into W0
         merge_model(model, sub)
         _, params, frozen = split_model(model)
         return state._replace(params=params, frozen=frozen, opt_state=reset_generator_state(state.opt_state),
-                              merges=state.merges + 1, key=jax.random.key_data(key))
+                              merges=state.merges + 1, key=jax.random.key_data(key), probe=probe)
 
     if not jit:
         return merge_step
     return jax.jit(merge_step, donate_argnums=(0,) if donate else ())
+
+
+def make_diagnostics_step(graphdef, *, num_sv: int = 16, jit: bool = True):
+    """``diagnostics_step(state, s_ref) -> {layer path: {name: array}}``: ``model_diagnostics`` of the
+    state's model with the phase probes and ``s_ref`` ({path: (n,)} reference spectra, e.g. step 0's) for
+    the drift. Pure: the state is not changed (nor donated), so it can run between a step and a merge."""
+
+    def diagnostics_step(state: TrainState, s_ref):
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        return model_diagnostics(model, probes=state.probe, s_ref=s_ref, num_sv=num_sv)
+
+    return jax.jit(diagnostics_step) if jit else diagnostics_step
+
+
+def reference_spectra(diagnostics_step, state: TrainState) -> dict[str, jax.Array]:
+    """{path: singular values} of ``state``'s linear layers through the same compiled ``diagnostics_step``
+    (the reference argument only sets shapes here, so no second program is compiled)."""
+    shapes = jax.eval_shape(diagnostics_step, state, None)
+    dummy = {k: jnp.ones(v["singular_values"].shape, jnp.float32) for k, v in shapes.items()}
+    return {k: v["singular_values"] for k, v in diagnostics_step(state, dummy).items()}
