@@ -150,38 +150,35 @@ def _launch(kernel, x, codes, scale, zero, out_cols, *, cfg, interpret, name, **
                           interpret=interpret, name=name)(x, codes, scale, zero)
 
 
-def _forward(a, codes, scale, zero, cfg, interpret):
+def _apply(x, codes, scale, zero, cfg, interpret, *, transposed: bool):
+    """x @ Ŵ (forward: x is (T, N)) or x @ Ŵᵀ (transposed: x is (T, M), the backward's d a)."""
     n, m = codes.shape
     g = n // scale.shape[0]
+    if transposed:
+        # Output tiles over N stay inside one group (block_n divides G); the contraction over M only
+        # needs block_k to divide M.
+        bk, bn = max_tile(m, cfg.block_k), max_tile(g, cfg.block_n)
+        return _launch(_bwd_kernel, x, codes, scale, zero, n, cfg=cfg, interpret=interpret, name="qmatmul_t",
+                       m=m, g=g, bt=cfg.block_t, bk=bk, bn=bn)
     # block_k divides G (a loop step stays in one group; G divides N), block_n divides M.
-    bt, bk, bn = cfg.block_t, max_tile(g, cfg.block_k), max_tile(m, cfg.block_n)
-    return _launch(_fwd_kernel, a, codes, scale, zero, m, cfg=cfg, interpret=interpret, name="qmatmul",
-                   n=n, g=g, bt=bt, bk=bk, bn=bn)
-
-
-def _backward(gy, codes, scale, zero, cfg, interpret):
-    n, m = codes.shape
-    g = n // scale.shape[0]
-    # Output tiles over N stay inside one group (block_n divides G); the contraction over M only needs
-    # block_k to divide M.
-    bt, bk, bn = cfg.block_t, max_tile(m, cfg.block_k), max_tile(g, cfg.block_n)
-    return _launch(_bwd_kernel, gy, codes, scale, zero, n, cfg=cfg, interpret=interpret, name="qmatmul_t",
-                   m=m, g=g, bt=bt, bk=bk, bn=bn)
+    bk, bn = max_tile(g, cfg.block_k), max_tile(m, cfg.block_n)
+    return _launch(_fwd_kernel, x, codes, scale, zero, m, cfg=cfg, interpret=interpret, name="qmatmul",
+                   n=n, g=g, bt=cfg.block_t, bk=bk, bn=bn)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _qmatmul(a, codes, scale, zero, cfg, interpret):
-    return _forward(a, codes, scale, zero, cfg, interpret)
+    return _apply(a, codes, scale, zero, cfg, interpret, transposed=False)
 
 
 def _qmatmul_fwd(a, codes, scale, zero, cfg, interpret):
-    return _forward(a, codes, scale, zero, cfg, interpret), (codes, scale, zero)
+    return _apply(a, codes, scale, zero, cfg, interpret, transposed=False), (codes, scale, zero)
 
 
 def _qmatmul_bwd(cfg, interpret, res, g):
     codes, scale, zero = res
     # The weight is frozen: no cotangent for codes/scale/zero (zeros, never computed).
-    return _backward(g, codes, scale, zero, cfg, interpret), None, None, None
+    return _apply(g, codes, scale, zero, cfg, interpret, transposed=True), None, None, None
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
