@@ -11,7 +11,19 @@ tokens/s from the median step and the device's peak bytes in use. Methods:
 
   adamw       the dense baseline on the same JAX model (optax.adamw, moments in the parameter dtype)
   poet_fast   POET-X, variant fast          poet_mem   POET-X, variant mem
-  (append ``@impl`` to pick the POET implementation, e.g. ``poet_fast@pallas``; default auto)
+  poet_xq     POET-XQ (uint8 W0), fast      poet_xq_mem  POET-XQ, mem
+  (append ``@impl`` to pick the POET implementation, e.g. ``poet_fast@pallas``; default auto. For XQ,
+  ``@pallas`` also runs the dense matmul through the dequantizing ``qmatmul`` kernel)
+
+Every method also reports where its memory goes: bytes of the frozen base weights (W0, or XQ's codes +
+scales + zero points), the permutation indices, the trainable parameters and the optimizer state (the
+state the step keeps between steps), the compiled step's temporary bytes (``memory_analysis``), and the
+device's peak. The breakdown is printed before the step is compiled, so a method that runs out of
+memory still leaves it (with the error) in the table: that is the record of why it does not fit.
+
+``--abstract`` builds nothing: it traces the model and state abstractly and AOT-compiles the step for
+the local backend (e.g. the llama_34b shapes on a CPU host, to time compilation); it reports compile
+time, the breakdown and the compiled temporaries, but no step time.
 
 A method that fails (e.g. out of memory) is reported with its error and the others still run. The table
 is printed last; ``--out`` appends one JSON line per method.
@@ -34,10 +46,28 @@ def _method_overrides(method: str) -> list[str]:
     name, _, impl = method.partition("@")
     if name == "adamw":
         return ["optimizer.name=adamw"]
-    if name in ("poet_fast", "poet_mem"):
-        out = ["optimizer.name=poet", f"optimizer.variant={name.split('_')[1]}"]
+    variants = {"poet_fast": "fast", "poet_mem": "mem", "poet_xq": "xq", "poet_xq_mem": "xq_mem"}
+    if name in variants:
+        out = ["optimizer.name=poet", f"optimizer.variant={variants[name]}"]
         return out + ([f"optimizer.impl={impl}"] if impl else [])
-    raise ValueError(f"unknown method {method!r}; expected adamw, poet_fast, poet_mem (optionally @xla/@pallas)")
+    raise ValueError(f"unknown method {method!r}; expected adamw, {', '.join(variants)} (optionally @xla/@pallas)")
+
+
+def memory_breakdown(state) -> dict:
+    """Bytes of what a train state holds between steps, by category."""
+    import jax
+
+    def nbytes(tree, keep=lambda name: True):
+        return sum(int(x.size) * x.dtype.itemsize for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                   if keep(str(getattr(p[-1], "key", p[-1]))))
+
+    return {"frozen_w0_bytes": nbytes(state.frozen, lambda n: not n.startswith("perm")),
+            "perm_bytes": nbytes(state.frozen, lambda n: n.startswith("perm")),
+            "trainable_bytes": nbytes(state.params), "opt_state_bytes": nbytes(state.opt_state)}
+
+
+def _gib(b) -> str:
+    return f"{b / 2 ** 30:.2f}"
 
 
 def time_steps(step, state, tokens, steps: int, warmup: int = 2):
@@ -78,22 +108,44 @@ def run_one(args, method: str) -> dict:
     cfg = load_config(args.config, overrides)
     dev = jax.devices()[0]
     t0 = time.perf_counter()
-    model = build_model(cfg)
     tx = make_optimizer(cfg)
-    graphdef, state = init_state(model, tx, jax.random.key(cfg.seed))
-    del model
-    step = make_train_step(graphdef, tx)
-    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.model.vocab_size, jnp.int32)
+    if args.abstract:
+        from flax import nnx
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg)))
+        state = jax.eval_shape(lambda: init_state(build_model(cfg), tx, jax.random.key(cfg.seed))[1])
+        tokens = jax.ShapeDtypeStruct((args.batch, args.seq + 1), jnp.int32)
+    else:
+        model = build_model(cfg)
+        graphdef, state = init_state(model, tx, jax.random.key(cfg.seed))
+        del model
+        tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.model.vocab_size,
+                                    jnp.int32)
     build_s = time.perf_counter() - t0
-    state, m, compile_s, med = time_steps(step, state, tokens, args.steps)
-    stats = dev.memory_stats() or {}
+    breakdown = memory_breakdown(state)
+    if not args.abstract:
+        breakdown["after_build_bytes_in_use"] = (dev.memory_stats() or {}).get("bytes_in_use", 0)
+    print("BREAKDOWN " + json.dumps(breakdown), flush=True)
+    step = make_train_step(graphdef, tx)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    breakdown["step_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0) or 0)
+    print("BREAKDOWN " + json.dumps(breakdown), flush=True)
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
-    return {"method": method, "config": args.config, "batch": args.batch, "seq": args.seq,
-            "step_ms": med * 1e3, "tokens_per_s": args.batch * args.seq / med,
-            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30, "loss": float(m["loss"]),
-            "trainable_params": n_train, "frozen_params": n_frozen, "compile_s": compile_s, "build_s": build_s,
-            "device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+    res = {"method": method, "config": args.config, "batch": args.batch, "seq": args.seq, "compile_s": compile_s,
+           "build_s": build_s, "trainable_params": n_train, "frozen_params": n_frozen, **breakdown,
+           "device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+    if args.abstract:
+        return {**res, "abstract": True}
+    # The executable's first call runs (compilation was timed above); time_steps adds 2 warm-up steps.
+    state, m, _, med = time_steps(compiled, state, tokens, args.steps)
+    stats = dev.memory_stats() or {}
+    return {**res, "step_ms": med * 1e3, "tokens_per_s": args.batch * args.seq / med,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30, "peak_bytes": stats.get("peak_bytes_in_use", 0),
+            "loss": float(m["loss"])}
 
 
 def main(argv=None):
@@ -105,6 +157,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--timeout", type=int, default=600, help="seconds per method")
     ap.add_argument("--out", default="")
+    ap.add_argument("--abstract", action="store_true", help="trace + AOT-compile only (no device memory needed)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -119,7 +172,8 @@ def main(argv=None):
     results = []
     for method in methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--child", method, *args.overrides]
+               "--seq", str(args.seq), "--steps", str(args.steps), "--child", method,
+               *(["--abstract"] if args.abstract else []), *args.overrides]
         print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -129,10 +183,18 @@ def main(argv=None):
                          if l.strip() and not l.startswith(("For simplicity", "-----", "  "))]
                 err = (lines or ["no output"])[-1]
                 res = {"method": method, "error": err[-300:]}
+                # the last memory breakdown the child got to print: what it held when it failed
+                known = [l for l in p.stdout.splitlines() if l.startswith("BREAKDOWN ")]
+                if known:
+                    res.update(json.loads(known[-1][len("BREAKDOWN "):]))
             else:
                 res = json.loads(line[len("RESULT "):])
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             res = {"method": method, "error": f"timed out after {args.timeout} s"}
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            known = [l for l in out.splitlines() if l.startswith("BREAKDOWN ")]
+            if known:
+                res.update(json.loads(known[-1][len("BREAKDOWN "):]))
         print("   " + json.dumps(res), flush=True)
         results.append(res)
         if args.out:
@@ -145,10 +207,21 @@ def main(argv=None):
     for r in results:
         if "error" in r:
             print(f"{r['method']:<20}  FAILED: {r['error'][:90]}")
+        elif "step_ms" not in r:
+            print(f"{r['method']:<20}  compiled in {r['compile_s']:.1f} s (abstract; built in {r['build_s']:.1f} s)")
+        else:
+            ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            print(f"{r['method']:<20}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{ratio:>10}{r['peak_gib']:>10.2f}"
+                  f"{r['trainable_params'] / 1e6:>13.1f}M")
+    print("\nmemory by category, GiB (state kept between steps; temporaries of the compiled step; device peak)")
+    print(f"{'method':<20}{'frozen W0':>11}{'perms':>8}{'trainable':>11}{'opt state':>11}{'step temp':>11}{'peak':>8}")
+    for r in results:
+        if "frozen_w0_bytes" not in r:
             continue
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{r['method']:<20}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{ratio:>10}{r['peak_gib']:>10.2f}"
-              f"{r['trainable_params'] / 1e6:>13.1f}M")
+        temp = _gib(r["step_temp_bytes"]) if "step_temp_bytes" in r else "-"
+        peak = _gib(r["peak_bytes"]) if "peak_bytes" in r else "-"
+        print(f"{r['method']:<20}{_gib(r['frozen_w0_bytes']):>11}{_gib(r['perm_bytes']):>8}"
+              f"{_gib(r['trainable_bytes']):>11}{_gib(r['opt_state_bytes']):>11}{temp:>11}{peak:>8}")
     return 0
 
 

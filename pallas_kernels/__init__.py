@@ -13,11 +13,12 @@ from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfi
 from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference, inverse_index,
                                          permuted_block_matmul, permuted_block_matmul_reference)
 from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
+from pallas_kernels.qmatmul import QMatmulConfig, dequantize_reference, qmatmul, qmatmul_reference
 from pallas_kernels import tuning
 
 __all__ = [
     "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",
     "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "BlockMatmulConfig",
     "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size", "default_interpret",
-    "supports_block_size", "tuning",
+    "supports_block_size", "tuning", "qmatmul", "qmatmul_reference", "dequantize_reference", "QMatmulConfig",
 ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-VARIANTS = ("fast", "mem", "fs")
+VARIANTS = ("fast", "mem", "fs", "xq", "xq_mem")
+QUANTIZED_VARIANTS = ("xq", "xq_mem")
 CAYLEY_MAPS = ("neumann", "exact")
 IMPLS = ("auto", "xla", "pallas")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
@@ -26,7 +27,10 @@ class POETConfig:
     merge_interval: T_m, optimizer steps between merge-then-reinitialize events.
     variant:        "fast" (autodiff through the factored layer, keeps the pre-rotation activation),
                     "mem" (saves only the layer input and the small rotation blocks, recomputes the rest),
-                    both POET-BS (POET-X); or "fs": POET-FS, one random index subset per side (spec §3.1).
+                    both POET-BS (POET-X); "fs": POET-FS, one random index subset per side (spec §3.1);
+                    "xq" / "xq_mem": POET-XQ, the fast / mem flavour with W0 stored as uint8 codes plus
+                    per-group scale and zero point (spec §9.4, ``poetjax.quant``), dequantized on the fly
+                    and re-quantized at every merge.
     num_terms:      k of the Cayley–Neumann series (I+Q)·Σ_{i=0..k} Qⁱ; the papers use k = 3.
     cayley:         "neumann" (the papers' truncated series) or "exact" ((I+Q)(I−Q)⁻¹ by a solve: exactly
                     orthogonal, slower; for checks and research).
@@ -45,6 +49,9 @@ class POETConfig:
                     tests) or "auto" (the path measured fastest on this backend: XLA until the kernels beat
                     it on the GPU, see ``poetjax.ops.resolve_impl``). ``poetize`` passes it to every layer it builds;
                     ``POETLinear(impl=...)`` overrides it per layer. Never changes the math.
+    quant_group_size: G of POET-XQ, the number of consecutive in-dimension entries of one output column
+                    that share a scale and zero point (spec default 256). Must divide every layer's padded
+                    in-dimension (checked when the layer is built). Ignored by the other variants.
     """
 
     block_size: int | float = 256
@@ -60,6 +67,7 @@ class POETConfig:
     eps: float = 1e-6
     exclude: tuple[str, ...] = ("lm_head",)
     impl: str = "auto"
+    quant_group_size: int = 256
 
     def __post_init__(self):
         if isinstance(self.block_size, float) and self.variant == "fs":
@@ -93,9 +101,22 @@ class POETConfig:
             raise ValueError(f"eps must be > 0, got eps={self.eps!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
+        if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)
+                or self.quant_group_size <= 0):
+            raise ValueError(f"quant_group_size must be a positive int, got quant_group_size={self.quant_group_size!r}")
         if isinstance(self.exclude, str):  # a lone string would be iterated character by character
             object.__setattr__(self, "exclude", (self.exclude,))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def quantized(self) -> bool:
+        """POET-XQ: the base weight is stored group-quantized in uint8."""
+        return self.variant in QUANTIZED_VARIANTS
+
+    @property
+    def flavour(self) -> str:
+        """How the block-stochastic layer is differentiated: "fast" or "mem" ("fs" for POET-FS)."""
+        return {"xq": "fast", "xq_mem": "mem"}.get(self.variant, self.variant)
 
     def replace(self, **changes) -> "POETConfig":
         return dataclasses.replace(self, **changes)

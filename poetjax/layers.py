@@ -3,6 +3,9 @@
 State of one layer (N in, M out, K block size; I, O blocks; Np, Mp padded sizes; P = K(K−1)/2):
 
   w0            FrozenWeight (Np, Mp)   W_s, the frozen base weight, stored pre-permuted
+                                        (variant "xq"/"xq_mem", POET-XQ: no w0 but w0_codes (Np, Mp) uint8,
+                                        w0_scale (Np/G, Mp) float32, w0_zero (Np/G, Mp) uint8, all
+                                        FrozenWeight: W_s group-quantized, ``poetjax.quant``)
   theta_in      Generator    (I, P)     packed skew generators of the input-side blocks (float32)
   theta_out     Generator    (O, P)     same for the output side
                                         (variant="fs": Np = N, Mp = M, theta_in (1, Ki(Ki−1)/2) and
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from poetjax import fs, ops
+from poetjax import fs, ops, quant
 from poetjax.cayley import block_layout, rotations
 from poetjax.config import IMPLS, POETConfig
 from poetjax.initializers import base_weight
@@ -72,7 +75,11 @@ class POETLinear(nnx.Module):
         w = base_weight(config.init, rngs.params(), (self.in_features, self.out_features), kernel=kernel,
                         std=config.init_std)
         perms = self._draw_perms(rngs.params())
-        self.w0 = FrozenWeight(ops.store_base_weight(w, perms).astype(param_dtype))
+        if config.quantized:
+            quant.check_group_size(self.layout_in.padded, config.quant_group_size,
+                                   what=f"POETLinear({self.in_features}→{self.out_features}, "
+                                        f"block_size={config.block_size})")
+        self._store_base(ops.store_base_weight(w, perms), init=True)
         self._set_perms(perms, init=True)
         self.theta_in = Generator(jnp.zeros((self.layout_in.num_blocks, self.layout_in.num_packed), jnp.float32))
         self.theta_out = Generator(jnp.zeros((self.layout_out.num_blocks, self.layout_out.num_packed),
@@ -84,6 +91,35 @@ class POETLinear(nnx.Module):
             self.bias = nnx.Param(b)
         else:
             self.bias = None
+
+    # -- base weight --------------------------------------------------------------------------
+    def _store_base(self, w_NpxMp: jax.Array, init: bool = False) -> None:
+        """Store W_s: cast to param_dtype, or (POET-XQ) quantized to uint8 codes + scale + zero."""
+        if self.config.quantized:
+            qw = quant.quantize(w_NpxMp, self.config.quant_group_size)
+            for name, value in zip(("w0_codes", "w0_scale", "w0_zero"), qw):
+                if init:
+                    setattr(self, name, FrozenWeight(value))
+                else:
+                    getattr(self, name)[...] = value
+        elif init:
+            self.w0 = FrozenWeight(w_NpxMp.astype(self.param_dtype))
+        else:
+            self.w0[...] = w_NpxMp.astype(self.w0[...].dtype)
+
+    @property
+    def base(self) -> jax.Array | quant.QuantizedWeight:
+        """W_s as stored: the (Np, Mp) array, or the QuantizedWeight of POET-XQ."""
+        if self.config.quantized:
+            return quant.QuantizedWeight(self.w0_codes[...], self.w0_scale[...], self.w0_zero[...])
+        return self.w0[...]
+
+    def base_weight(self, dtype=jnp.float32) -> jax.Array:
+        """W_s (Np, Mp) as a float array in ``dtype`` (dequantized for POET-XQ)."""
+        base = self.base
+        if isinstance(base, quant.QuantizedWeight):
+            return quant.dequantize(base, dtype)
+        return base.astype(dtype)
 
     # -- permutations -------------------------------------------------------------------------
     def _draw_perms(self, key: jax.Array) -> ops.LayerPerms:
@@ -130,8 +166,8 @@ class POETLinear(nnx.Module):
         else:
             impl = ops.resolve_impl(self.impl, self.config.block_size)
             r_in, r_out = self.rotation_blocks(impl=impl)
-            y = ops.poet_x_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms,
-                                  variant=self.config.variant, precision=self.precision, impl=impl)
+            y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
+                                  variant=self.config.flavour, precision=self.precision, impl=impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -140,18 +176,20 @@ class POETLinear(nnx.Module):
         """Dense (N, M) float32 kernel with layer(x) == x @ kernel (+ bias)."""
         r_in, r_out = self.rotation_blocks(exact=exact)
         kernel_fn = fs.effective_kernel if self.config.variant == "fs" else ops.effective_kernel
-        return kernel_fn(self.w0[...], r_in, r_out, self.perms)
+        return kernel_fn(self.base_weight(), r_in, r_out, self.perms)
 
     def merge_and_reinit(self, key: jax.Array) -> None:
         """Fold the rotations into W0, draw new permutations, zero the generators (spec §6).
 
         For POET-FS the new permutations carry the new index subsets (``poetjax.fs.index_subsets``).
 
-        The merge is computed in float32 and cast back to W0's storage dtype once.
+        The merge is computed in float32 and cast back to W0's storage dtype once; POET-XQ dequantizes
+        W_s in float32, merges, stores the result under the new permutations and re-quantizes it (new
+        scales and zero points: the groups now hold different entries), spec §9.4.
         """
         kernel = self.effective_kernel()
         perms = self._draw_perms(key)
-        self.w0[...] = ops.store_base_weight(kernel, perms).astype(self.w0[...].dtype)
+        self._store_base(ops.store_base_weight(kernel, perms))
         self._set_perms(perms)
         self.theta_in[...] = jnp.zeros_like(self.theta_in[...])
         self.theta_out[...] = jnp.zeros_like(self.theta_out[...])

@@ -26,6 +26,11 @@ fused kernels of ``pallas_kernels`` — the input gather happens inside the load
 (``block_matmul_permuted``), and their backward kernels do the inverse permutations and the dR
 reductions — with the dense matmul left to XLA. "auto" picks Pallas on a GPU when the kernels support
 the block size (see ``resolve_impl``). Both variants exist for both implementations.
+
+POET-XQ: W_s may be a ``poetjax.quant.QuantizedWeight`` (uint8 codes + per-group scale/zero) instead
+of an array. The dense matmul h = a @ Ŵ then dequantizes on the fly — XLA: ``quant.quantized_matmul``,
+whose backward re-dequantizes; Pallas: ``pallas_kernels.qmatmul``, which dequantizes tiles inside the
+matmul kernel — so no layer keeps a float copy of its base weight as a residual.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import pallas_kernels as pk
 from poetjax.cayley import HIGHEST
 from poetjax.config import IMPLS
 from poetjax.perms import permute
+from poetjax.quant import QuantizedWeight, quantized_matmul
 
 
 class LayerPerms(NamedTuple):
@@ -62,10 +68,19 @@ def block_rotate(x_TxD: jax.Array, r_BxKxK: jax.Array, *, precision=None) -> jax
     return y.reshape(*lead, nb * k)
 
 
+def _base_matmul(a_TxNp, w0_NpxMp, precision, interpret=None):
+    """h = a @ W_s; W_s an array or a QuantizedWeight (interpret None: XLA, else the Pallas kernel)."""
+    if not isinstance(w0_NpxMp, QuantizedWeight):
+        return jnp.matmul(a_TxNp, w0_NpxMp, precision=precision)
+    if interpret is None:
+        return quantized_matmul(a_TxNp, *w0_NpxMp, precision)
+    return pk.qmatmul(a_TxNp, *w0_NpxMp, interpret=interpret)
+
+
 def _poet_x_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision):
     u = permute(x, perms.perm_in, perms.perm_in_inv)
     a = block_rotate(u, r_in_IxKxK, precision=precision)
-    h = jnp.matmul(a, w0_NpxMp, precision=precision)
+    h = _base_matmul(a, w0_NpxMp, precision)
     z = block_rotate(h, r_out_OxKxK, precision=precision)
     return permute(z, perms.perm_out, perms.perm_out_inv)
 
@@ -99,7 +114,7 @@ def resolve_impl(impl: str, block_size: int) -> str:
 
 def _poet_x_pallas_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision, interpret):
     a = pk.permuted_block_matmul(x, perms.perm_in, r_in_IxKxK, interpret=interpret)
-    h = jnp.matmul(a, w0_NpxMp, precision=precision)
+    h = _base_matmul(a, w0_NpxMp, precision, interpret)
     return pk.block_matmul_permuted(h, perms.perm_out, r_out_OxKxK, inv_perm=perms.perm_out_inv,
                                     interpret=interpret)
 
@@ -108,7 +123,7 @@ _poet_x_pallas_mem_body = jax.checkpoint(_poet_x_pallas_body, policy=jax.checkpo
                                          static_argnums=(5, 6))
 
 
-def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
+def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                   perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla") -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
@@ -116,11 +131,15 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_ou
     Pallas kernels cast them inside and return their cotangents in float32). W_s never receives a
     gradient: it is not differentiated even if the caller's transformation would allow it, because it
     is stop-gradient'ed here. ``impl``: "xla", "pallas" or "auto" (see ``resolve_impl``).
+    A ``QuantizedWeight`` W_s (POET-XQ) is kept in uint8 and dequantized inside the matmul.
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
     dtype = x.dtype
-    w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
+    if isinstance(w0_NpxMp, QuantizedWeight):
+        w0 = jax.tree.map(jax.lax.stop_gradient, w0_NpxMp)
+    else:
+        w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
     if resolve_impl(impl, r_in_IxKxK.shape[-1]) == "pallas":
         body = _poet_x_pallas_body if variant == "fast" else _poet_x_pallas_mem_body
         # No GPU: the interpreter (correct everywhere, slow; for tests).

@@ -90,7 +90,8 @@ class OptimizerConfig:
     max_grad_norm:  global-norm clipping threshold (0 = off); for poet with the post-merge warm-up.
     clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
     block_size … poet_scale, impl: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
-                    fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas").
+                    fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas"; variant
+                    "xq"/"xq_mem" is POET-XQ, with W0 in uint8 groups of quant_group_size).
     """
 
     name: str = "poet"
@@ -111,6 +112,7 @@ class OptimizerConfig:
     init: str = "normalized"
     poet_scale: float = 0.5
     impl: str = "auto"
+    quant_group_size: int = 256
 
     def __post_init__(self):
         _check(self.name in OPTIMIZERS, f"name must be one of {OPTIMIZERS}, got name={self.name!r}")
@@ -127,7 +129,8 @@ class OptimizerConfig:
     def poet_config(self, init_std: float = 0.02) -> POETConfig:
         return POETConfig(block_size=self.block_size, merge_interval=self.merge_interval, variant=self.variant,
                           num_terms=self.num_terms, cayley=self.cayley, init=self.init, init_std=init_std,
-                          poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl)
+                          poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl,
+                          quant_group_size=self.quant_group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +282,13 @@ class RunConfig:
                 raise ConfigError(
                     f"optimizer.block_size={o.block_size} does not fit the model: it must be <= every projection "
                     f"dimension (model.hidden_size={m.hidden_size}, model.intermediate_size={m.intermediate_size})")
+            if self.poet.quantized:  # every projection's padded in-dimension must split into whole groups
+                for what, dim in (("model.hidden_size", m.hidden_size), ("model.intermediate_size", m.intermediate_size)):
+                    padded = -(-dim // o.block_size) * o.block_size
+                    if padded % o.quant_group_size:
+                        raise ConfigError(
+                            f"optimizer.quant_group_size={o.quant_group_size} does not divide {what}={dim} "
+                            f"(padded to {padded} by optimizer.block_size={o.block_size}); POET-XQ needs whole groups")
         if self.schedule.warmup_steps > self.train.steps:
             raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds "
                               f"train.steps={self.train.steps}")

@@ -1,9 +1,12 @@
-"""Tree surgery: ``poetize`` swaps every ``nnx.Linear`` of a model for a ``POETLinear``."""
+"""Tree surgery: ``poetize`` swaps every ``nnx.Linear`` of a model for a ``POETLinear``; ``build_poetized``
+builds a model already converted, one layer at a time (for models too large to exist in float first)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
+import jax
 from flax import nnx
 
 from poetjax.config import POETConfig
@@ -65,4 +68,60 @@ def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: S
         _set_child(model, path, new)
         if verbose:
             print(f"poetize: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
+    return model
+
+
+def _is_converted_kernel(targets: frozenset):
+    def match(path, _value) -> bool:
+        return len(path) >= 2 and path[-1] == "kernel" and tuple(path[:-1]) in targets
+    return match
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_initializer(n: int, m: int, config: POETConfig, use_bias: bool, dtype, param_dtype, precision):
+    """key → a new POETLinear (n → m), its state computed by one jitted program per distinct layer shape."""
+
+    def make(key):
+        return POETLinear(n, m, config=config, use_bias=use_bias, rngs=nnx.Rngs(params=key), dtype=dtype,
+                          param_dtype=param_dtype, precision=precision)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(make, jax.random.key(0)))
+    init_state = jax.jit(lambda key: nnx.state(make(key)))
+    return lambda key: nnx.merge(graphdef, init_state(key))
+
+
+def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, key: jax.Array,
+                   exclude: Sequence[str] | None = None, verbose: bool = False) -> nnx.Module:
+    """``make_model()`` with its Linears already converted, without ever building the float model.
+
+    For models too large to exist in float first (a 34B LLaMA is 79 GB in bf16; POET-XQ stores it in
+    ~40 GB): the model is traced abstractly (``nnx.eval_shape``); its unconverted state (embedding,
+    norms, excluded Linears, biases) comes from its own initializers in one jitted program whose unused
+    outputs — the converted kernels — XLA drops; each converted Linear becomes a POETLinear whose W0 is
+    drawn from N(0, init_std²) and transformed by ``config.init`` (what ``poetize`` does with a freshly
+    initialized Linear's kernel) inside one jitted program per layer shape, so at most one layer's float
+    weight exists at a time. Layer i (nnx graph order) uses ``fold_in(key, i)``.
+
+    Same distribution as ``poetize(make_model(), config)`` for a normally initialized model, not the same
+    numbers (the kernels come from other keys).
+    """
+    if not isinstance(config, POETConfig):
+        raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
+    exclude = tuple(config.exclude if exclude is None else exclude)
+    model = nnx.eval_shape(make_model)
+    targets = [(p, m) for p, m in iter_modules(model, nnx.Linear) if not _is_excluded(p, exclude)]
+    if not targets:
+        raise ValueError(f"build_poetized found no nnx.Linear to convert (exclude={exclude})")
+    drop = _is_converted_kernel(frozenset(p for p, _ in targets))
+    rest = jax.jit(lambda: nnx.split(make_model(), drop, ...)[2])()
+    nnx.update(model, rest)
+    for i, (path, lin) in enumerate(targets):
+        init = _layer_initializer(lin.in_features, lin.out_features, config, lin.bias is not None, lin.dtype,
+                                  lin.param_dtype, lin.precision)
+        new = init(jax.random.fold_in(key, i))
+        if lin.bias is not None:
+            new.bias[...] = lin.bias[...]
+        _set_child(model, path, new)
+        if verbose:
+            print(f"build_poetized: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
     return model

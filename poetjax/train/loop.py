@@ -81,7 +81,9 @@ def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: 
 
 def _param_summary(state: core.TrainState, cfg: RunConfig) -> str:
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    n_frozen = sum(int(x.size) for x in jax.tree.leaves(state.frozen) if jnp.issubdtype(x.dtype, jnp.floating))
+    # Base weights: "w0" (float) or POET-XQ's "w0_codes" (uint8); permutations and XQ scales excluded.
+    n_frozen = sum(int(x.size) for p, x in jax.tree_util.tree_flatten_with_path(state.frozen)[0]
+                   if str(getattr(p[-1], "key", p[-1])) in ("w0", "w0_codes"))
     text = f"model: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size} (ffn {cfg.model.intermediate_size}, " \
            f"{cfg.model.num_heads} heads, vocab {cfg.model.vocab_size}); trainable {n_params / 1e6:.3f}M"
     if cfg.optimizer.name == "poet":

@@ -30,7 +30,7 @@ from poetjax.merge import merge as merge_model
 from poetjax.models.llama import Llama
 from poetjax.optim import reset_generator_state
 from poetjax.run_config import RunConfig
-from poetjax.surgery import poetize
+from poetjax.surgery import build_poetized, poetize
 
 
 class TrainState(NamedTuple):
@@ -50,8 +50,15 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def build_model(cfg: RunConfig) -> nnx.Module:
-    """The run's LLaMA; for ``optimizer.name == "poet"`` every projection is a POETLinear."""
+    """The run's LLaMA; for ``optimizer.name == "poet"`` every projection is a POETLinear.
+
+    POET-XQ (variant xq/xq_mem) never builds the float model: ``poetjax.surgery.build_poetized`` converts
+    layer by layer from an abstract model, so a model whose float weights would not fit the device can
+    still be built in its quantized form.
+    """
     k_model, k_poet, _ = run_keys(cfg.seed)
+    if cfg.optimizer.name == "poet" and cfg.poet.quantized:
+        return build_poetized(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=k_model)), cfg.poet, key=k_poet)
     model = Llama(cfg.model, rngs=nnx.Rngs(params=k_model))
     if cfg.optimizer.name == "poet":
         poetize(model, cfg.poet, rngs=nnx.Rngs(params=k_poet))
