@@ -11,8 +11,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout without installing
 # LAPACK calls on CPU (the diagnostics' SVDs) go through OpenBLAS from XLA's own worker threads; letting
 # OpenBLAS start threads of its own oversubscribes the cores and made them ~30x slower on a 2-core VM.
-# Set before numpy loads OpenBLAS; an explicit setting in the environment wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Set before numpy loads OpenBLAS; an explicit setting in the environment wins. Not with several virtual
+# CPU devices (XLA_FLAGS ..._device_count): their threads call LAPACK concurrently, and single-threaded
+# OpenBLAS then deadlocked a sharded run's first SVD (reproduced with mesh.data=8).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from poetjax.train.cli import main  # noqa: E402
 

@@ -94,6 +94,10 @@ def test_eight_device_suite(data_cache):
     meshes, pmap, the scaling benchmark) in one process with 8 virtual CPU devices."""
     env = dict(os.environ, POETJAX_MULTIDEVICE="1", POETJAX_TEST_DATA_CACHE=data_cache, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    # Eight device threads calling LAPACK at once deadlock single-threaded OpenBLAS (the diagnostics' SVDs
+    # hung the first sharded run); train.py leaves it unset with virtual devices, so must we.
+    if env.get("OPENBLAS_NUM_THREADS") == "1":
+        del env["OPENBLAS_NUM_THREADS"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            os.path.join("tests", "multidevice")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
