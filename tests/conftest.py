@@ -7,7 +7,8 @@ import pytest
 # otherwise oversubscribes a small CI machine. Before numpy is imported; an explicit setting wins. Not in
 # the 8-virtual-device subprocess (tests/multidevice, started by test_distributed.py): eight device threads
 # calling LAPACK at once deadlock single-threaded OpenBLAS, exactly as train.py avoids.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if not os.environ.get("POETJAX_MULTIDEVICE") and \
+        "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Tests import the package from the checkout even when it is not installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
