@@ -151,6 +151,12 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     start, position, resumed = 0, 0, False
     diag_every = cfg.logging.diagnostics_interval
+    if diag_every and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
+        # Several (virtual) CPU devices running the SVDs' LAPACK calls at once hung XLA's CPU runtime
+        # (reproduced with mesh.data=8 on 8 virtual devices); GPUs use their own solvers.
+        say("diagnostics off: not supported on a mesh of several CPU devices (logging.diagnostics_interval "
+            "is ignored)")
+        diag_every = 0
     diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
     # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
     s_ref = core.reference_spectra(diag_step, state) if diag_every else None
