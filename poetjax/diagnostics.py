@@ -209,9 +209,9 @@ def base_kernel(layer: POETLinear) -> jax.Array:
     """The current frozen W0 of a POET layer as an (Np, Mp) float32 matrix (stored permuted and padded).
 
     Permutations and zero padding leave the nonzero singular values unchanged, so its leading min(N, M)
-    singular values are those of the unpermuted (N, M) base.
+    singular values are those of the unpermuted (N, M) base. POET-XQ: the dequantized codes.
     """
-    return layer.w0[...].astype(jnp.float32)
+    return layer.base_weight(jnp.float32)
 
 
 def _batched_singular_values(mats: dict[str, jax.Array]) -> dict[str, jax.Array]:
