@@ -32,6 +32,7 @@ from flax import nnx
 from poetjax import fs, ops
 from poetjax.layers import POETLinear
 from poetjax.perms import permute
+from poetjax.models.llama import layer_view
 from poetjax.surgery import iter_modules
 
 
@@ -41,6 +42,7 @@ def path_name(path) -> str:
 
 def linear_kernels(model: nnx.Module) -> dict[str, jax.Array]:
     """{path: (in, out) float32 kernel} of every POET layer (effective kernel) and every nnx.Linear."""
+    model = layer_view(model)
     out = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, POETLinear):
@@ -108,6 +110,7 @@ def blocks_orthogonality_error(r_BxKxK: jax.Array, dim: int) -> jax.Array:
 
 def orthogonality_errors(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{path: (e_in, e_out)} of every POET layer's current rotations (exactly 0 right after a merge)."""
+    model = layer_view(model)
     out = {}
     for path, layer in iter_modules(model, POETLinear):
         r_in, r_out = layer.rotation_blocks()
@@ -159,7 +162,7 @@ class PhaseProbe:
     @staticmethod
     def init(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
         probes = {}
-        for i, (path, layer) in enumerate(iter_modules(model, POETLinear)):
+        for i, (path, layer) in enumerate(iter_modules(layer_view(model), POETLinear)):
             k_in, k_out = jax.random.split(jax.random.fold_in(key, i))
             v_in = jax.random.normal(k_in, (layer.in_features,), jnp.float32)
             v_out = jax.random.normal(k_out, (layer.out_features,), jnp.float32)
@@ -172,7 +175,7 @@ class PhaseProbe:
     def advance(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, ProbeState]:
         """Fold the current rotations into the carried probe images (call right before a merge)."""
         out = {}
-        for path, layer in iter_modules(model, POETLinear):
+        for path, layer in iter_modules(layer_view(model), POETLinear):
             p = probes[path_name(path)]
             out[path_name(path)] = p._replace(w_in=rotate_input_side(layer, p.w_in, transpose=True),
                                               w_out=rotate_output_side(layer, p.w_out))
@@ -181,7 +184,7 @@ class PhaseProbe:
     @staticmethod
     def cosines(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
         out = {}
-        for path, layer in iter_modules(model, POETLinear):
+        for path, layer in iter_modules(layer_view(model), POETLinear):
             p = probes[path_name(path)]
             cos_in = jnp.dot(rotate_input_side(layer, p.v_in), p.w_in)   # v·R_cur·(R_total vᵀ)
             cos_out = jnp.dot(rotate_output_side(layer, p.w_out), p.v_out)  # (v·P_total·P_cur)·vᵀ
@@ -242,6 +245,7 @@ def model_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None
       merge did to the spectrum (0 for exact Cayley up to rounding, within the Neumann bound otherwise);
     * POET layers with ``probes`` (``PhaseProbe.init``): "cos_in", "cos_out" (``PhaseProbe.cosines``).
     """
+    model = layer_view(model)  # per-layer paths and kernels also for stacked layers (scan_layers)
     kernels, bases, poet = {}, {}, {}
     for path, node in nnx.iter_graph(model):
         name = path_name(path)

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from poetjax.layers import POETLinear
+from poetjax.models.llama import layer_view
 from poetjax.surgery import _set_child, iter_modules
 
 
@@ -30,7 +31,7 @@ def _plain_linear(layer: POETLinear) -> nnx.Linear:
 
 def export_plain(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with every POETLinear replaced by an nnx.Linear holding W_eff (merged)."""
-    plain = nnx.clone(model)
+    plain = nnx.clone(layer_view(model))  # a stacked model (scan_layers) exports with one Block per layer
     layers = list(iter_modules(plain, POETLinear))
     if not layers:
         raise ValueError("export_plain: the model has no POET layers")

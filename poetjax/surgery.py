@@ -1,5 +1,10 @@
 """Tree surgery: ``poetize`` swaps every ``nnx.Linear`` of a model for a ``POETLinear``; ``build_poetized``
-builds a model already converted, one layer at a time (for models too large to exist in float first)."""
+builds a model already converted, one layer at a time (for models too large to exist in float first).
+
+Stacked layers (a LLaMA with ``scan_layers=True``): an ``nnx.Linear`` whose kernel has a leading layer
+axis (L, N, M) becomes one POETLinear with a leading layer axis on every Variable; layer slice l is
+converted exactly as an unstacked Linear would be, with its own key (``stacked_depth``, ``view_order``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from poetjax.config import POETConfig
 from poetjax.layers import POETLinear
+from poetjax.models.llama import layer_view, rngs_at  # LLaMA is the one model with a stacked layout
 
 
 def _path_str(path) -> str:
@@ -45,6 +52,66 @@ def poet_layers(model: nnx.Module) -> list[tuple[tuple, POETLinear]]:
     return list(iter_modules(model, POETLinear))
 
 
+def stacked_depth(module: nnx.Module) -> int:
+    """0 for an ordinary layer, 1 for a layer stacked along a leading layer axis (``scan_layers``)."""
+    if isinstance(module, POETLinear):
+        return module.theta_in.ndim - 2
+    if isinstance(module, nnx.Linear):
+        return module.kernel.ndim - 2
+    raise TypeError(f"stacked_depth: expected a POETLinear or nnx.Linear, got {type(module).__name__}")
+
+
+def _slice_path(path: tuple, i: int) -> tuple:
+    """Path in the per-layer view of slice ``i`` of the stacked module at ``path`` (a LLaMA's stacked
+    ``layers`` Block: ('layers', 'attn', 'q_proj') → ('layers', i, 'attn', 'q_proj'))."""
+    return tuple(path[:1]) + (i,) + tuple(path[1:])
+
+
+def view_order(model: nnx.Module, kind: type, paths: Sequence[tuple], keep: Callable = lambda path: True
+               ) -> list[list[int]]:
+    """For each of the ``kind`` modules at ``paths`` of ``model``: the index of each of its layer slices
+    (one for an unstacked module) among the ``kind`` modules of the model's per-layer view
+    (``poetjax.models.layer_view``) whose path passes ``keep``, in graph order. Keys are derived from
+    these indices, so a stacked model draws the same numbers as its unstacked twin."""
+    view = nnx.eval_shape(layer_view, model)  # abstract: works for concrete and abstract models
+    index = {p: i for i, p in enumerate(p for p, _ in iter_modules(view, kind) if keep(p))}
+    out = []
+    for path in paths:
+        node = model
+        for p in path:
+            node = node[p] if isinstance(p, int) else getattr(node, p)
+        if stacked_depth(node) == 0:
+            out.append([index[tuple(path)]])
+        else:
+            n = (node.theta_in if isinstance(node, POETLinear) else node.kernel).shape[0]
+            out.append([index[_slice_path(path, i)] for i in range(n)])
+    return out
+
+
+def _convert(lin: nnx.Linear, config: POETConfig, rngs: nnx.Rngs, kernel, bias) -> POETLinear:
+    return POETLinear(lin.in_features, lin.out_features, config=config, use_bias=lin.bias is not None,
+                      rngs=rngs, kernel=kernel, bias=bias, dtype=lin.dtype,
+                      param_dtype=lin.param_dtype, precision=lin.precision)
+
+
+# Keys a POETLinear draws from its rngs at construction: one for W0's init, one for the permutations.
+_POET_DRAWS = 2
+
+
+def _convert_stacked(lin: nnx.Linear, config: POETConfig, key: jax.Array, counts: Sequence[int]) -> POETLinear:
+    """A stacked Linear (kernel (L, N, M)) as one POETLinear stacked the same way; slice l is built from
+    ``rngs_at(key, counts[l])``, as an unstacked Linear converted at that point of the stream would be."""
+    bias = None if lin.bias is None else lin.bias[...]
+
+    def one(kernel, b, count):
+        return _convert(lin, config, rngs_at(key, count), kernel, b)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: one(lin.kernel[0], None if bias is None else bias[0], 0)))
+    state = jax.vmap(lambda k, b, c: nnx.state(one(k, b, c)))(lin.kernel[...], bias,
+                                                               jnp.asarray(counts, jnp.uint32))
+    return nnx.merge(graphdef, state)
+
+
 def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: Sequence[str] | None = None,
             verbose: bool = False) -> nnx.Module:
     """Replace every ``nnx.Linear`` whose path contains none of ``exclude`` by a ``POETLinear``.
@@ -60,14 +127,27 @@ def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: S
     targets = [(p, m) for p, m in iter_modules(model, nnx.Linear) if not _is_excluded(p, exclude)]
     if not targets:
         raise ValueError(f"poetize found no nnx.Linear to convert (exclude={exclude})")
-    for path, lin in targets:
-        new = POETLinear(lin.in_features, lin.out_features, config=config, use_bias=lin.bias is not None,
-                         rngs=rngs, kernel=lin.kernel[...],
-                         bias=None if lin.bias is None else lin.bias[...],
-                         dtype=lin.dtype, param_dtype=lin.param_dtype, precision=lin.precision)
+    stacked = any(stacked_depth(lin) for _, lin in targets)
+    if stacked:  # draw what the unstacked twin would: target t of the per-layer view at draw start + 2t
+        stream = rngs.params
+        key, start = stream.key[...], int(stream.count[...])
+        order = view_order(model, nnx.Linear, [p for p, _ in targets], keep=lambda p: not _is_excluded(p, exclude))
+        total = sum(len(idx) for idx in order)
+    for i, (path, lin) in enumerate(targets):
+        if stacked:
+            counts = [start + _POET_DRAWS * t for t in order[i]]
+            if stacked_depth(lin):
+                new = _convert_stacked(lin, config, key, counts)
+            else:
+                new = _convert(lin, config, rngs_at(key, counts[0]), lin.kernel[...],
+                               None if lin.bias is None else lin.bias[...])
+        else:
+            new = _convert(lin, config, rngs, lin.kernel[...], None if lin.bias is None else lin.bias[...])
         _set_child(model, path, new)
         if verbose:
             print(f"poetize: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
+    if stacked:
+        stream.count[...] = start + _POET_DRAWS * total
     return model
 
 
@@ -90,6 +170,34 @@ def _layer_initializer(n: int, m: int, config: POETConfig, use_bias: bool, dtype
     return lambda key: nnx.merge(graphdef, init_state(key))
 
 
+@functools.lru_cache(maxsize=None)
+def _slice_initializer(n: int, m: int, config: POETConfig, use_bias: bool, dtype, param_dtype, precision):
+    """(stacked state, l, key) → the state with layer slice l set to a new POETLinear's (donated, so the
+    stacked buffers are updated in place: one slice's float weight exists at a time)."""
+
+    def make(key):
+        return POETLinear(n, m, config=config, use_bias=use_bias, rngs=nnx.Rngs(params=key), dtype=dtype,
+                          param_dtype=param_dtype, precision=precision)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(make, jax.random.key(0)))
+
+    def fill(stacked, l, key):
+        new = nnx.state(make(key))
+        return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, l, 0), stacked, new)
+
+    abstract = nnx.state(nnx.eval_shape(make, jax.random.key(0)))
+    return graphdef, abstract, jax.jit(fill, donate_argnums=0)
+
+
+def _build_stacked(lin: nnx.Linear, config: POETConfig, keys: Sequence[jax.Array]) -> POETLinear:
+    graphdef, abstract, fill = _slice_initializer(lin.in_features, lin.out_features, config, lin.bias is not None,
+                                                  lin.dtype, lin.param_dtype, lin.precision)
+    state = jax.tree.map(lambda a: jnp.zeros((len(keys), *a.shape), a.dtype), abstract)
+    for l, key in enumerate(keys):
+        state = fill(state, l, key)
+    return nnx.merge(graphdef, state)
+
+
 def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, key: jax.Array,
                    exclude: Sequence[str] | None = None, verbose: bool = False) -> nnx.Module:
     """``make_model()`` with its Linears already converted, without ever building the float model.
@@ -103,7 +211,8 @@ def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, 
     weight exists at a time. Layer i (nnx graph order) uses ``fold_in(key, i)``.
 
     Same distribution as ``poetize(make_model(), config)`` for a normally initialized model, not the same
-    numbers (the kernels come from other keys).
+    numbers (the kernels come from other keys). A stacked model (``scan_layers``) gets the same numbers as
+    its unstacked twin: slice l of a stacked Linear uses the key of that layer in the per-layer view.
     """
     if not isinstance(config, POETConfig):
         raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
@@ -115,10 +224,14 @@ def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, 
     drop = _is_converted_kernel(frozenset(p for p, _ in targets))
     rest = jax.jit(lambda: nnx.split(make_model(), drop, ...)[2])()
     nnx.update(model, rest)
-    for i, (path, lin) in enumerate(targets):
-        init = _layer_initializer(lin.in_features, lin.out_features, config, lin.bias is not None, lin.dtype,
-                                  lin.param_dtype, lin.precision)
-        new = init(jax.random.fold_in(key, i))
+    order = view_order(model, nnx.Linear, [p for p, _ in targets], keep=lambda p: not _is_excluded(p, exclude))
+    for (path, lin), idx in zip(targets, order):
+        if stacked_depth(lin):  # slice by slice into donated stacked buffers
+            new = _build_stacked(lin, config, [jax.random.fold_in(key, i) for i in idx])
+        else:
+            init = _layer_initializer(lin.in_features, lin.out_features, config, lin.bias is not None, lin.dtype,
+                                      lin.param_dtype, lin.precision)
+            new = init(jax.random.fold_in(key, idx[0]))
         if lin.bias is not None:
             new.bias[...] = lin.bias[...]
         _set_child(model, path, new)
