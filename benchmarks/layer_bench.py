@@ -14,6 +14,11 @@ the same inputs. A failing case prints its error and the run goes on. The table 
     python benchmarks/layer_bench.py --quick --tuning sweep.jsonl   # layer cases with the sweep's winners
     python benchmarks/layer_bench.py --out results.jsonl   # also append JSON lines (one per result)
     python benchmarks/layer_bench.py --tiny          # a few seconds' smoke test that runs on CPU too
+    python benchmarks/layer_bench.py --quick --impls xla,xla_f,pallas_f --perms   # layouts, permutations
+
+Implementations (--impls): xla / pallas keep token-major activations (XLA gathers / gathers fused into
+the rotation kernels); xla_f / pallas_f run the layer feature-major (``poetjax.ops.resolve_layout``:
+XLA transposes + row gathers / the transposing kernels of ``pallas_kernels.transpose_perm``).
 
 Also times the Cayley kernel (forward + backward) against XLA's at 16 and 43 blocks of 256.
 Runs from a checkout without installing (the GPU box cannot install).
@@ -123,12 +128,19 @@ def dense_fn(x, w, g):
     return y, dx, dw
 
 
-def poet_fn(lin, lout, variant, impl):
+# Layer implementations timed: name → (impl, layout) of ``poetjax.ops.poet_x_linear``.
+IMPLS = {"xla": ("xla", "tokens"), "pallas": ("pallas", "tokens"),
+         "xla_f": ("xla", "features"), "pallas_f": ("pallas", "features")}
+
+
+def poet_fn(lin, lout, variant, name, cayley_precision="highest"):
+    impl, layout = IMPLS[name]
+
     def f(x, w0, th_in, th_out, perms, g):
         def layer(x, th_in, th_out):
-            r_in = rotations(th_in, lin, 3, impl=impl)
-            r_out = rotations(th_out, lout, 3, impl=impl)
-            return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl)
+            r_in = rotations(th_in, lin, 3, impl=impl, precision=cayley_precision)
+            r_out = rotations(th_out, lout, 3, impl=impl, precision=cayley_precision)
+            return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout)
 
         y, vjp = jax.vjp(layer, x, th_in, th_out)
         return (y, *vjp(g))
@@ -160,11 +172,12 @@ def run_layer_case(case, rec: Recorder, args, table):
         for impl in args.impls:
             name = f"{variant}/{impl}"
             try:
-                compiled, temp = compile_fn(poet_fn(d["lin"], d["lout"], variant, impl), *poet_args)
+                compiled, temp = compile_fn(poet_fn(d["lin"], d["lout"], variant, impl, args.cayley_precision),
+                                            *poet_args)
                 outs[name] = compiled(*poet_args)
                 check = None
                 other = f"{variant}/xla"
-                if impl == "pallas" and other in outs:  # correctness before timing
+                if impl != "xla" and other in outs:  # correctness before timing
                     errs = [rel_err(a.astype(jnp.float32), b.astype(jnp.float32))
                             for a, b in zip(outs[name], outs[other])]
                     tols = [tolerance(jnp.bfloat16, "value")] + [tolerance(jnp.bfloat16, "grad")] * 3
@@ -207,13 +220,13 @@ def print_table(table, args):
 # Cayley
 # ----------------------------------------------------------------------------------------------
 
-def cayley_fn(nb, k, impl, config=None):
+def cayley_fn(nb, k, impl, config=None, precision="highest"):
     lay = block_layout(nb * k, k)
     interpret = pk.default_interpret()
 
     def f(theta, g):
         if impl == "xla":
-            r, vjp = jax.vjp(lambda t: rotations(t, lay, 3), theta)
+            r, vjp = jax.vjp(lambda t: rotations(t, lay, 3, precision=precision), theta)
         else:
             r, vjp = jax.vjp(lambda t: pk.cayley_neumann(t, k, 3, config=config, interpret=interpret), theta)
         return r, vjp(g)[0]
@@ -221,23 +234,91 @@ def cayley_fn(nb, k, impl, config=None):
 
 
 def run_cayley(rec: Recorder, args, blocks=(16, 43), k=256):
+    """XLA (float32-exact products, and one-TF32-pass products) vs the kernel (TF32×3, and one TF32 pass);
+    errors against the float32-exact XLA series. Pallas and XLA are compared at equal precision."""
     print("\n== Cayley–Neumann forward + backward (K=256)")
+    cfg = pk.tuning.cayley_config(k)
+    variants = {"xla/highest": ("xla", None, "highest"), "xla/default": ("xla", None, "default"),
+                "pallas/tf32x3": ("pallas", dataclasses.replace(cfg, precision="tf32x3"), None),
+                "pallas/tf32": ("pallas", dataclasses.replace(cfg, precision="tf32"), None)}
     for nb in blocks:
         theta = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(nb), (nb, k * (k - 1) // 2))
         g = jax.random.normal(jax.random.key(nb + 1), (nb, k, k))
         res = {}
-        for impl in ("xla", "pallas"):
+        for name, (impl, config, prec) in variants.items():
             try:
-                compiled, _ = compile_fn(cayley_fn(nb, k, impl), theta, g)
-                res[impl] = (compiled(theta, g), time_ms(compiled, (theta, g), args.repeats, args.inner))
+                compiled, _ = compile_fn(cayley_fn(nb, k, impl, config, prec or "highest"), theta, g)
+                res[name] = (compiled(theta, g), time_ms(compiled, (theta, g), args.repeats, args.inner))
             except Exception as e:
-                print(f"  {nb} blocks {impl} FAILED: {short_error(e)}")
-        if len(res) == 2:
-            (ox, tx), (op, tp) = res["xla"], res["pallas"]
-            er, eg = rel_err(op[0], ox[0]), rel_err(op[1], ox[1])
-            print(f"  {nb:3d} blocks: xla {tx:7.3f} ms  pallas {tp:7.3f} ms  ({tp / tx:.2f}x)  "
-                  f"rel err R {er:.1e} dθ {eg:.1e}")
-            rec.add(kind="cayley", blocks=nb, b=k, xla_ms=tx, pallas_ms=tp, ratio=tp / tx, err_r=er, err_dtheta=eg)
+                print(f"  {nb} blocks {name} FAILED: {short_error(e)}")
+        if "xla/highest" not in res:
+            continue
+        ref, ref_ms = res["xla/highest"]
+        line = []
+        for name, (out, ms) in res.items():
+            er, eg = rel_err(out[0], ref[0]), rel_err(out[1], ref[1])
+            line.append(f"{name} {ms:.3f} ms (R {er:.0e}, dθ {eg:.0e})")
+            rec.add(kind="cayley", blocks=nb, b=k, variant=name, ms=ms, ratio_to_xla_highest=ms / ref_ms,
+                    err_r=er, err_dtheta=eg)
+        print(f"  {nb:3d} blocks: " + " | ".join(line))
+        for a, b in (("pallas/tf32x3", "xla/highest"), ("pallas/tf32", "xla/default")):
+            if a in res and b in res:
+                print(f"      {a} / {b} = {res[a][1] / res[b][1]:.2f}x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutations alone (T × D bf16): copy, XLA gathers, the transposing kernels over a few tiles
+# ----------------------------------------------------------------------------------------------
+
+def _transpose_grid():
+    for bt, bc, warps in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4),
+                          (256, 64, 8), (64, 256, 8)):
+        yield pk.TransposeConfig(block_t=bt, block_c=bc, num_warps=warps, num_stages=1)
+
+
+def run_perms(rec: Recorder, args, t=16384, d=4096):
+    print(f"\n== permutations alone: T={t}, D={d}, bf16 (GB/s counts one read + one write of T·D·2 bytes)")
+    keys = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(keys[0], (t, d), jnp.float32).astype(jnp.bfloat16)
+    xt = x.T + 0
+    perm, inv = input_permutation(keys[1], d, d, 256)
+    interpret = pk.default_interpret()
+    nbytes = 2 * t * d * 2
+    cases = {
+        "copy (x + 1)": (lambda x: x + 1, (x,)),
+        "xla x[:, perm]": (lambda x, p: jnp.take(x, p, axis=1), (x, perm)),
+        "xla x.T (transpose)": (lambda x: x.T, (x,)),
+        "xla x.T[perm] (transpose + rows)": (lambda x, p: jnp.take(x.T, p, axis=0), (x, perm)),
+        "xla z[perm].T (rows + transpose)": (lambda z, p: jnp.take(z, p, axis=0).T, (xt, perm)),
+    }
+    grid = list(_transpose_grid()) if args.perm_sweep else [pk.tuning.transpose_config()]
+    for cfg in grid:
+        cases[f"transpose_scatter {cfg.block_t}x{cfg.block_c} w{cfg.num_warps}"] = (
+            lambda x, p, cfg=cfg: pk.transpose_scatter(x, p, interpret=interpret, config=cfg), (x, inv))
+        cases[f"gather_transpose {cfg.block_t}x{cfg.block_c} w{cfg.num_warps}"] = (
+            lambda z, p, cfg=cfg: pk.gather_transpose(z, p, interpret=interpret, config=cfg), (xt, perm))
+    want_s = jnp.take(x.T, perm, axis=0)
+    want_g = jnp.take(xt, perm, axis=0).T
+    best = {}
+    for name, (fn, a) in cases.items():
+        try:
+            compiled, _ = compile_fn(fn, *a)
+            out = compiled(*a)
+            ok = ""
+            if name.startswith("transpose_scatter"):
+                ok = " exact" if bool(jnp.array_equal(out, want_s)) else " MISMATCH"
+            elif name.startswith("gather_transpose"):
+                ok = " exact" if bool(jnp.array_equal(out, want_g)) else " MISMATCH"
+            ms = time_ms(compiled, a, args.repeats, args.inner)
+            print(f"  {name:42s} {ms:7.3f} ms  {nbytes / ms / 1e6:7.0f} GB/s{ok}", flush=True)
+            rec.add(kind="perm", name=name, ms=ms, gbps=nbytes / ms / 1e6, T=t, D=d, exact=ok.strip() or None)
+            kind = name.split(" ")[0]
+            if ok == " exact" and (kind not in best or ms < best[kind][0]):
+                best[kind] = (ms, name)
+        except Exception as e:
+            print(f"  {name:42s} FAILED: {short_error(e)}")
+    for kind, (ms, name) in best.items():
+        print(f"  best {kind}: {name} ({ms:.3f} ms)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +490,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--no-cayley", action="store_true")
+    ap.add_argument("--perms", action="store_true",
+                    help="also time the permutations alone (copy, XLA gathers, transposing kernels; "
+                         "with --perm-sweep over several tiles)")
+    ap.add_argument("--perm-sweep", action="store_true", help="--perms over a grid of TransposeConfig tiles")
+    ap.add_argument("--cayley-precision", type=str, default="highest", choices=("highest", "default"),
+                    help="products of the layers' Cayley–Neumann series (poetjax.cayley.rotations)")
     ap.add_argument("--unsorted-perms", action="store_true",
                     help="uniformly shuffled permutations instead of the block-sorted ones layers sample")
     ap.add_argument("--no-layers", action="store_true")
@@ -451,6 +538,8 @@ def main(argv=None):
     if not args.no_layers and not (args.sweep and not args.cases and not args.quick):
         for case in cases:
             run_layer_case(case, rec, args, table)
+    if args.perms or args.perm_sweep:
+        run_perms(rec, args, *((128, 256) if args.tiny else ()))
     if not args.no_cayley and not args.tiny:
         run_cayley(rec, args)
     if table:

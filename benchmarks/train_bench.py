@@ -12,8 +12,9 @@ tokens/s from the median step and the device's peak bytes in use. Methods:
   adamw       the dense baseline on the same JAX model (optax.adamw, moments in the parameter dtype)
   poet_fast   POET-X, variant fast          poet_mem   POET-X, variant mem
   poet_xq     POET-XQ (uint8 W0), fast      poet_xq_mem  POET-XQ, mem
-  (append ``@impl`` to pick the POET implementation, e.g. ``poet_fast@pallas``; default auto. For XQ,
-  ``@pallas`` also runs the dense matmul through the dequantizing ``qmatmul`` kernel)
+  (append ``@impl`` or ``@impl/layout`` to pick the POET implementation and layout, e.g.
+  ``poet_fast@pallas`` or ``poet_fast@xla/features``; default auto. For XQ, ``@pallas`` also runs the
+  dense matmul through the dequantizing ``qmatmul`` kernel)
 
 Every method also reports where its memory goes: bytes of the frozen base weights (W0, or XQ's codes +
 scales + zero points), the permutation indices, the trainable parameters and the optimizer state (the
@@ -44,12 +45,13 @@ sys.path.insert(0, ROOT)
 
 def _method_overrides(method: str) -> list[str]:
     name, _, impl = method.partition("@")
+    impl, _, layout = impl.partition("/")
     if name == "adamw":
         return ["optimizer.name=adamw"]
     variants = {"poet_fast": "fast", "poet_mem": "mem", "poet_xq": "xq", "poet_xq_mem": "xq_mem"}
     if name in variants:
         out = ["optimizer.name=poet", f"optimizer.variant={variants[name]}"]
-        return out + ([f"optimizer.impl={impl}"] if impl else [])
+        return out + ([f"optimizer.impl={impl}"] if impl else []) + ([f"optimizer.layout={layout}"] if layout else [])
     raise ValueError(f"unknown method {method!r}; expected adamw, {', '.join(variants)} (optionally @xla/@pallas)")
 
 

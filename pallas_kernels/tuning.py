@@ -68,3 +68,13 @@ def cayley_config(block_size: int) -> CayleyConfig:
     """The default configuration of the Cayley–Neumann kernels for this K."""
     check_block_size(block_size)
     return _lookup("cayley", block_size, _cayley_heuristic(block_size)).validate(block_size)
+
+
+# The transposing permutations (pallas_kernels.transpose_perm) do not depend on K: one entry, key 0.
+TRANSPOSE_TABLE: dict[str, int] = {}
+
+
+def transpose_config() -> "TransposeConfig":
+    """The default tiles of ``transpose_scatter`` / ``gather_transpose`` (``TRANSPOSE_TABLE`` overrides)."""
+    from pallas_kernels.transpose_perm import TransposeConfig
+    return dataclasses.replace(TransposeConfig(), **TRANSPOSE_TABLE).validate()

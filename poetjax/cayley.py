@@ -160,14 +160,22 @@ def packed_from_skew(q_BxKxK: jax.Array) -> jax.Array:
     return q_BxKxK.reshape(*q_BxKxK.shape[:-2], k * k)[..., jnp.asarray(r * k + c)]
 
 
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
+CAYLEY_PRECISIONS = {"highest": HIGHEST, "default": jax.lax.Precision.DEFAULT}
 
 
-def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3) -> jax.Array:
-    """R = (I+Q)·Σ_{i=0..num_terms} Qⁱ for (..., K, K) matrices Q (any Q; skew-symmetric in POET)."""
+def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST) -> jax.Array:
+    """R = (I+Q)·Σ_{i=0..num_terms} Qⁱ for (..., K, K) matrices Q (any Q; skew-symmetric in POET).
+
+    ``precision`` of the float32 products: HIGHEST (float32-exact) by default; DEFAULT lets a GPU use one
+    TF32 pass (CPUs still compute float32), an error of ~1e-3·‖Qⁱ‖ on the i ≥ 2 terms only (I + 2Q is
+    summed exactly), far below the bf16 rounding the blocks get before they rotate bf16 activations.
+    """
     if not isinstance(num_terms, int) or num_terms < 0:
         raise ValueError(f"num_terms must be an int >= 0, got num_terms={num_terms!r}")
+
+    def _mm(a, b):
+        return jnp.matmul(a, b, precision=precision)
+
     eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
     if num_terms == 3:
         # I + 2Q + 2Q² + 2Q³ + Q⁴ = I + 2(Q + Q² + Q²·Q) + Q²·Q²: three matmuls (spec §4.2).
@@ -192,15 +200,24 @@ def neumann_orthogonality_bound(q_norm, num_terms: int = 3):
 
 
 def rotations(theta_BxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
-              exact: bool = False, impl: str = "xla") -> jax.Array:
+              exact: bool = False, impl: str = "xla", precision: str = "highest") -> jax.Array:
     """Orthogonal blocks (B, K, K) in float32 from packed generators (masked for a ragged tail).
 
     impl="pallas" runs the Neumann series through the fused kernel ``pallas_kernels.cayley_neumann``
-    (in the interpreter when there is no GPU); the exact map always uses XLA.
+    (in the interpreter when there is no GPU); the exact map always uses XLA. ``precision``: "highest"
+    (float32-exact products) or "default" (one TF32 pass on a GPU: see ``cayley_neumann``; the kernel's
+    "tf32"); CPUs compute float32 either way.
     """
+    if precision not in CAYLEY_PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(CAYLEY_PRECISIONS)}, got precision={precision!r}")
     theta = mask_generators(theta_BxP.astype(jnp.float32), layout)
     if impl == "pallas" and not exact:
+        import dataclasses
+
         import pallas_kernels as pk  # local: keeps this module's import pure jnp
-        return pk.cayley_neumann(theta, layout.block_size, num_terms, interpret=pk.default_interpret())
+        cfg = pk.tuning.cayley_config(layout.block_size) if pk.supports_block_size(layout.block_size) else None
+        if cfg is not None and precision == "default":
+            cfg = dataclasses.replace(cfg, precision="tf32")
+        return pk.cayley_neumann(theta, layout.block_size, num_terms, interpret=pk.default_interpret(), config=cfg)
     q = skew_from_packed(theta)
-    return cayley_exact(q) if exact else cayley_neumann(q, num_terms)
+    return cayley_exact(q) if exact else cayley_neumann(q, num_terms, precision=CAYLEY_PRECISIONS[precision])

@@ -11,7 +11,9 @@ import dataclasses
 VARIANTS = ("fast", "mem", "fs", "xq", "xq_mem")
 QUANTIZED_VARIANTS = ("xq", "xq_mem")
 CAYLEY_MAPS = ("neumann", "exact")
+CAYLEY_PRECISIONS = ("highest", "default")
 IMPLS = ("auto", "xla", "pallas")
+LAYOUTS = ("auto", "tokens", "features")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 
 
@@ -34,6 +36,10 @@ class POETConfig:
     num_terms:      k of the Cayley–Neumann series (I+Q)·Σ_{i=0..k} Qⁱ; the papers use k = 3.
     cayley:         "neumann" (the papers' truncated series) or "exact" ((I+Q)(I−Q)⁻¹ by a solve: exactly
                     orthogonal, slower; for checks and research).
+    cayley_precision: the float32 products of the Neumann series in training steps: "highest"
+                    (float32-exact) or "default" (one TF32 pass on a GPU, ~1e-3 relative error on the Q²…Q⁴
+                    terms only; CPUs compute float32 either way). Merges and effective kernels always use
+                    "highest". See ``poetjax.cayley.cayley_neumann``.
     init:           how W0 is formed from the wrapped Linear's weight (POET spec §2):
                     "normalized" (reference default: copy, then every neuron — a kernel column — scaled to
                     unit L2 norm), "normalized_gaussian" (fresh N(0,1) draw, neurons normalized),
@@ -49,6 +55,12 @@ class POETConfig:
                     tests) or "auto" (the path measured fastest on this backend: XLA until the kernels beat
                     it on the GPU, see ``poetjax.ops.resolve_impl``). ``poetize`` passes it to every layer it builds;
                     ``POETLinear(impl=...)`` overrides it per layer. Never changes the math.
+    layout:         where the layer's permutations and block rotations run: "tokens" (token-major (T, D)
+                    activations; the permutations gather along the contiguous axis), "features" (the input
+                    permutation also transposes to (D, T), so every permutation moves whole rows; the block
+                    rotations and the dense matmul run there and the output permutation transposes back) or
+                    "auto" (the layout measured fastest for the resolved impl, ``poetjax.ops.resolve_layout``).
+                    Never changes the math.
     quant_group_size: G of POET-XQ, the number of consecutive in-dimension entries of one output column
                     that share a scale and zero point (spec default 256). Must divide every layer's padded
                     in-dimension (checked when the layer is built). Ignored by the other variants.
@@ -59,6 +71,7 @@ class POETConfig:
     variant: str = "fast"
     num_terms: int = 3
     cayley: str = "neumann"
+    cayley_precision: str = "highest"
     init: str = "normalized"
     init_std: float = 0.02
     poet_scale: float = 0.5
@@ -67,6 +80,7 @@ class POETConfig:
     eps: float = 1e-6
     exclude: tuple[str, ...] = ("lm_head",)
     impl: str = "auto"
+    layout: str = "auto"
     quant_group_size: int = 256
 
     def __post_init__(self):
@@ -87,6 +101,9 @@ class POETConfig:
             raise ValueError(f"num_terms must be an int ≥ 1, got num_terms={self.num_terms!r}")
         if self.cayley not in CAYLEY_MAPS:
             raise ValueError(f"cayley must be one of {CAYLEY_MAPS}, got cayley={self.cayley!r}")
+        if self.cayley_precision not in CAYLEY_PRECISIONS:
+            raise ValueError(f"cayley_precision must be one of {CAYLEY_PRECISIONS}, "
+                             f"got cayley_precision={self.cayley_precision!r}")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got init={self.init!r}")
         if not self.init_std > 0:
@@ -101,6 +118,8 @@ class POETConfig:
             raise ValueError(f"eps must be > 0, got eps={self.eps!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got layout={self.layout!r}")
         if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)
                 or self.quant_group_size <= 0):
             raise ValueError(f"quant_group_size must be a positive int, got quant_group_size={self.quant_group_size!r}")

@@ -145,16 +145,18 @@ class POETLinear(nnx.Module):
                               self.perm_out_inv[...])
 
     # -- math ---------------------------------------------------------------------------------
-    def rotation_blocks(self, *, exact: bool | None = None, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+    def rotation_blocks(self, *, exact: bool | None = None, impl: str = "xla",
+                        precision: str = "highest") -> tuple[jax.Array, jax.Array]:
         """(R_in (I, K, K), R_out (O, K, K)) in float32 from the current generators.
 
         ``exact`` overrides ``config.cayley`` (True: exact Cayley, False: Neumann series); ``impl``
-        "pallas" uses the fused Cayley kernel (merges and ``effective_kernel`` keep XLA).
+        "pallas" uses the fused Cayley kernel (merges and ``effective_kernel`` keep XLA); ``precision`` of
+        the series' products ("highest" | "default"; the forward pass passes ``config.cayley_precision``).
         """
         k = self.config.num_terms
         exact = self.config.cayley == "exact" if exact is None else exact
-        return (rotations(self.theta_in[...], self.layout_in, k, exact=exact, impl=impl),
-                rotations(self.theta_out[...], self.layout_out, k, exact=exact, impl=impl))
+        return (rotations(self.theta_in[...], self.layout_in, k, exact=exact, impl=impl, precision=precision),
+                rotations(self.theta_out[...], self.layout_out, k, exact=exact, impl=impl, precision=precision))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 1 or x.shape[-1] != self.in_features:
@@ -165,9 +167,10 @@ class POETLinear(nnx.Module):
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
             impl = ops.resolve_impl(self.impl, self.config.block_size)
-            r_in, r_out = self.rotation_blocks(impl=impl)
+            r_in, r_out = self.rotation_blocks(impl=impl, precision=self.config.cayley_precision)
             y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
-                                  variant=self.config.flavour, precision=self.precision, impl=impl)
+                                  variant=self.config.flavour, precision=self.precision, impl=impl,
+                                  layout=self.config.layout)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

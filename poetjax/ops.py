@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import pallas_kernels as pk
 from poetjax.cayley import HIGHEST
 from poetjax.config import IMPLS
-from poetjax.perms import permute
+from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
 from poetjax.quant import QuantizedWeight, quantized_matmul
 
 
@@ -66,6 +66,15 @@ def block_rotate(x_TxD: jax.Array, r_BxKxK: jax.Array, *, precision=None) -> jax
     x_TxBxK = x_TxD.reshape(*lead, nb, k)
     y = jnp.einsum("...bk,bkc->...bc", x_TxBxK, r_BxKxK, precision=precision)
     return y.reshape(*lead, nb * k)
+
+
+def block_rotate_rows(x_DxT: jax.Array, r_BxKxK: jax.Array, *, precision=None) -> jax.Array:
+    """``block_rotate`` on feature-major activations: out[j·K:(j+1)·K] = R[j]ᵀ @ x[j·K:(j+1)·K] for (D, T)
+    x, i.e. the transpose of ``block_rotate(x.T, r)``. One batched product with the blocks as batch."""
+    nb, k, _ = r_BxKxK.shape
+    t = x_DxT.shape[1]
+    y = jnp.einsum("bkc,bkt->bct", r_BxKxK, x_DxT.reshape(nb, k, t), precision=precision)
+    return y.reshape(nb * k, t)
 
 
 def _base_matmul(a_TxNp, w0_NpxMp, precision, interpret=None):
@@ -123,8 +132,61 @@ _poet_x_pallas_mem_body = jax.checkpoint(_poet_x_pallas_body, policy=jax.checkpo
                                          static_argnums=(5, 6))
 
 
+def _base_matmul_t(a_NpxT, w0_NpxMp, precision, interpret=None):
+    """hᵀ (Mp, T) = W_sᵀ @ aᵀ: the dense matmul on feature-major activations (a transposed operand costs
+    XLA's GEMM nothing). POET-XQ's quantized matmuls take token-major operands: transposed around them."""
+    if isinstance(w0_NpxMp, QuantizedWeight):
+        return _base_matmul(a_NpxT.T, w0_NpxMp, precision, interpret).T
+    return jax.lax.dot_general(w0_NpxMp, a_NpxT, (((0,), (0,)), ((), ())), precision=precision)
+
+
+def _poet_x_features_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision, interpret):
+    """The POET-X layer on feature-major activations (see LAYOUTS); interpret None: XLA's row gathers of
+    transposed arrays, else the transposing permutation kernels of ``pallas_kernels.transpose_perm``."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    m = perms.perm_out.shape[0]
+    x2 = x.reshape(-1, n)
+    if interpret is None:
+        u_t = permute_rows(x2.T, perms.perm_in, perms.perm_in_inv)            # (Np, T)
+    else:
+        u_t = pk.transpose_scatter(x2, full_input_index(perms.perm_in, perms.perm_in_inv), interpret=interpret)
+    a_t = block_rotate_rows(u_t, r_in_IxKxK, precision=precision)
+    h_t = _base_matmul_t(a_t, w0_NpxMp, precision, interpret)                  # (Mp, T)
+    z_t = block_rotate_rows(h_t, r_out_OxKxK, precision=precision)
+    if interpret is None:
+        y = permute_rows(z_t, perms.perm_out, perms.perm_out_inv).T           # (T, M)
+    else:
+        y = pk.gather_transpose(z_t, full_output_index(perms.perm_out, perms.perm_out_inv), m,
+                                interpret=interpret)
+    return y.reshape(*lead, m)
+
+
+_poet_x_features_mem_body = jax.checkpoint(_poet_x_features_body, policy=jax.checkpoint_policies.nothing_saveable,
+                                           static_argnums=(5, 6))
+
+LAYOUTS = ("auto", "tokens", "features")
+# What layout="auto" resolves to, per implementation (see resolve_layout).
+AUTO_LAYOUT = {"xla": "tokens", "pallas": "features"}
+
+
+def resolve_layout(layout: str, impl: str) -> str:
+    """"tokens" or "features" for a resolved ``impl`` ("xla" | "pallas").
+
+    "tokens": the activations stay (T, D) and the permutations are gathers along the contiguous axis
+    (XLA: ``jnp.take``; Pallas: fused into the loads/stores of the block-rotation kernels).
+    "features": the input permutation also transposes to (Dp, T), the block rotations and the dense
+    matmul run there, and the output permutation transposes back, so every permutation moves whole rows
+    (XLA: a transpose and a row gather; Pallas: one transposing kernel, ``pallas_kernels.transpose_perm``).
+    Same numbers either way (the same products in the same dtype).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
+    return AUTO_LAYOUT[impl] if layout == "auto" else layout
+
+
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
-                  perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla") -> jax.Array:
+                  perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla",
+                  layout: str = "auto") -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
     W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first; the
@@ -132,6 +194,7 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     gradient: it is not differentiated even if the caller's transformation would allow it, because it
     is stop-gradient'ed here. ``impl``: "xla", "pallas" or "auto" (see ``resolve_impl``).
     A ``QuantizedWeight`` W_s (POET-XQ) is kept in uint8 and dequantized inside the matmul.
+    ``layout``: "tokens", "features" or "auto" (see ``resolve_layout``).
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
@@ -140,9 +203,15 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
         w0 = jax.tree.map(jax.lax.stop_gradient, w0_NpxMp)
     else:
         w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
-    if resolve_impl(impl, r_in_IxKxK.shape[-1]) == "pallas":
+    impl = resolve_impl(impl, r_in_IxKxK.shape[-1])
+    layout = resolve_layout(layout, impl)
+    if layout == "features":
+        body = _poet_x_features_body if variant == "fast" else _poet_x_features_mem_body
+        # impl "pallas" without a GPU: the interpreter (correct everywhere, slow; for tests).
+        interpret = pk.default_interpret() if impl == "pallas" else None
+        return body(x, w0, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms, precision, interpret)
+    if impl == "pallas":
         body = _poet_x_pallas_body if variant == "fast" else _poet_x_pallas_mem_body
-        # No GPU: the interpreter (correct everywhere, slow; for tests).
         return body(x, w0, r_in_IxKxK, r_out_OxKxK, perms, precision, pk.default_interpret())
     r_in = r_in_IxKxK.astype(dtype)
     r_out = r_out_OxKxK.astype(dtype)

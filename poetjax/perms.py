@@ -54,6 +54,44 @@ def _permute_bwd(inv_idx, g):
 permute.defvjp(_permute_fwd, _permute_bwd)
 
 
+def _gather_first(x, idx):
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, idx: jax.Array, inv_idx: jax.Array) -> jax.Array:
+    """``x[idx]`` along the leading axis (out-of-range indices read 0) with the backward ``g[inv_idx]``:
+    ``permute`` for feature-major (D, T) activations, where a permutation moves whole contiguous rows."""
+    return _gather_first(x, idx)
+
+
+def _permute_rows_fwd(x, idx, inv_idx):
+    return _gather_first(x, idx), inv_idx
+
+
+def _permute_rows_bwd(inv_idx, g):
+    return _gather_first(g, inv_idx), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def full_input_index(perm_in: jax.Array, perm_in_inv: jax.Array) -> jax.Array:
+    """The (Dp,) permutation of range(Dp) that sends input column n to its row perm_in_inv[n] of the
+    blocked basis, and the Dp − D padding columns to the padding rows (``pallas_kernels.transpose_scatter``)."""
+    if perm_in_inv.shape[0] == perm_in.shape[0]:
+        return perm_in_inv
+    return jnp.argsort(perm_in).astype(jnp.int32)  # stable: the first D entries are perm_in_inv
+
+
+def full_output_index(perm_out: jax.Array, perm_out_inv: jax.Array) -> jax.Array:
+    """The (Dp,) permutation of range(Dp) whose first D entries are perm_out (output column i reads row
+    perm_out[i] of the blocked basis) and whose rest are the padding rows (``pallas_kernels.gather_transpose``)."""
+    if perm_out.shape[0] == perm_out_inv.shape[0]:
+        return perm_out
+    return jnp.argsort(perm_out_inv).astype(jnp.int32)  # stable: the first D entries are perm_out
+
+
 def _sort_within_blocks(idx: jax.Array, block_size: int | None) -> jax.Array:
     """Sort every run of ``block_size`` entries of a (B·K,) index (padding values, the largest, stay last)."""
     if block_size is None:

@@ -89,7 +89,7 @@ class OptimizerConfig:
     weight_decay:   decoupled weight decay of ≥2-D directly trained parameters.
     max_grad_norm:  global-norm clipping threshold (0 = off); for poet with the post-merge warm-up.
     clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
-    block_size … poet_scale, impl: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
+    block_size … poet_scale, impl, layout, cayley_precision: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
                     fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas"; variant
                     "xq"/"xq_mem" is POET-XQ, with W0 in uint8 groups of quant_group_size).
     """
@@ -109,9 +109,11 @@ class OptimizerConfig:
     variant: str = "fast"
     num_terms: int = 3
     cayley: str = "neumann"
+    cayley_precision: str = "highest"
     init: str = "normalized"
     poet_scale: float = 0.5
     impl: str = "auto"
+    layout: str = "auto"
     quant_group_size: int = 256
 
     def __post_init__(self):
@@ -128,9 +130,10 @@ class OptimizerConfig:
 
     def poet_config(self, init_std: float = 0.02) -> POETConfig:
         return POETConfig(block_size=self.block_size, merge_interval=self.merge_interval, variant=self.variant,
-                          num_terms=self.num_terms, cayley=self.cayley, init=self.init, init_std=init_std,
+                          num_terms=self.num_terms, cayley=self.cayley, cayley_precision=self.cayley_precision,
+                          init=self.init, init_std=init_std,
                           poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl,
-                          quant_group_size=self.quant_group_size)
+                          layout=self.layout, quant_group_size=self.quant_group_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,8 @@ from _modes import MODES
 CASES = [(40, 50, 16, "fast", jnp.float32), (64, 96, 32, "mem", jnp.bfloat16)]
 
 
-def _run(n, m, k, variant, dtype, impl):
-    cfg = pj.POETConfig(block_size=k, variant=variant, init="normalized_gaussian", impl=impl)
+def _run(n, m, k, variant, dtype, impl, layout="auto"):
+    cfg = pj.POETConfig(block_size=k, variant=variant, init="normalized_gaussian", impl=impl, layout=layout)
     lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, use_bias=True,
                         precision=jax.lax.Precision.HIGHEST)
     lay.theta_in[...] = 0.1 * jax.random.normal(jax.random.key(1), lay.theta_in.shape)
@@ -37,11 +37,15 @@ def _run(n, m, k, variant, dtype, impl):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("impl,layout", [("pallas", "tokens"), ("pallas", "features"), ("xla", "features")])
 @pytest.mark.parametrize("n,m,k,variant,dtype", CASES)
-def test_pallas_layer_matches_xla(n, m, k, variant, dtype, interpret, monkeypatch):
+def test_pallas_layer_matches_xla(n, m, k, variant, dtype, impl, layout, interpret, monkeypatch):
+    """Every implementation and layout against XLA on token-major activations."""
+    if impl == "xla" and not interpret:
+        pytest.skip("no kernel involved: the interpret run covers it")
     monkeypatch.setattr(pk, "default_interpret", lambda: interpret)
-    got = _run(n, m, k, variant, dtype, "pallas")
-    want = _run(n, m, k, variant, dtype, "xla")
+    got = _run(n, m, k, variant, dtype, impl, layout)
+    want = _run(n, m, k, variant, dtype, "xla", "tokens")
     assert got[0].dtype == want[0].dtype == dtype
     for name, a, b, kind in zip(("y", "dθ_in", "dθ_out", "dx"), got, want, ("value", "grad", "grad", "grad")):
         # bf16: the kernels sum dR in float32 where XLA rounds it to bf16 first; both within tolerance

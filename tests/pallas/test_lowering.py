@@ -54,11 +54,20 @@ def test_cayley_kernels_lower_to_triton(k):
     assert _count(txt) == 4, "Q², R, N and dθ kernels"
 
 
+# Triton calls of one layer's forward + backward. Both: Cayley fwd+bwd per side (2 × 4 kernels).
+# tokens: rotations fwd (2) + bwd (2 × 2); mem recomputes both forward rotations (the recomputed output
+# one is not read, but XLA keeps the custom call). features: the two transposing permutations forward and
+# their two mirrors backward; mem recomputes the input one (the block rotations and the matmul are XLA).
+LAYER_TRITON_CALLS = {("tokens", "fast"): 14, ("tokens", "mem"): 16, ("features", "fast"): 12,
+                      ("features", "mem"): 13}
+
+
+@pytest.mark.parametrize("layout", ["tokens", "features"])
 @pytest.mark.parametrize("variant", ["fast", "mem"])
-def test_poet_layer_lowers_to_triton(variant, monkeypatch):
+def test_poet_layer_lowers_to_triton(variant, layout, monkeypatch):
     """A whole POET layer with impl='pallas' and native kernels, forward and backward."""
     monkeypatch.setattr(pk, "default_interpret", lambda: False)
-    cfg = pj.POETConfig(block_size=32, variant=variant, impl="pallas")
+    cfg = pj.POETConfig(block_size=32, variant=variant, impl="pallas", layout=layout)
     lay = pj.POETLinear(80, 100, config=cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
 
@@ -66,6 +75,15 @@ def test_poet_layer_lowers_to_triton(variant, monkeypatch):
         return jnp.sum(nnx.merge(graphdef, gens, rest)(x).astype(jnp.float32) ** 2)
 
     txt = lower_for_gpu(jax.grad(loss, argnums=(0, 1)), gens, S((2, 50, 80), jnp.bfloat16))
-    # Cayley fwd+bwd per side (2 × 4) + rotations fwd (2) + bwd (2 × 2); mem recomputes both forwards
-    # (nothing reads the recomputed output rotation, so XLA should drop it: to confirm in a GPU profile)
-    assert _count(txt) == (14 if variant == "fast" else 16)
+    assert _count(txt) == LAYER_TRITON_CALLS[(layout, variant)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_transpose_kernels_lower_to_triton(dtype):
+    """Forward and VJP of both transposing permutations, 1000 tokens (not a multiple of any tile), a
+    ragged side (250 of 256 rows)."""
+    idx = jnp.zeros((256,), jnp.int32)  # values do not matter for lowering
+    f = _fwd_bwd(lambda x: pk.transpose_scatter(x, idx))
+    assert _count(lower_for_gpu(f, S((1000, 250), dtype), S((256, 1000), dtype))) == 2
+    f = _fwd_bwd(lambda z: pk.gather_transpose(z, idx, 250))
+    assert _count(lower_for_gpu(f, S((256, 1000), dtype), S((1000, 250), dtype))) == 2

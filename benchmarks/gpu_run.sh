@@ -1,0 +1,50 @@
+#!/bin/bash
+# One device-tool call's worth of GPU work, in stages, each under a time guard, logs under $OUT.
+#   bash benchmarks/gpu_run.sh STAGE[,STAGE...] [SECONDS]     (default budget 560 s)
+# Stages: tests (native kernel tests), layers (layer_bench --quick, all impls, permutation sweep, Cayley),
+#         layers_tf32 (headline case with TF32 Cayley products), e2e1b (Llama-1B train_bench),
+#         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast).
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+BUDGET=${2:-560}
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+guard() { local l; l=$(left); [ "$l" -gt 20 ] && echo $(( $1 < l ? $1 : l )) || echo 0; }
+run() {  # run NAME MAXSECONDS CMD...
+  local name=$1 max=$2; shift 2
+  local t; t=$(guard "$max")
+  if [ "$t" -le 0 ]; then echo "== $name skipped (no time left)"; return; fi
+  echo "== $name (limit $t s, at $(( $(date +%s) - T0 )) s)"
+  timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "   rc=$? after $(( $(date +%s) - T0 )) s"
+}
+for stage in ${1//,/ }; do
+  case $stage in
+    info) nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
+          python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
+          cat "$OUT/gpu.txt" ;;
+    tests) run tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests/pallas}
+           tail -3 "$OUT/tests.log" ;;
+    layers) run layers 330 python benchmarks/layer_bench.py --quick --impls xla,xla_f,pallas_f,pallas --perm-sweep \
+              --out "$OUT/layers.jsonl"
+            grep -E "best|GB/s|x dense|blocks:|/ xla" "$OUT/layers.log" | head -60 ;;
+    layers_tf32) run layers_tf32 150 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x4096x4096x256 \
+              --impls xla,xla_f,pallas_f --cayley-precision default --no-cayley --out "$OUT/layers.jsonl"
+            grep -E "x dense" "$OUT/layers_tf32.log" ;;
+    e2e1b) run e2e1b 400 python benchmarks/train_bench.py --config configs/llama_1b.yaml --batch 8 --seq 1024 --steps 5 \
+              --timeout 150 --methods "${E2E_METHODS:-adamw,poet_fast,poet_fast@pallas/features}" --out "$OUT/e2e.jsonl" \
+              ${E2E_OVERRIDES:-}
+           tail -14 "$OUT/e2e1b.log" ;;
+    xq) run xq8b 250 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
+              --timeout 120 --methods poet_xq_mem,poet_xq --out "$OUT/e2e.jsonl"
+        tail -10 "$OUT/xq8b.log"
+        run xq34b 300 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
+              --timeout 290 --methods poet_xq_mem --out "$OUT/e2e.jsonl"
+        tail -10 "$OUT/xq34b.log" ;;
+    e2e8b) run e2e8b 300 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
+              --timeout 140 --methods "${E2E8_METHODS:-poet_mem,poet_fast}" --out "$OUT/e2e.jsonl" ${E2E_OVERRIDES:-}
+           tail -10 "$OUT/e2e8b.log" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "== done at $(( $(date +%s) - T0 )) s"
