@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device-tool call's worth of GPU work, in stages, each under a time guard, logs under $OUT.
 #   bash benchmarks/gpu_run.sh STAGE[,STAGE...] [SECONDS]     (default budget 560 s)
-# Stages: tests (native kernel tests), layers (layer_bench --quick, all impls, permutation sweep, Cayley),
+# Stages: info, cayley (Cayley kernel sweep + comparison with XLA), tests (native kernel tests), layers (layer_bench --quick, all impls, permutation sweep, Cayley),
 #         layers_tf32 (headline case with TF32 Cayley products), e2e1b (Llama-1B train_bench),
 #         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast).
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ for stage in ${1//,/ }; do
     layers) run layers 330 python benchmarks/layer_bench.py --quick --impls xla,xla_f,pallas_f,pallas --perm-sweep \
               --out "$OUT/layers.jsonl"
             grep -E "best|GB/s|x dense|blocks:|/ xla" "$OUT/layers.log" | head -60 ;;
+    cayley) run cayley 150 python benchmarks/layer_bench.py --sweep --sweep-kernels cayley --no-layers \
+              --out "$OUT/cayley.jsonl"
+            grep -E "cayley |blocks:|/ xla|\(('cayley" "$OUT/cayley.log" | head -40 ;;
     layers_tf32) run layers_tf32 150 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x4096x4096x256 \
               --impls xla,xla_f,pallas_f --cayley-precision default --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense" "$OUT/layers_tf32.log" ;;

@@ -342,10 +342,11 @@ def _reduce_grid(k):
 
 
 def _cayley_grid(k):
-    for bm, bk in itertools.product((32, 64, 128), (16, 32)):
+    # the product kernels read dense Q/Q²/G/N tiles (contiguous, pipelined): deeper block_k pays
+    for bm, bk in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 32), (64, 128), (32, 128)):
         yield CayleyConfig(block_m=bm, block_k=bk, num_warps=4, num_stages=2)
-    for warps, stages in ((8, 2), (4, 3)):
-        yield CayleyConfig(block_m=64, block_k=32, num_warps=warps, num_stages=stages)
+    for bm, bk, warps, stages in ((64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 64, 4, 3)):
+        yield CayleyConfig(block_m=bm, block_k=bk, num_warps=warps, num_stages=stages)
 
 
 def _fit(cfg, k):

@@ -5,14 +5,17 @@ Legend: B blocks, K block size, P = K(K−1)/2 packed entries per block.
     θ (B, P) → Q (skew, built inside the loads) → R = I + 2Q + 2Q² + 2Q³ + Q⁴ (B, K, K), float32.
 
 Packing (spec §4.1): row-major strict upper triangle, Q[r, c] = θ[p(r, c)] and Q[c, r] = −θ[p(r, c)] for
-r < c with p(r, c) = r(2K − r − 1)/2 + (c − r − 1). The kernels never materialize Q: every Q tile is
-loaded straight from θ through that index map (masked on the diagonal).
+r < c with p(r, c) = r(2K − r − 1)/2 + (c − r − 1).
 
-Forward, two kernels (a grid-wide dependency separates them):
+Forward, three kernels (grid-wide dependencies separate them):
+  0. Q — the skew construction: every program loads one Q tile from θ through that index map (masked on
+     the diagonal; each θ entry is read twice, once per triangle) and stores it dense, so that the product
+     kernels read Q with contiguous, pipelined tile loads (reading it through the index map inside their
+     loops ran the products at a fraction of the tensor cores' rate on the H100, BENCHMARKS.md run 1).
   1. Q² — symmetric (Q² = (Qᵀ)²), so only tiles I ≤ J are computed and each is also stored transposed.
   2. R — with S = I + 2Q² + Q⁴ symmetric and A = 2Q + 2Q³ skew (Q³ = Q²·Q, Q⁴ = Q²·Q²), the program
      of tile (I, J), I ≤ J, writes R[I, J] = S + A and R[J, I] = (S − A)ᵀ: half of the products.
-Q² is kept as the residual for the backward.
+Q and Q² are kept as the residuals for the backward (as the reference's kernel does).
 
 Backward (spec §4.3), with G = ∂L/∂R and, since Qᵀ = −Q and (Q²)ᵀ = Q²:
     N  = Qᵀ G + G Qᵀ = −(Q G + G Q)
@@ -98,14 +101,20 @@ def _tile(ref, b, r0, c0, m, n):
     return ref[b, pl.ds(r0, m), pl.ds(c0, n)]
 
 
-def _square_kernel(theta_ref, q2_ref, *, k, bm, bk, precision):
+def _skew_kernel(theta_ref, q_ref, *, k, bm, bk, precision):
+    del bk, precision
+    i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q_ref[b, pl.ds(i * bm, bm), pl.ds(j * bm, bm)] = _q_tile(theta_ref, b, i * bm, j * bm, bm, bm, k)
+
+
+def _square_kernel(q_ref, q2_ref, *, k, bm, bk, precision):
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(i <= j)
     def _():
         def body(s, acc):
-            a = _q_tile(theta_ref, b, i * bm, s * bk, bm, bk, k)
-            c = _q_tile(theta_ref, b, s * bk, j * bm, bk, bm, k)
+            a = _tile(q_ref, b, i * bm, s * bk, bm, bk)
+            c = _tile(q_ref, b, s * bk, j * bm, bk, bm)
             return acc + lax.dot_general(a, c, _NT, precision=precision, preferred_element_type=jnp.float32)
 
         acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bm), jnp.float32))
@@ -116,7 +125,7 @@ def _square_kernel(theta_ref, q2_ref, *, k, bm, bk, precision):
             q2_ref[b, pl.ds(j * bm, bm), pl.ds(i * bm, bm)] = acc.T
 
 
-def _cayley_kernel(theta_ref, q2_ref, r_ref, *, k, bm, bk, precision):
+def _cayley_kernel(q_ref, q2_ref, r_ref, *, k, bm, bk, precision):
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(i <= j)
@@ -124,7 +133,7 @@ def _cayley_kernel(theta_ref, q2_ref, r_ref, *, k, bm, bk, precision):
         def body(s, carry):
             a3, a4 = carry
             q2_is = _tile(q2_ref, b, i * bm, s * bk, bm, bk)
-            q_sj = _q_tile(theta_ref, b, s * bk, j * bm, bk, bm, k)
+            q_sj = _tile(q_ref, b, s * bk, j * bm, bk, bm)
             q2_sj = _tile(q2_ref, b, s * bk, j * bm, bk, bm)
             a3 = a3 + lax.dot_general(q2_is, q_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
             a4 = a4 + lax.dot_general(q2_is, q2_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
@@ -132,7 +141,7 @@ def _cayley_kernel(theta_ref, q2_ref, r_ref, *, k, bm, bk, precision):
 
         zeros = jnp.zeros((bm, bm), jnp.float32)
         q3, q4 = lax.fori_loop(0, k // bk, body, (zeros, zeros))
-        q = _q_tile(theta_ref, b, i * bm, j * bm, bm, bm, k)
+        q = _tile(q_ref, b, i * bm, j * bm, bm, bm)
         q2 = _tile(q2_ref, b, i * bm, j * bm, bm, bm)
         eye = ((i * bm + jnp.arange(bm))[:, None] == (j * bm + jnp.arange(bm))[None, :]).astype(jnp.float32)
         sym = eye + 2.0 * q2 + q4     # symmetric part of R
@@ -144,15 +153,15 @@ def _cayley_kernel(theta_ref, q2_ref, r_ref, *, k, bm, bk, precision):
             r_ref[b, pl.ds(j * bm, bm), pl.ds(i * bm, bm)] = (sym - skew).T
 
 
-def _n_kernel(theta_ref, g_ref, n_ref, *, k, bm, bk, precision):
+def _n_kernel(q_ref, g_ref, n_ref, *, k, bm, bk, precision):
     """N = −(Q G + G Q), tile (i, j)."""
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def body(s, acc):
-        q_is = _q_tile(theta_ref, b, i * bm, s * bk, bm, bk, k)
+        q_is = _tile(q_ref, b, i * bm, s * bk, bm, bk)
         g_sj = _tile(g_ref, b, s * bk, j * bm, bk, bm)
         g_is = _tile(g_ref, b, i * bm, s * bk, bm, bk)
-        q_sj = _q_tile(theta_ref, b, s * bk, j * bm, bk, bm, k)
+        q_sj = _tile(q_ref, b, s * bk, j * bm, bk, bm)
         acc = acc + lax.dot_general(q_is, g_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
         return acc + lax.dot_general(g_is, q_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
 
@@ -160,13 +169,13 @@ def _n_kernel(theta_ref, g_ref, n_ref, *, k, bm, bk, precision):
     n_ref[b, pl.ds(i * bm, bm), pl.ds(j * bm, bm)] = -acc
 
 
-def _dtheta_kernel(theta_ref, q2_ref, g_ref, n_ref, dtheta_ref, *, k, p, bm, bk, precision):
+def _dtheta_kernel(q_ref, q2_ref, g_ref, n_ref, dtheta_ref, *, k, p, bm, bk, precision):
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def dq_tile(x, y):
         """dQ[x-tile, y-tile] = 2(G + N) + (Q² − 2Q) N + (2G + N) Q²."""
         def body(s, acc):
-            lhs1 = _tile(q2_ref, b, x * bm, s * bk, bm, bk) - 2.0 * _q_tile(theta_ref, b, x * bm, s * bk, bm, bk, k)
+            lhs1 = _tile(q2_ref, b, x * bm, s * bk, bm, bk) - 2.0 * _tile(q_ref, b, x * bm, s * bk, bm, bk)
             rhs1 = _tile(n_ref, b, s * bk, y * bm, bk, bm)
             lhs2 = 2.0 * _tile(g_ref, b, x * bm, s * bk, bm, bk) + _tile(n_ref, b, x * bm, s * bk, bm, bk)
             rhs2 = _tile(q2_ref, b, s * bk, y * bm, bk, bm)
@@ -205,9 +214,10 @@ def _call(kernel, out_shape, nb, k, cfg: CayleyConfig, interpret: bool, name: st
 def _forward(theta, k, cfg, interpret):
     nb = theta.shape[0]
     kk = jax.ShapeDtypeStruct((nb, k, k), jnp.float32)
-    q2 = _call(_square_kernel, kk, nb, k, cfg, interpret, "cayley_q2", theta)
-    r = _call(_cayley_kernel, kk, nb, k, cfg, interpret, "cayley_neumann", theta, q2)
-    return r, q2
+    q = _call(_skew_kernel, kk, nb, k, cfg, interpret, "cayley_skew", theta)
+    q2 = _call(_square_kernel, kk, nb, k, cfg, interpret, "cayley_q2", q)
+    r = _call(_cayley_kernel, kk, nb, k, cfg, interpret, "cayley_neumann", q, q2)
+    return r, (q, q2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,18 +230,19 @@ def _cayley3(theta, k, cfg, interpret):
 
 
 def _cayley3_fwd(theta, k, cfg, interpret):
-    r, q2 = _forward(theta, k, cfg, interpret)
-    return r, (theta, q2)
+    r, (q, q2) = _forward(theta, k, cfg, interpret)
+    return r, (q, q2)
 
 
 def _cayley3_bwd(k, cfg, interpret, res, g):
-    theta, q2 = res
-    nb = theta.shape[0]
+    q, q2 = res
+    nb = q.shape[0]
     g = g.astype(jnp.float32)
     n = _call(_n_kernel, jax.ShapeDtypeStruct((nb, k, k), jnp.float32), nb, k, cfg, interpret, "cayley_bwd_n",
-              theta, g)
-    dtheta = _call(_dtheta_kernel, jax.ShapeDtypeStruct(theta.shape, jnp.float32), nb, k, cfg, interpret,
-                   "cayley_bwd_dtheta", theta, q2, g, n, p=theta.shape[1])
+              q, g)
+    p = num_packed(k)
+    dtheta = _call(_dtheta_kernel, jax.ShapeDtypeStruct((nb, p), jnp.float32), nb, k, cfg, interpret,
+                   "cayley_bwd_dtheta", q, q2, g, n, p=p)
     return (dtheta,)
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from poetjax import fs, ops, quant
-from poetjax.cayley import block_layout, rotations
+from poetjax.cayley import block_layout, rotation_pair
 from poetjax.config import IMPLS, POETConfig
 from poetjax.initializers import base_weight
 from poetjax.perms import input_permutation, output_permutation
@@ -155,8 +155,8 @@ class POETLinear(nnx.Module):
         """
         k = self.config.num_terms
         exact = self.config.cayley == "exact" if exact is None else exact
-        return (rotations(self.theta_in[...], self.layout_in, k, exact=exact, impl=impl, precision=precision),
-                rotations(self.theta_out[...], self.layout_out, k, exact=exact, impl=impl, precision=precision))
+        return rotation_pair(self.theta_in[...], self.layout_in, self.theta_out[...], self.layout_out, k,
+                             exact=exact, impl=impl, precision=precision)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 1 or x.shape[-1] != self.in_features:
