@@ -30,7 +30,13 @@ for stage in ${1//,/ }; do
             grep -E "best|GB/s|x dense|blocks:|/ xla" "$OUT/layers.log" | head -60 ;;
     cayley) run cayley 150 python benchmarks/layer_bench.py --sweep --sweep-kernels cayley --no-layers \
               --out "$OUT/cayley.jsonl"
-            grep -E "cayley |blocks:|/ xla|\(('cayley" "$OUT/cayley.log" | head -40 ;;
+            grep -E "cayley |blocks:|/ xla" "$OUT/cayley.log" | head -40 ;;
+    final_layers) run final_layers 230 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,16384x4096x11008x256 \
+              --impls xla,pallas_f --cayley-precision default --perms --out "$OUT/layers.jsonl"
+            grep -E "x dense|blocks:|/ xla|GB/s|MISMATCH" "$OUT/final_layers.log" | head -40 ;;
+    xq34b) run xq34b 130 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
+              --timeout 125 --methods poet_xq_mem --out "$OUT/e2e.jsonl"
+        tail -8 "$OUT/xq34b.log" ;;
     layers_tf32) run layers_tf32 150 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x4096x4096x256 \
               --impls xla,xla_f,pallas_f --cayley-precision default --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense" "$OUT/layers_tf32.log" ;;

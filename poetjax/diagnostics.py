@@ -162,7 +162,10 @@ class PhaseProbe:
     @staticmethod
     def init(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
         probes = {}
-        for i, (path, layer) in enumerate(iter_modules(layer_view(model), POETLinear)):
+        # only shapes are read: an abstract per-layer view (a real one would copy every stacked array,
+        # W0 included, e.g. 37 GiB of uint8 codes for a 34B POET-XQ model)
+        view = nnx.eval_shape(lambda: layer_view(model))
+        for i, (path, layer) in enumerate(iter_modules(view, POETLinear)):
             k_in, k_out = jax.random.split(jax.random.fold_in(key, i))
             v_in = jax.random.normal(k_in, (layer.in_features,), jnp.float32)
             v_out = jax.random.normal(k_out, (layer.out_features,), jnp.float32)

@@ -109,7 +109,7 @@ class OptimizerConfig:
     variant: str = "fast"
     num_terms: int = 3
     cayley: str = "neumann"
-    cayley_precision: str = "highest"
+    cayley_precision: str = "default"
     init: str = "normalized"
     poet_scale: float = 0.5
     impl: str = "auto"
