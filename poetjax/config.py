@@ -53,9 +53,10 @@ class POETConfig:
     exclude:        Linear layers whose path contains one of these names are not converted.
     impl:           how POET layers compute: "xla" (plain jnp/XLA), "pallas" (the fused kernels of
                     ``pallas_kernels``; on a machine without a GPU they run in Pallas's interpreter, for
-                    tests) or "auto" (the path measured fastest on this backend: XLA until the kernels beat
-                    it on the GPU, see ``poetjax.ops.resolve_impl``). ``poetize`` passes it to every layer it builds;
-                    ``POETLinear(impl=...)`` overrides it per layer. Never changes the math.
+                    tests) or "auto" (the path measured fastest: Pallas on a GPU when the kernels support the
+                    block size, XLA elsewhere; POET-XQ stays on XLA, see ``poetjax.ops.resolve_impl``).
+                    ``poetize`` passes it to every layer it builds; ``POETLinear(impl=...)`` overrides it
+                    per layer. Never changes the math.
     layout:         where the layer's permutations and block rotations run: "tokens" (token-major (T, D)
                     activations; the permutations gather along the contiguous axis), "features" (the input
                     permutation also transposes to (D, T), so every permutation moves whole rows; the block

@@ -98,17 +98,18 @@ _poet_x_mem_body = jax.checkpoint(_poet_x_body, policy=jax.checkpoint_policies.n
                                   static_argnums=(5,))
 
 
-AUTO_PREFERS_PALLAS = False  # see resolve_impl
+AUTO_PREFERS_PALLAS = True  # see resolve_impl
 
 
 def resolve_impl(impl: str, block_size: int) -> str:
     """"xla" or "pallas" for a layer of this block size; "pallas" with an unsupported block size is a
     ValueError. Decided at trace time, so a model built on one machine runs on another.
 
-    "auto" picks the path measured fastest: today that is XLA everywhere. On the H100 (2026-11-23,
-    BENCHMARKS.md) the Pallas layer ran 1.91× a dense layer vs 1.40× for XLA at T=16384, 4096², b=256:
-    the kernels' element-wise gathered loads/scattered stores waste most of each memory sector. Flip
-    ``AUTO_PREFERS_PALLAS`` once a kernel version beats XLA on the GPU.
+    "auto" picks the path measured fastest: Pallas on a GPU when the kernels support the block size, XLA
+    elsewhere. On the H200 (2026-12-01, BENCHMARKS.md run 6) the Pallas layer (feature-major, transposing
+    permutation kernels, fused Cayley kernel) ran fwd+bwd at 1.09× a dense layer against XLA's 1.19× at
+    T=16384, 4096², b=256, and 0.91× against 1.05× at 4096→11008; Llama-1B trained at 26.5k vs 22.5k
+    tokens/s (run 4). Set ``AUTO_PREFERS_PALLAS = False`` to make "auto" mean XLA everywhere.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
