@@ -126,3 +126,60 @@ def test_block_size_one_is_identity():
     np.testing.assert_array_equal(np.asarray(cayley.rotations(theta, lay, 3)), np.ones((5, 1, 1)))
     g = jax.grad(lambda t: jnp.sum(cayley.rotations(t, lay, 3)))(theta)
     assert g.shape == (5, 0)
+
+
+@pytest.mark.parametrize("n,m,k", [(40, 50, 16), (64, 64, 32), (48, 40, 16)])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_rotation_pair_is_two_maps_in_one(n, m, k, impl):
+    """Both sides' blocks in one batched map (ragged tails masked per side) equal two separate maps,
+    forward and gradient, and each side's real coordinates rotate orthogonally."""
+    lin, lout = cayley.block_layout(n, k), cayley.block_layout(m, k)
+    th_in = 0.1 * jax.random.normal(jax.random.key(0), (lin.num_blocks, lin.num_packed))
+    th_out = 0.1 * jax.random.normal(jax.random.key(1), (lout.num_blocks, lout.num_packed))
+
+    def pair(a, b):
+        r_in, r_out = cayley.rotation_pair(a, lin, b, lout, impl=impl, precision="highest")
+        return jnp.sum(r_in ** 3) + jnp.sum(jnp.sin(r_out))
+
+    def apart(a, b):
+        return (jnp.sum(cayley.rotations(a, lin, impl="xla") ** 3)
+                + jnp.sum(jnp.sin(cayley.rotations(b, lout, impl="xla"))))
+
+    got_in, got_out = cayley.rotation_pair(th_in, lin, th_out, lout, impl=impl)
+    assert got_in.shape == (lin.num_blocks, k, k) and got_out.shape == (lout.num_blocks, k, k)
+    assert_close(got_in, cayley.rotations(th_in, lin), jnp.float32, what="R_in")
+    assert_close(got_out, cayley.rotations(th_out, lout), jnp.float32, what="R_out")
+    g_pair = jax.grad(pair, argnums=(0, 1))(th_in, th_out)
+    g_apart = jax.grad(apart, argnums=(0, 1))(th_in, th_out)
+    for a, b in zip(g_pair, g_apart):
+        assert_close(a, b, jnp.float32, "grad", what="dθ")
+    if lout.ragged:  # the padded corner of the last output block stays the identity
+        tail = lout.tail
+        np.testing.assert_array_equal(np.asarray(got_out[-1, tail:, tail:]), np.eye(k - tail))
+
+
+def test_rotation_pair_with_different_block_sizes_and_precision_errors():
+    lin, lout = cayley.block_layout(32, 16), cayley.block_layout(48, 8)  # different K (FS-like): two maps
+    th_in = 0.1 * jax.random.normal(jax.random.key(0), (2, lin.num_packed))
+    th_out = 0.1 * jax.random.normal(jax.random.key(1), (6, lout.num_packed))
+    r_in, r_out = cayley.rotation_pair(th_in, lin, th_out, lout)
+    assert r_in.shape == (2, 16, 16) and r_out.shape == (6, 8, 8)
+    assert_close(r_out, cayley.rotations(th_out, lout), jnp.float32, "same", what="R_out")
+    with pytest.raises(ValueError, match="precision must be one of .*got precision='tf16'"):
+        cayley.rotations(th_in, lin, precision="tf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        cayley.rotation_pair(th_in, lin, th_in, lin, precision="fast")
+
+
+def test_default_precision_series_stays_within_its_error_bound():
+    """precision="default" (one TF32 pass on a GPU; float32 on CPU): the blocks stay orthogonal within
+    the Neumann bound plus TF32 rounding, and equal the float32 series to 1e-3 relative."""
+    k = 64
+    lay = cayley.block_layout(4 * k, k)
+    th = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(3), (4, lay.num_packed))
+    r_hi = cayley.rotations(th, lay, precision="highest")
+    r_lo = cayley.rotations(th, lay, precision="default")
+    assert float(jnp.linalg.norm(r_lo - r_hi) / jnp.linalg.norm(r_hi)) < 1e-3
+    q_norm = float(jnp.max(jnp.linalg.norm(cayley.skew_from_packed(th), ord=2, axis=(-2, -1))))
+    err = float(jnp.max(jnp.linalg.norm(jnp.swapaxes(r_lo, -1, -2) @ r_lo - jnp.eye(k), ord=2, axis=(-2, -1))))
+    assert err <= cayley.neumann_orthogonality_bound(q_norm) + 1e-3

@@ -96,3 +96,38 @@ def test_pallas_impl_runs_with_unsupported_block_size_only_when_asked():
         lay(jnp.ones((2, 40)))
     lay = pj.POETLinear(40, 40, config=pj.POETConfig(block_size=20, impl="auto"), rngs=nnx.Rngs(0))
     np.testing.assert_allclose(lay(jnp.ones((2, 40))), jnp.ones((2, 40)) @ lay.effective_kernel(), rtol=1e-5)
+
+
+def test_layout_validation_and_resolution():
+    with pytest.raises(ValueError, match="layout must be one of .*got layout='rows'"):
+        pj.POETConfig(layout="rows")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ops.resolve_layout("rows", "xla")
+    assert ops.resolve_layout("auto", "pallas") == ops.AUTO_LAYOUT["pallas"]
+    assert ops.resolve_layout("auto", "xla") == ops.AUTO_LAYOUT["xla"]
+    assert ops.resolve_layout("features", "xla") == "features"
+    with pytest.raises(ValueError, match="cayley_precision must be one of"):
+        pj.POETConfig(cayley_precision="tf32")
+
+
+def test_layer_passes_its_cayley_precision_and_xq_auto_stays_on_xla(monkeypatch):
+    from poetjax import layers
+    seen = []
+    real = layers.rotation_pair
+
+    def spy(*args, **kw):
+        seen.append(kw["precision"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(layers, "rotation_pair", spy)
+    for prec in ("highest", "default"):
+        lay = pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16, cayley_precision=prec), rngs=nnx.Rngs(0))
+        lay(jnp.ones((2, 32)))
+    lay.effective_kernel()  # merges and effective kernels: float32-exact
+    assert seen == ["highest", "default", "highest"]
+    calls = []
+    monkeypatch.setattr(ops, "resolve_impl", lambda impl, k: calls.append(impl) or "xla")
+    xq = pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16, variant="xq", quant_group_size=16),
+                       rngs=nnx.Rngs(0))
+    xq(jnp.ones((2, 32)))
+    assert calls and set(calls) == {"xla"}  # "auto" never reaches the resolver for XQ
