@@ -130,7 +130,7 @@ def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: S
     stacked = any(stacked_depth(lin) for _, lin in targets)
     if stacked:  # draw what the unstacked twin would: target t of the per-layer view at draw start + 2t
         stream = rngs.params
-        key, start = stream.key[...], int(stream.count[...])
+        key, start = stream.key[...], stream.count[...]  # may be traced (poetize under eval_shape)
         order = view_order(model, nnx.Linear, [p for p, _ in targets], keep=lambda p: not _is_excluded(p, exclude))
         total = sum(len(idx) for idx in order)
     for i, (path, lin) in enumerate(targets):

@@ -10,7 +10,7 @@ from flax import nnx
 
 import poetjax as pj
 from poetjax.cayley import block_layout
-from poetjax.models.llama import Llama, count_params, llama_param_formula
+from poetjax.models.llama import Llama, count_params, layer_view, llama_param_formula
 from poetjax.run_config import ConfigError, RunConfig, load_config
 from poetjax.train.cli import main as cli_main
 from poetjax.train.steps import build_model
@@ -64,13 +64,16 @@ def test_config_builds_abstractly_with_spec_parameter_counts(path):
     layers = min(cfg.model.num_layers, POET_BUILD_LAYERS)
     cut = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers))
     model = nnx.eval_shape(lambda: build_model(cut))
-    layers_ = [m for _, m in pj.poet_layers(model)]
+    # per-layer view (configs with scan_layers store the layers stacked: one POETLinear per projection)
+    view = nnx.eval_shape(lambda: layer_view(build_model(cut)))
+    assert count_params(view) == count_params(model)
+    layers_ = [m for _, m in pj.poet_layers(view)]
     assert len(layers_) == 7 * layers
     assert sum(m.num_generator_params for m in layers_) == _poet_formula(cut)  # free entries
     assert count_params(model, pj.Generator) == sum(  # stored arrays: whole blocks, ragged tails masked
         (m.layout_in.num_blocks + m.layout_out.num_blocks) * m.layout_in.num_packed for m in layers_)
     assert count_params(model, pj.FrozenWeight) >= 7 * layers * cfg.model.hidden_size ** 2 // 2  # W0 present
-    assert isinstance(model.lm_head, nnx.Linear) and isinstance(model.layers[0].mlp.down_proj, pj.POETLinear)
+    assert isinstance(model.lm_head, nnx.Linear) and isinstance(view.layers[0].mlp.down_proj, pj.POETLinear)
 
 
 def test_llama_60m_poet_b256_has_9_66M_generator_parameters():
