@@ -6,7 +6,7 @@
 #         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"   # runs/ is git-ignored
 BUDGET=${2:-560}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
