@@ -25,6 +25,7 @@ orthogonal. All blocks therefore share one shape, which keeps batched matmuls an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -208,16 +209,14 @@ def rotations(theta_BxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
     (float32-exact products) or "default" (one TF32 pass on a GPU: see ``cayley_neumann``; the kernel's
     "tf32"); CPUs compute float32 either way.
     """
-    if precision not in CAYLEY_PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(CAYLEY_PRECISIONS)}, got precision={precision!r}")
     theta = mask_generators(theta_BxP.astype(jnp.float32), layout)
     return _blocks_from_masked(theta, layout.block_size, num_terms, exact, impl, precision)
 
 
 def _blocks_from_masked(theta, block_size, num_terms, exact, impl, precision):
+    if precision not in CAYLEY_PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(CAYLEY_PRECISIONS)}, got precision={precision!r}")
     if impl == "pallas" and not exact:
-        import dataclasses
-
         import pallas_kernels as pk  # local: keeps this module's import pure jnp
         cfg = pk.tuning.cayley_config(block_size) if pk.supports_block_size(block_size) else None
         if cfg is not None and precision == "default":
@@ -236,8 +235,6 @@ def rotation_pair(theta_in: jax.Array, layout_in: BlockLayout, theta_out: jax.Ar
     if layout_in.block_size != layout_out.block_size:
         kw = dict(exact=exact, impl=impl, precision=precision)
         return (rotations(theta_in, layout_in, num_terms, **kw), rotations(theta_out, layout_out, num_terms, **kw))
-    if precision not in CAYLEY_PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(CAYLEY_PRECISIONS)}, got precision={precision!r}")
     both = jnp.concatenate([mask_generators(theta_in.astype(jnp.float32), layout_in),
                             mask_generators(theta_out.astype(jnp.float32), layout_out)], axis=-2)
     r = _blocks_from_masked(both, layout_in.block_size, num_terms, exact, impl, precision)

@@ -166,10 +166,7 @@ class POETLinear(nnx.Module):
             r_in, r_out = self.rotation_blocks()
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
-            impl = self.impl
-            if impl == "auto" and self.config.quantized:
-                impl = "xla"  # POET-XQ: measured on the XLA path only (the qmatmul kernel's speed is unmeasured)
-            impl = ops.resolve_impl(impl, self.config.block_size)
+            impl = ops.resolve_impl(self.impl, self.config.block_size, quantized=self.config.quantized)
             r_in, r_out = self.rotation_blocks(impl=impl, precision=self.config.cayley_precision)
             y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
                                   variant=self.config.flavour, precision=self.precision, impl=impl,

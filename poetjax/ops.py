@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from poetjax.cayley import HIGHEST
-from poetjax.config import IMPLS
+from poetjax.config import IMPLS, LAYOUTS
 from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
 from poetjax.quant import QuantizedWeight, quantized_matmul
 
@@ -101,7 +101,7 @@ _poet_x_mem_body = jax.checkpoint(_poet_x_body, policy=jax.checkpoint_policies.n
 AUTO_PREFERS_PALLAS = True  # see resolve_impl
 
 
-def resolve_impl(impl: str, block_size: int) -> str:
+def resolve_impl(impl: str, block_size: int, *, quantized: bool = False) -> str:
     """"xla" or "pallas" for a layer of this block size; "pallas" with an unsupported block size is a
     ValueError. Decided at trace time, so a model built on one machine runs on another.
 
@@ -110,6 +110,8 @@ def resolve_impl(impl: str, block_size: int) -> str:
     permutation kernels, fused Cayley kernel) ran fwd+bwd at 1.09× a dense layer against XLA's 1.19× at
     T=16384, 4096², b=256, and 0.91× against 1.05× at 4096→11008; Llama-1B trained at 26.5k vs 22.5k
     tokens/s (run 4). Set ``AUTO_PREFERS_PALLAS = False`` to make "auto" mean XLA everywhere.
+    ``quantized`` (POET-XQ): "auto" stays on XLA, the only path measured for it (the qmatmul kernel's speed
+    is unmeasured).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
@@ -117,7 +119,8 @@ def resolve_impl(impl: str, block_size: int) -> str:
         pk.check_block_size(block_size)
         return impl
     if impl == "auto":
-        use = AUTO_PREFERS_PALLAS and jax.default_backend() == "gpu" and pk.supports_block_size(block_size)
+        use = (AUTO_PREFERS_PALLAS and not quantized and jax.default_backend() == "gpu"
+               and pk.supports_block_size(block_size))
         return "pallas" if use else "xla"
     return impl
 
@@ -165,7 +168,6 @@ def _poet_x_features_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerm
 _poet_x_features_mem_body = jax.checkpoint(_poet_x_features_body, policy=jax.checkpoint_policies.nothing_saveable,
                                            static_argnums=(5, 6))
 
-LAYOUTS = ("auto", "tokens", "features")
 # What layout="auto" resolves to, per implementation (see resolve_layout).
 AUTO_LAYOUT = {"xla": "tokens", "pallas": "features"}
 
@@ -204,7 +206,7 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
         w0 = jax.tree.map(jax.lax.stop_gradient, w0_NpxMp)
     else:
         w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
-    impl = resolve_impl(impl, r_in_IxKxK.shape[-1])
+    impl = resolve_impl(impl, r_in_IxKxK.shape[-1], quantized=isinstance(w0_NpxMp, QuantizedWeight))
     layout = resolve_layout(layout, impl)
     if layout == "features":
         body = _poet_x_features_body if variant == "fast" else _poet_x_features_mem_body

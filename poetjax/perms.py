@@ -30,50 +30,31 @@ import jax
 import jax.numpy as jnp
 
 
-def _gather_last(x, idx):
-    return jnp.take(x, idx, axis=-1, mode="fill", fill_value=0)
+def _index_permutation(axis: int, doc: str):
+    """A permutation along ``axis`` as a gather (out-of-range indices read 0) whose VJP gathers the
+    cotangent with the inverse index: f(x, idx, inv_idx)."""
+
+    def gather(x, idx):
+        return jnp.take(x, idx, axis=axis, mode="fill", fill_value=0)
+
+    @jax.custom_vjp
+    def f(x: jax.Array, idx: jax.Array, inv_idx: jax.Array) -> jax.Array:
+        return gather(x, idx)
+
+    f.defvjp(lambda x, idx, inv_idx: (gather(x, idx), inv_idx), lambda inv_idx, g: (gather(g, inv_idx), None, None))
+    f.__doc__ = doc
+    return f
 
 
-@jax.custom_vjp
-def permute(x: jax.Array, idx: jax.Array, inv_idx: jax.Array) -> jax.Array:
-    """``x[..., idx]`` (out-of-range indices read 0) with the backward ``g[..., inv_idx]``.
+permute = _index_permutation(-1, """``x[..., idx]`` (out-of-range indices read 0) with the backward ``g[..., inv_idx]``.
 
     Requires that idx and inv_idx are mutually inverse on the real coordinates (see module doc).
-    """
-    return _gather_last(x, idx)
+    """)
 
 
-def _permute_fwd(x, idx, inv_idx):
-    return _gather_last(x, idx), inv_idx
-
-
-def _permute_bwd(inv_idx, g):
-    return _gather_last(g, inv_idx), None, None
-
-
-permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-def _gather_first(x, idx):
-    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def permute_rows(x: jax.Array, idx: jax.Array, inv_idx: jax.Array) -> jax.Array:
-    """``x[idx]`` along the leading axis (out-of-range indices read 0) with the backward ``g[inv_idx]``:
-    ``permute`` for feature-major (D, T) activations, where a permutation moves whole contiguous rows."""
-    return _gather_first(x, idx)
-
-
-def _permute_rows_fwd(x, idx, inv_idx):
-    return _gather_first(x, idx), inv_idx
-
-
-def _permute_rows_bwd(inv_idx, g):
-    return _gather_first(g, inv_idx), None, None
-
-
-permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+permute_rows = _index_permutation(0, """``x[idx]`` along the leading axis (out-of-range indices read 0) with the
+    backward ``g[inv_idx]``: ``permute`` for feature-major (D, T) activations, where a permutation moves
+    whole contiguous rows.""")
 
 
 def full_input_index(perm_in: jax.Array, perm_in_inv: jax.Array) -> jax.Array:

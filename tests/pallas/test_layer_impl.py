@@ -126,8 +126,11 @@ def test_layer_passes_its_cayley_precision_and_xq_auto_stays_on_xla(monkeypatch)
     lay.effective_kernel()  # merges and effective kernels: float32-exact
     assert seen == ["highest", "default", "highest"]
     calls = []
-    monkeypatch.setattr(ops, "resolve_impl", lambda impl, k: calls.append(impl) or "xla")
+    real_resolve = ops.resolve_impl
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(ops, "resolve_impl", lambda *a, **kw: calls.append(real_resolve(*a, **kw)) or "xla")
     xq = pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16, variant="xq", quant_group_size=16),
                        rngs=nnx.Rngs(0))
     xq(jnp.ones((2, 32)))
-    assert calls and set(calls) == {"xla"}  # "auto" never reaches the resolver for XQ
+    assert calls and set(calls) == {"xla"}  # "auto" resolves to XLA for XQ, even on a GPU
+    assert real_resolve("auto", 16) == ("pallas" if ops.AUTO_PREFERS_PALLAS else "xla")  # float layers don't
