@@ -226,17 +226,39 @@ def _blocks_from_masked(theta, block_size, num_terms, exact, impl, precision):
     return cayley_exact(q) if exact else cayley_neumann(q, num_terms, precision=CAYLEY_PRECISIONS[precision])
 
 
+def rotation_group(items, num_terms: int = 3, *, exact: bool = False, impl: str = "xla",
+                   precision: str = "highest") -> list[jax.Array]:
+    """``[rotations(theta, layout, …) for theta, layout in items]`` in one batched map per block size.
+
+    Each θ may carry leading axes (e.g. the layer axis of stacked layers, (L, B, P) → (L, B, K, K)). The
+    blocks of every item with the same block size are flattened and concatenated into one (ΣB, P) map, so
+    the Cayley–Neumann series of a whole POET layer, transformer block or model costs one launch of each
+    kernel instead of one per side and projection (at a few dozen blocks a map is mostly launch latency;
+    thousands of blocks fill the GPU). Same numbers as separate maps: every block is computed alone.
+    """
+    items = list(items)
+    out: list = [None] * len(items)
+    by_k: dict[int, list[int]] = {}
+    for i, (_, layout) in enumerate(items):
+        by_k.setdefault(layout.block_size, []).append(i)
+    for k, idx in by_k.items():
+        p = num_packed(k)
+        flats = [mask_generators(items[i][0].astype(jnp.float32), items[i][1]).reshape(-1, p) for i in idx]
+        both = flats[0] if len(flats) == 1 else jnp.concatenate(flats, axis=0)
+        r = _blocks_from_masked(both, k, num_terms, exact, impl, precision)
+        start = 0
+        for i, flat in zip(idx, flats):
+            n = flat.shape[0]
+            out[i] = r[start:start + n].reshape(*items[i][0].shape[:-1], k, k)
+            start += n
+    return out
+
+
 def rotation_pair(theta_in: jax.Array, layout_in: BlockLayout, theta_out: jax.Array, layout_out: BlockLayout,
                   num_terms: int = 3, *, exact: bool = False, impl: str = "xla",
                   precision: str = "highest") -> tuple[jax.Array, jax.Array]:
-    """``(rotations(theta_in, layout_in, …), rotations(theta_out, layout_out, …))`` in one batched map
-    when both sides have the same block size (the blocks of both sides concatenated: half the launches of
-    two maps whose cost, at a few dozen blocks, is mostly launch latency); two maps otherwise."""
-    if layout_in.block_size != layout_out.block_size:
-        kw = dict(exact=exact, impl=impl, precision=precision)
-        return (rotations(theta_in, layout_in, num_terms, **kw), rotations(theta_out, layout_out, num_terms, **kw))
-    both = jnp.concatenate([mask_generators(theta_in.astype(jnp.float32), layout_in),
-                            mask_generators(theta_out.astype(jnp.float32), layout_out)], axis=-2)
-    r = _blocks_from_masked(both, layout_in.block_size, num_terms, exact, impl, precision)
-    nb_in = theta_in.shape[-2]
-    return r[..., :nb_in, :, :], r[..., nb_in:, :, :]
+    """``(rotations(theta_in, layout_in, …), rotations(theta_out, layout_out, …))``: both sides in one
+    batched map when they have the same block size (``rotation_group``)."""
+    r_in, r_out = rotation_group([(theta_in, layout_in), (theta_out, layout_out)], num_terms, exact=exact,
+                                 impl=impl, precision=precision)
+    return r_in, r_out

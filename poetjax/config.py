@@ -14,6 +14,8 @@ CAYLEY_MAPS = ("neumann", "exact")
 CAYLEY_PRECISIONS = ("highest", "default")
 IMPLS = ("auto", "xla", "pallas")
 LAYOUTS = ("auto", "tokens", "features")
+CAYLEY_SCOPES = ("auto", "linear", "block", "model")
+COMPUTES = ("auto", "activations", "weight")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 
 
@@ -41,6 +43,19 @@ class POETConfig:
                     float32 series, far below the bf16 rounding R gets before it rotates bf16 activations;
                     half the time of "highest") or "highest" (float32-exact products). CPUs compute float32
                     either way. Merges and effective kernels always use "highest".
+    compute:        "activations" (POET-X: rotate the activations, never form W_eff), "weight" (form W_eff
+                    from the blocks each step, then one dense matmul: cheaper when a layer sees many more
+                    tokens than its width) or "auto" (by the layer's token count and shape at trace time,
+                    ``poetjax.ops.resolve_compute``). Never changes the math.
+    cayley_scope:   how many POET layers share one Cayley–Neumann map per step (``poetjax.layers``;
+                    never changes the math): "linear" (each layer maps its own blocks, both sides at once),
+                    "block" (one map for all projections of a transformer block, computed inside the block,
+                    so a rematerialized block recomputes it), "model" (one map for every layer of the model,
+                    computed once before the layers run: no recomputation under remat, but the rotation
+                    blocks of all layers and the map's residuals stay alive through the backward pass) or
+                    "auto" ("model" for the fast flavour, "block" for mem). Models that do not call
+                    ``shared_rotations`` (anything but ``poetjax.models.Llama``) map per linear whatever
+                    this says.
     init:           how W0 is formed from the wrapped Linear's weight (POET spec §2):
                     "normalized" (reference default: copy, then every neuron — a kernel column — scaled to
                     unit L2 norm), "normalized_gaussian" (fresh N(0,1) draw, neurons normalized),
@@ -83,6 +98,8 @@ class POETConfig:
     exclude: tuple[str, ...] = ("lm_head",)
     impl: str = "auto"
     layout: str = "auto"
+    cayley_scope: str = "auto"
+    compute: str = "activations"
     quant_group_size: int = 256
 
     def __post_init__(self):
@@ -122,6 +139,10 @@ class POETConfig:
             raise ValueError(f"impl must be one of {IMPLS}, got impl={self.impl!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got layout={self.layout!r}")
+        if self.compute not in COMPUTES:
+            raise ValueError(f"compute must be one of {COMPUTES}, got compute={self.compute!r}")
+        if self.cayley_scope not in CAYLEY_SCOPES:
+            raise ValueError(f"cayley_scope must be one of {CAYLEY_SCOPES}, got cayley_scope={self.cayley_scope!r}")
         if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)
                 or self.quant_group_size <= 0):
             raise ValueError(f"quant_group_size must be a positive int, got quant_group_size={self.quant_group_size!r}")

@@ -22,12 +22,15 @@ recompiles.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from poetjax import fs, ops, quant
-from poetjax.cayley import block_layout, rotation_pair
+from poetjax.cayley import block_layout, rotation_group, rotation_pair
 from poetjax.config import IMPLS, POETConfig
 from poetjax.initializers import base_weight
 from poetjax.perms import input_permutation, output_permutation
@@ -158,6 +161,12 @@ class POETLinear(nnx.Module):
         return rotation_pair(self.theta_in[...], self.layout_in, self.theta_out[...], self.layout_out, k,
                              exact=exact, impl=impl, precision=precision)
 
+    def training_cayley_args(self) -> tuple:
+        """(num_terms, exact, impl, precision) of the forward pass's Cayley map: layers with equal
+        arguments can share one map (``shared_rotations``)."""
+        impl = ops.resolve_impl(self.impl, self.config.block_size, quantized=self.config.quantized)
+        return (self.config.num_terms, self.config.cayley == "exact", impl, self.config.cayley_precision)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
@@ -166,11 +175,15 @@ class POETLinear(nnx.Module):
             r_in, r_out = self.rotation_blocks()
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
-            impl = ops.resolve_impl(self.impl, self.config.block_size, quantized=self.config.quantized)
-            r_in, r_out = self.rotation_blocks(impl=impl, precision=self.config.cayley_precision)
+            k, exact, impl, precision = self.training_cayley_args()
+            shared = (_SHARED.get() or {}).get(id(self))
+            if shared is not None and shared[0] is self:
+                r_in, r_out = shared[1]
+            else:
+                r_in, r_out = self.rotation_blocks(impl=impl, precision=precision)
             y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
                                   variant=self.config.flavour, precision=self.precision, impl=impl,
-                                  layout=self.config.layout)
+                                  layout=self.config.layout, compute=self.config.compute)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -201,3 +214,64 @@ class POETLinear(nnx.Module):
     def num_generator_params(self) -> int:
         """Free generator parameters of this layer (masked tail entries excluded)."""
         return self.layout_in.num_params + self.layout_out.num_params
+
+
+# -- shared Cayley maps ---------------------------------------------------------------------------
+# The rotation blocks of many POET layers computed in one batched Cayley–Neumann map (cayley.rotation_group)
+# and handed to the layers' forward passes: a trace-time table {id(layer): (layer, (R_in, R_out))} that
+# POETLinear.__call__ consults. Pure bookkeeping: the blocks are the same function of the same generators,
+# so values and gradients are those of per-layer maps (tests/test_cayley_scope.py).
+
+_SHARED: contextvars.ContextVar = contextvars.ContextVar("poetjax_shared_rotations", default=None)
+
+
+def _shared_layers(module: nnx.Module) -> list[tuple[str, POETLinear]]:
+    """("a/b/c" path, layer) of every block-stochastic POET layer under ``module`` (POET-FS maps its own)."""
+    return [("/".join(map(str, path)), node) for path, node in nnx.iter_graph(module)
+            if isinstance(node, POETLinear) and node.config.variant != "fs"]
+
+
+def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{path: (R_in, R_out)} for every POET-BS layer under ``module``, from as few Cayley maps as possible
+    (one per distinct ``training_cayley_args``, normally one). Stacked layers give stacked blocks
+    (L, I, K, K): all L slices are mapped in the same call."""
+    groups: dict[tuple, list[tuple[str, POETLinear]]] = {}
+    for path, lay in _shared_layers(module):
+        groups.setdefault(lay.training_cayley_args(), []).append((path, lay))
+    out = {}
+    for (k, exact, impl, precision), members in groups.items():
+        items = []
+        for _, lay in members:
+            items += [(lay.theta_in[...], lay.layout_in), (lay.theta_out[...], lay.layout_out)]
+        blocks = rotation_group(items, k, exact=exact, impl=impl, precision=precision)
+        for j, (path, _) in enumerate(members):
+            out[path] = (blocks[2 * j], blocks[2 * j + 1])
+    return out
+
+
+@contextlib.contextmanager
+def shared_rotations(module: nnx.Module, rotations: dict | None = None):
+    """Within this context the POET layers under ``module`` rotate with ``rotations`` ({path: (R_in,
+    R_out)} as ``compute_rotations(module)`` returns, e.g. computed once outside a scan and sliced) instead
+    of mapping their own generators; ``rotations=None`` computes them now, in one map for all of them.
+    Layers missing from ``rotations`` map their own blocks."""
+    rotations = compute_rotations(module) if rotations is None else rotations
+    table = {id(lay): (lay, rotations[path]) for path, lay in _shared_layers(module) if path in rotations}
+    token = _SHARED.set({**(_SHARED.get() or {}), **table})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def cayley_scope(module: nnx.Module) -> str:
+    """The resolved ``POETConfig.cayley_scope`` of the POET layers under ``module``: "linear" | "block" |
+    "model" ("linear" when there are none). "auto" is "model" for the fast flavour and "block" for mem.
+    Layers configured differently: the first layer's setting applies (poetize gives all one config)."""
+    layers = _shared_layers(module)
+    if not layers:
+        return "linear"
+    cfg = layers[0][1].config
+    if cfg.cayley_scope != "auto":
+        return cfg.cayley_scope
+    return "model" if cfg.flavour == "fast" else "block"

@@ -35,6 +35,7 @@ matmul kernel — so no layer keeps a float copy of its base weight as a residua
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -42,9 +43,9 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from poetjax.cayley import HIGHEST
-from poetjax.config import IMPLS, LAYOUTS
+from poetjax.config import COMPUTES, IMPLS, LAYOUTS
 from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
-from poetjax.quant import QuantizedWeight, quantized_matmul
+from poetjax.quant import QuantizedWeight, dequantize, quantized_matmul
 
 
 class LayerPerms(NamedTuple):
@@ -168,6 +169,52 @@ def _poet_x_features_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerm
 _poet_x_features_mem_body = jax.checkpoint(_poet_x_features_body, policy=jax.checkpoint_policies.nothing_saveable,
                                            static_argnums=(5, 6))
 
+def _poet_w_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision):
+    """compute="weight": form W_eff from the blocks (two block products and two permutations of an (N, M)
+    array), then one dense matmul; its VJP is the dense layer's (dx and dW_eff) followed by the blocks'
+    (dR_in, dR_out from dW_eff). Cheaper than rotating the activations once T ≫ N, M."""
+    if isinstance(w0_NpxMp, QuantizedWeight):
+        w0_NpxMp = dequantize(w0_NpxMp, x.dtype)
+    w = weight_from_blocks(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, precision)
+    return jnp.matmul(x, w, precision=precision)
+
+
+_poet_w_mem_body = jax.checkpoint(_poet_w_body, policy=jax.checkpoint_policies.nothing_saveable,
+                                  static_argnums=(5,))
+
+# compute="auto" forms W_eff in the mem flavour once the layer sees at least this many tokens per unit of its
+# wider side (T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M)); the fast flavour keeps rotating activations. See
+# resolve_compute for the measurements behind both.
+WEIGHT_TOKENS_PER_WIDTH = 1
+
+
+def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "fast") -> str:
+    """"activations" or "weight" for a layer of N → M features applied to ``tokens`` tokens.
+
+    "activations": POET-X, input-centric: rotate the activations, never form W_eff (no dW matmul; passes
+    over (T, N) and (T, M) arrays). "weight": POET's weight-centric form: W_eff from the blocks, then a
+    dense matmul (passes over the (N, M) weight, plus the dW matmul: three dense matmuls like a dense
+    layer instead of two). The two compute the same function (the same products, rounded to the compute
+    dtype at different places: W_eff instead of the rotated activations).
+
+    "auto" (decided at trace time from the static shapes): "weight" for the mem flavour when
+    T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M), else "activations". Measured on the H200 (BENCHMARKS.md run
+    7, fwd+bwd, b=256): mem/weight ÷ mem/activations = 0.82 (T=16384, 4096²), 0.94 (16384, 4096→11008),
+    0.81 / 0.93 / 0.86 (T=8192: 2048², 2048→5632, 5632→2048), 1.80 / 2.61 (T=1024: 4096², 4096→14336):
+    the mem flavour recomputes the whole rotated forward on activations, but only W_eff on weights. In
+    the fast flavour "weight" won only at T=8192, 2048² (0.90) and lost by 1.07–1.27 at the other T ≥ N
+    shapes, so "auto" keeps POET-X there. Under data parallelism "weight" all-reduces a W_eff-sized
+    gradient per layer (POET-X reduces only the generators'): keep "activations" there.
+    """
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got compute={compute!r}")
+    if compute != "auto":
+        return compute
+    if variant == "mem" and tokens >= WEIGHT_TOKENS_PER_WIDTH * max(n, m):
+        return "weight"
+    return "activations"
+
+
 # What layout="auto" resolves to, per implementation (see resolve_layout).
 AUTO_LAYOUT = {"xla": "tokens", "pallas": "features"}
 
@@ -189,7 +236,7 @@ def resolve_layout(layout: str, impl: str) -> str:
 
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                   perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla",
-                  layout: str = "auto") -> jax.Array:
+                  layout: str = "auto", compute: str = "activations") -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
     W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first; the
@@ -197,7 +244,8 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     gradient: it is not differentiated even if the caller's transformation would allow it, because it
     is stop-gradient'ed here. ``impl``: "xla", "pallas" or "auto" (see ``resolve_impl``).
     A ``QuantizedWeight`` W_s (POET-XQ) is kept in uint8 and dequantized inside the matmul.
-    ``layout``: "tokens", "features" or "auto" (see ``resolve_layout``).
+    ``layout``: "tokens", "features" or "auto" (see ``resolve_layout``). ``compute``: "activations"
+    (POET-X), "weight" (form W_eff, then one dense matmul) or "auto" (see ``resolve_compute``).
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
@@ -208,6 +256,10 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
         w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
     impl = resolve_impl(impl, r_in_IxKxK.shape[-1], quantized=isinstance(w0_NpxMp, QuantizedWeight))
     layout = resolve_layout(layout, impl)
+    tokens = math.prod(x.shape[:-1])
+    if resolve_compute(compute, tokens, x.shape[-1], perms.perm_out.shape[0], variant) == "weight":
+        body = _poet_w_body if variant == "fast" else _poet_w_mem_body
+        return body(x, w0, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms, precision)
     if layout == "features":
         body = _poet_x_features_body if variant == "fast" else _poet_x_features_mem_body
         # impl "pallas" without a GPU: the interpreter (correct everywhere, slow; for tests).
@@ -222,17 +274,24 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     return body(x, w0, r_in, r_out, perms, precision)
 
 
-def effective_kernel(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
-                     perms: LayerPerms) -> jax.Array:
-    """The dense (N, M) kernel W_eff with layer(x) == x @ W_eff, in float32."""
-    w = w0_NpxMp.astype(jnp.float32)
+def weight_from_blocks(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array, perms: LayerPerms,
+                       precision=None) -> jax.Array:
+    """W_eff (N, M) = P_in · blockdiag(R_in) · W_s · blockdiag(R_out) · P_out in the operands' dtype
+    (differentiable; the permutations' VJPs are inverse gathers, ``poetjax.perms``)."""
     nb, k, _ = r_in_IxKxK.shape
     # Left-multiply by blockdiag(R_in): row block i becomes R_in[i] @ W_s[i·K:(i+1)·K, :].
-    a = jnp.einsum("ikc,icm->ikm", r_in_IxKxK.astype(jnp.float32), w.reshape(nb, k, -1),
-                   precision=HIGHEST).reshape(nb * k, -1)
-    a = block_rotate(a, r_out_OxKxK.astype(jnp.float32), precision=HIGHEST)
-    a = jnp.take(a, perms.perm_in_inv, axis=0)
-    return jnp.take(a, perms.perm_out, axis=1)
+    a = jnp.einsum("ikc,icm->ikm", r_in_IxKxK, w0_NpxMp.reshape(nb, k, -1), precision=precision)
+    a = block_rotate(a.reshape(nb * k, -1), r_out_OxKxK, precision=precision)
+    a = permute_rows(a, perms.perm_in_inv, perms.perm_in)       # (N, Mp): rows back to input order
+    return permute(a, perms.perm_out, perms.perm_out_inv)       # (N, M)
+
+
+def effective_kernel(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
+                     perms: LayerPerms) -> jax.Array:
+    """The dense (N, M) kernel W_eff with layer(x) == x @ W_eff, in float32 (float32-exact products)."""
+    f32 = jnp.float32
+    return weight_from_blocks(w0_NpxMp.astype(f32), r_in_IxKxK.astype(f32), r_out_OxKxK.astype(f32), perms,
+                              precision=HIGHEST)
 
 
 def store_base_weight(kernel_NxM: jax.Array, perms: LayerPerms) -> jax.Array:

@@ -171,13 +171,17 @@ def warmup_cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0,
 
 def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_decay: float = 0.0, *,
                    poet_learning_rate: ScalarOrSchedule | None = None, max_grad_norm: float | None = None,
-                   clip_warmup_steps: int = 2000, mu_dtype=None) -> optax.GradientTransformation:
+                   clip_warmup_steps: int = 2000, mu_dtype=None,
+                   generator_mu_dtype=None) -> optax.GradientTransformation:
     """The POET optimizer: Adam (lr × poet_scale, no decay) on generators, AdamW on the rest.
 
     learning_rate:      base learning rate (float or schedule of the completed-step count).
     poet_learning_rate: the generators' learning rate before poet_scale (default: learning_rate).
     max_grad_norm:      if set, global-norm clipping over all trainable params with the post-merge
                         warm-up of ``poet_clip_schedule`` (over the first ``clip_warmup_steps`` steps).
+    mu_dtype:           storage dtype of both moments of every group (None: each parameter's dtype).
+    generator_mu_dtype: storage dtype of the generators' moments only (overrides mu_dtype for them; e.g.
+                        bfloat16 halves the generators' optimizer state, measured in BENCHMARKS.md).
     """
     if not isinstance(config, POETConfig):
         raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
@@ -187,7 +191,8 @@ def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_d
     scale = config.poet_scale
     gen_lr = (lambda s: plr(s) * scale) if callable(plr) else plr * scale
     tx = optax.partition(
-        {POET_LABEL: poet_adamw(gen_lr, config.b1, config.b2, config.eps, 0.0, mu_dtype=mu_dtype),
+        {POET_LABEL: poet_adamw(gen_lr, config.b1, config.b2, config.eps, 0.0,
+                                mu_dtype=generator_mu_dtype or mu_dtype),
          BASE_LABEL: poet_adamw(learning_rate, config.b1, config.b2, config.eps, weight_decay,
                                 mask=_decay_mask, mu_dtype=mu_dtype)},
         param_labels)

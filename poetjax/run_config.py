@@ -24,6 +24,7 @@ from poetjax.config import CAYLEY_MAPS, INIT_SCHEMES, VARIANTS, POETConfig
 from poetjax.models.llama import LlamaConfig
 
 OPTIMIZERS = ("poet", "adamw", "muon")
+MOMENT_DTYPES = ("float32", "bfloat16")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
@@ -88,8 +89,10 @@ class OptimizerConfig:
     muon_lr:        peak learning rate of muon's hidden 2-D matrices.
     weight_decay:   decoupled weight decay of ≥2-D directly trained parameters.
     max_grad_norm:  global-norm clipping threshold (0 = off); for poet with the post-merge warm-up.
+    generator_moment_dtype: storage of the generators' Adam moments ("float32" | "bfloat16": half the
+                    generators' optimizer state; the update itself is computed in float32 either way).
     clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
-    block_size … poet_scale, impl, layout, cayley_precision: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
+    block_size … poet_scale, impl, layout, compute, cayley_precision, cayley_scope: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
                     fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas"; variant
                     "xq"/"xq_mem" is POET-XQ, with W0 in uint8 groups of quant_group_size).
     """
@@ -114,7 +117,10 @@ class OptimizerConfig:
     poet_scale: float = 0.5
     impl: str = "auto"
     layout: str = "auto"
+    cayley_scope: str = "auto"
+    compute: str = "activations"
     quant_group_size: int = 256
+    generator_moment_dtype: str = "float32"
 
     def __post_init__(self):
         _check(self.name in OPTIMIZERS, f"name must be one of {OPTIMIZERS}, got name={self.name!r}")
@@ -126,6 +132,8 @@ class OptimizerConfig:
         _check(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got variant={self.variant!r}")
         _check(self.cayley in CAYLEY_MAPS, f"cayley must be one of {CAYLEY_MAPS}, got cayley={self.cayley!r}")
         _check(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got init={self.init!r}")
+        _check(self.generator_moment_dtype in MOMENT_DTYPES, f"generator_moment_dtype must be one of "
+               f"{MOMENT_DTYPES}, got generator_moment_dtype={self.generator_moment_dtype!r}")
         self.poet_config()  # POETConfig validates the remaining POET fields
 
     def poet_config(self, init_std: float = 0.02) -> POETConfig:
@@ -133,7 +141,8 @@ class OptimizerConfig:
                           num_terms=self.num_terms, cayley=self.cayley, cayley_precision=self.cayley_precision,
                           init=self.init, init_std=init_std,
                           poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl,
-                          layout=self.layout, quant_group_size=self.quant_group_size)
+                          layout=self.layout, cayley_scope=self.cayley_scope, compute=self.compute,
+                          quant_group_size=self.quant_group_size)
 
 
 @dataclasses.dataclass(frozen=True)

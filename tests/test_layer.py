@@ -10,7 +10,7 @@ import poetjax as pj
 from poetjax import ops
 from poetjax.testing import assert_close, rel_err, tolerance
 
-from _reference import dense_effective
+from _reference import dense_effective, grads_against_dense
 
 SHAPES = [(32, 48, 16), (64, 64, 32), (40, 50, 16), (24, 17, 8), (48, 20, 20)]  # (N, M, K); some ragged
 
@@ -48,22 +48,9 @@ def test_gradients_match_dense_and_variants_agree(n, m, k):
         lay, w0 = _layer(n, m, k, variant=variant)
         x = jax.random.normal(jax.random.key(8), (4, 6, n))
         g = jax.random.normal(jax.random.key(9), (4, 6, m))
-        graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
-
-        def factored(gens, x):
-            return jnp.sum(nnx.merge(graphdef, gens, rest)(x) * g)
-
-        def dense(gens, x):
-            w = dense_effective(gens["theta_in"][...], gens["theta_out"][...], w0, lay.perm_in[...],
-                                lay.perm_out[...], k)
-            return jnp.sum((x @ w) * g)
-
-        gf = jax.jit(jax.grad(factored, argnums=(0, 1)))(gens, x)
-        gd = jax.jit(jax.grad(dense, argnums=(0, 1)))(gens, x)
-        gf = (gf[0]["theta_in"][...], gf[0]["theta_out"][...], gf[1])
-        gd = (gd[0]["theta_in"][...], gd[0]["theta_out"][...], gd[1])
-        for name, a, b in zip(("theta_in", "theta_out", "x"), gf, gd):
-            assert_close(a, b, jnp.float32, "grad", what=f"{variant} d{name}")
+        gf = grads_against_dense(lay, lambda gens: dense_effective(gens["theta_in"][...], gens["theta_out"][...], w0,
+                                                                   lay.perm_in[...], lay.perm_out[...], k),
+                                 x, g, what=variant)
         grads[variant] = gf
     for a, b in zip(grads["fast"], grads["mem"]):
         assert_close(a, b, jnp.float32, "same", what="fast vs mem gradient")

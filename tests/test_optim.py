@@ -9,6 +9,7 @@ from flax import nnx
 
 import poetjax as pj
 from poetjax.optim import param_labels, poet_adamw
+from poetjax.testing import assert_close
 
 from test_poetize import Tiny
 
@@ -169,3 +170,43 @@ def test_poet_optimizer_with_bf16_params_and_clipping():
     upd, _ = jax.jit(tx.update)(grads, st, params)
     for u, p in zip(jax.tree.leaves(upd), jax.tree.leaves(params)):
         assert u.dtype == p.dtype
+
+
+def test_generator_moments_in_bfloat16_only_for_generators():
+    """generator_mu_dtype stores the generators' two moments in bf16 (half their optimizer state), leaves
+    every other group's moments alone, and the first update equals the float32 one within bf16 rounding
+    of the moments (m₁ = (1−β1)g, v₁ = (1−β2)g²: the update is ±lr·g/|g| up to that rounding)."""
+    model = Tiny(rngs=nnx.Rngs(0))
+    cfg = pj.POETConfig(block_size=8)
+    pj.poetize(model, cfg, rngs=nnx.Rngs(1))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape, p.dtype), params)
+    labels = param_labels(params)
+    outs = {}
+    for name, dt in (("f32", None), ("bf16", jnp.bfloat16)):
+        tx = pj.poet_optimizer(cfg, 1e-3, generator_mu_dtype=dt)
+        st = tx.init(params)
+        states = _poet_adam_states_of(st)
+        for label, s in states.items():
+            want = jnp.bfloat16 if (dt is not None and label == "poet") else jnp.float32
+            assert {x.dtype for x in jax.tree.leaves((s.mu, s.nu))} == {jnp.dtype(want)}, (name, label)
+        outs[name] = jax.jit(tx.update)(grads, st, params)[0]
+    for u32, u16, lab in zip(jax.tree.leaves(outs["f32"]), jax.tree.leaves(outs["bf16"]), jax.tree.leaves(labels)):
+        if lab == "poet":
+            assert_close(u16, u32, jnp.bfloat16, what="generator update with bf16 moments")
+        else:
+            np.testing.assert_array_equal(np.asarray(u16), np.asarray(u32))
+
+
+def _poet_adam_states_of(opt_state) -> dict:
+    from poetjax.optim import PoetAdamState
+    part = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.transforms.PartitionState))
+    part = next(p for p in part if isinstance(p, optax.transforms.PartitionState))
+    return {label: next(x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, PoetAdamState))
+                        if isinstance(x, PoetAdamState)) for label, s in part.inner_states.items()}
+
+
+def test_generator_moment_dtype_is_validated():
+    from poetjax.run_config import OptimizerConfig
+    with pytest.raises(ValueError, match="generator_moment_dtype must be one of .*got generator_moment_dtype='fp8'"):
+        OptimizerConfig(generator_moment_dtype="fp8")

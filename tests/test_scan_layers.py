@@ -16,6 +16,8 @@ from poetjax.surgery import build_poetized
 from poetjax.testing import assert_close
 from poetjax.train.steps import init_state, make_merge_step, make_train_step
 
+from _reference import randomize_generators
+
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_layers=3, max_seq_len=16)
 
 
@@ -24,10 +26,7 @@ def _poet_model(variant="fast", scan=False, remat="none"):
     model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
     pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, quant_group_size=16),
                rngs=nnx.Rngs(params=jax.random.key(1)))
-    for i, (_, lay) in enumerate(pj.poet_layers(model)):  # non-trivial rotations
-        k1, k2 = jax.random.split(jax.random.key(100 + i))
-        lay.theta_in[...] = 0.2 * jax.random.normal(k1, lay.theta_in.shape)
-        lay.theta_out[...] = 0.2 * jax.random.normal(k2, lay.theta_out.shape)
+    randomize_generators(model, 0.2)  # non-trivial rotations
     return stack_layers(model) if scan else model
 
 
@@ -194,3 +193,26 @@ def test_stacked_init_and_poetize_draw_the_unstacked_numbers():
             np.testing.assert_array_equal(b[name], a[name], err_msg=name)
         else:  # the same draws; a vmapped normalization may round in another order
             assert_close(b[name], a[name], jnp.float32, "same", what=name)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_build_model_of_stacked_poet_runs_never_builds_the_float_model(monkeypatch, scan):
+    """Stacked POET models are built layer by layer (build_poetized): no float copy of every kernel next to
+    the converted W0 (a 48 GiB build peak for Llama-8B POET-X mem); list models still poetize a float model."""
+    from poetjax.run_config import load_config
+    from poetjax.train import steps
+
+    calls = []
+    real = steps.poetize
+    monkeypatch.setattr(steps, "poetize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = load_config("configs/tiny.yaml", [f"model.scan_layers={str(scan).lower()}", "model.num_layers=2"])
+    model = steps.build_model(cfg)
+    assert calls == ([] if scan else [1])
+    layers = pj.poet_layers(model)
+    assert len(layers) == 7 * (1 if scan else 2)
+    lay = layers[0][1]
+    assert lay.w0.shape[0] == (2 if scan else lay.w0.shape[0]) and np.all(np.isfinite(np.asarray(lay.w0[...])))
+    # "normalized" init: every neuron (a column of the true kernel) of W0 has unit norm, in every layer slice
+    w = np.asarray(lay.base_weight()) if not scan else np.asarray(lay.w0[...][1], np.float32)
+    norms = np.linalg.norm(w, axis=0)[: lay.out_features]
+    np.testing.assert_allclose(norms[norms > 0], 1.0, rtol=1e-5)

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from poetjax.layers import cayley_scope, compute_rotations, shared_rotations
+
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -202,8 +204,18 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
-def _run_block(block: Block, x, cos, sin):
-    return block(x, cos, sin)
+def _block_runner(scope: str):
+    """run(block, x, cos, sin, rotations) for a ``cayley_scope``: "linear" lets every POET layer map its
+    own generators; "block" maps all of the block's in one call, inside the block (so inside its remat);
+    "model" uses ``rotations``, the block's slice of the blocks mapped once before the layers run."""
+
+    def run(block: Block, x, cos, sin, rotations):
+        if scope == "linear":
+            return block(x, cos, sin)
+        with shared_rotations(block, rotations if scope == "model" else None):
+            return block(x, cos, sin)
+
+    return run
 
 
 class Llama(nnx.Module):
@@ -232,20 +244,27 @@ class Llama(nnx.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = rope_tables(jnp.arange(t), self.cfg.head_dim, self.cfg.rope_theta)
-        run = _run_block
+        scope = cayley_scope(self.layers)
+        run = _block_runner(scope)
         if self.cfg.remat != "none":
-            run = nnx.remat(_run_block, policy=_remat_policy(self.cfg.remat))
+            run = nnx.remat(run, policy=_remat_policy(self.cfg.remat))
+        # scope "model": every POET layer's rotation blocks from one Cayley map, before the layers run (for
+        # stacked layers: (L, …) blocks, sliced by the scan like the weights).
+        rotations = compute_rotations(self.layers) if scope == "model" else None
         x = x_BxTxD.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
-            def body(x, state):
-                return run(nnx.merge(graphdef, state), x, cos, sin), None
+            def body(x, xs):
+                state, rots = xs
+                return run(nnx.merge(graphdef, state), x, cos, sin, rots), None
 
-            x, _ = jax.lax.scan(body, x, stacked)
+            x, _ = jax.lax.scan(body, x, (stacked, rotations))
         else:
-            for block in self.layers:
-                x = run(block, x, cos, sin)
+            for i, block in enumerate(self.layers):
+                rots = None if rotations is None else {
+                    path.partition("/")[2]: r for path, r in rotations.items() if path.partition("/")[0] == str(i)}
+                x = run(block, x, cos, sin, rots)
         return self.lm_head(self.norm(x))
 
 

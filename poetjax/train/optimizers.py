@@ -12,6 +12,7 @@ Every learning rate follows the same warmup + cosine multiplier (``poetjax.warmu
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
@@ -57,7 +58,8 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     clip = o.max_grad_norm if o.max_grad_norm > 0 else None
     if o.name == "poet":
         return poet_optimizer(cfg.poet, sched["lr"], o.weight_decay, poet_learning_rate=sched["poet_lr"],
-                              max_grad_norm=clip, clip_warmup_steps=o.clip_warmup_steps)
+                              max_grad_norm=clip, clip_warmup_steps=o.clip_warmup_steps,
+                              generator_mu_dtype=jnp.dtype(o.generator_moment_dtype))
     if o.name == "adamw":
         tx = optax.adamw(sched["lr"], b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=_decay_mask)
     elif o.name == "muon":

@@ -52,12 +52,15 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 def build_model(cfg: RunConfig) -> nnx.Module:
     """The run's LLaMA; for ``optimizer.name == "poet"`` every projection is a POETLinear.
 
-    POET-XQ (variant xq/xq_mem) never builds the float model: ``poetjax.surgery.build_poetized`` converts
-    layer by layer from an abstract model, so a model whose float weights would not fit the device can
-    still be built in its quantized form.
+    POET-XQ (variant xq/xq_mem) and stacked models (``model.scan_layers``: the 1B–34B configs) never build
+    the float model: ``poetjax.surgery.build_poetized`` converts layer by layer from an abstract model, so
+    building needs no more memory than training (float model + converted copy: 48 GiB of peak for Llama-8B
+    POET-X mem before this, against ~22 GiB for its training step), and a model whose float weights would
+    not fit the device can still be built in its quantized form. Same distribution as converting a built
+    float model, other numbers (see ``build_poetized``).
     """
     k_model, k_poet, _ = run_keys(cfg.seed)
-    if cfg.optimizer.name == "poet" and cfg.poet.quantized:
+    if cfg.optimizer.name == "poet" and (cfg.poet.quantized or cfg.model.scan_layers):
         return build_poetized(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=k_model)), cfg.poet, key=k_poet)
     model = Llama(cfg.model, rngs=nnx.Rngs(params=k_model))
     if cfg.optimizer.name == "poet":

@@ -1,0 +1,165 @@
+"""Shared Cayley maps (``POETConfig.cayley_scope``, ``poetjax.layers.shared_rotations``): one batched map
+for many layers' blocks computes the same rotations, losses and gradients as per-layer maps, and really
+does use fewer maps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import poetjax as pj
+from poetjax import cayley
+from poetjax.layers import compute_rotations, shared_rotations
+from poetjax.models import Llama, LlamaConfig, stack_layers
+from poetjax.testing import assert_close
+from poetjax.train.steps import loss_fn, split_model
+
+from _reference import randomize_generators
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_heads=4, num_layers=3, max_seq_len=16)
+
+
+@pytest.fixture(autouse=True)
+def _float32_exact_matmuls():
+    """float32 comparisons: a GPU would otherwise run float32 matmuls in TF32 (CPUs are exact anyway)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_rotation_group_equals_separate_maps_with_leading_axes_and_mixed_block_sizes(impl):
+    k16 = [cayley.block_layout(40, 16), cayley.block_layout(64, 16)]
+    k8 = cayley.block_layout(20, 8)
+    keys = jax.random.split(jax.random.key(0), 3)
+    thetas = [0.1 * jax.random.normal(keys[0], (3, k16[0].num_blocks, k16[0].num_packed)),  # stacked (L=3)
+              0.1 * jax.random.normal(keys[1], (k16[1].num_blocks, k16[1].num_packed)),
+              0.1 * jax.random.normal(keys[2], (2, k8.num_blocks, k8.num_packed))]
+    layouts = [k16[0], k16[1], k8]
+    if impl == "pallas":  # the kernels' block sizes; K=8 falls back to XLA inside
+        layouts_ok = [cayley.block_layout(40, 16), cayley.block_layout(64, 16)]
+        layouts, thetas = layouts_ok, thetas[:2]
+
+    def grouped(ts):
+        rs = cayley.rotation_group(list(zip(ts, layouts)), impl=impl, precision="highest")
+        return sum(jnp.sum(jnp.sin(r) * (i + 1)) for i, r in enumerate(rs)), rs
+
+    def apart(ts):
+        rs = [cayley.rotations(t, lay, impl="xla") for t, lay in zip(ts, layouts)]
+        return sum(jnp.sum(jnp.sin(r) * (i + 1)) for i, r in enumerate(rs)), rs
+
+    (_, got), g_got = jax.value_and_grad(grouped, has_aux=True)(thetas)
+    (_, want), g_want = jax.value_and_grad(apart, has_aux=True)(thetas)
+    for t, lay, a, b in zip(thetas, layouts, got, want):
+        assert a.shape == (*t.shape[:-1], lay.block_size, lay.block_size)
+        assert_close(a, b, jnp.float32, what="R")
+    for a, b in zip(g_got, g_want):
+        assert_close(a, b, jnp.float32, "grad", what="dθ")
+    # the ragged tail of the 40-wide layout stays the identity outside its corner, in every stacked slice
+    tail = layouts[0].tail
+    np.testing.assert_array_equal(np.asarray(got[0][:, -1, tail:, tail:]),
+                                  np.broadcast_to(np.eye(16 - tail), (3, 16 - tail, 16 - tail)))
+
+
+def _model(scope, *, scan, remat="none", variant="fast"):
+    cfg = LlamaConfig(**{**CFG.__dict__, "remat": remat})
+    model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+    pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, cayley_scope=scope, impl="xla",
+                                    cayley_precision="highest"),
+               rngs=nnx.Rngs(params=jax.random.key(1)))
+    randomize_generators(model, 0.3)
+    return stack_layers(model) if scan else model
+
+
+def _loss_and_grads(model, tokens):
+    graphdef, params, frozen = split_model(model)
+    loss, g = jax.value_and_grad(lambda p: loss_fn(graphdef, p, frozen, tokens))(params)
+    return loss, {str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
+
+
+@pytest.mark.parametrize("scan,remat,variant", [(False, "none", "fast"), (True, "full", "fast"),
+                                                (True, "none", "mem"), (False, "full", "mem")])
+def test_every_scope_gives_the_same_loss_and_gradients(scan, remat, variant):
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, CFG.vocab_size)
+    ref_loss, ref_g = _loss_and_grads(_model("linear", scan=scan, remat=remat, variant=variant), tokens)
+    for scope in ("block", "model", "auto"):
+        loss, g = _loss_and_grads(_model(scope, scan=scan, remat=remat, variant=variant), tokens)
+        assert_close(loss, ref_loss, jnp.float32, "same", what=f"{scope} loss")
+        assert g.keys() == ref_g.keys()
+        theta_grads = [k for k in g if "theta" in k]
+        assert theta_grads and all(np.abs(g[k]).max() > 0 for k in theta_grads)
+        for k in g:
+            assert_close(g[k], ref_g[k], jnp.float32, "same", what=f"{scope} grad {k}")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_scope_sets_how_many_cayley_maps_a_forward_pass_traces(monkeypatch, scan):
+    calls = []
+    real = cayley._blocks_from_masked
+
+    def spy(theta, *args):
+        calls.append(theta.shape[0])
+        return real(theta, *args)
+
+    monkeypatch.setattr(cayley, "_blocks_from_masked", spy)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    blocks_per_layer = None
+    for scope, expect in (("linear", 7 * (1 if scan else 3)), ("block", 1 if scan else 3), ("model", 1)):
+        calls.clear()
+        model = _model(scope, scan=scan)
+        jax.eval_shape(lambda m: m(tokens), model)
+        assert len(calls) == expect, (scope, calls)
+        if scope == "model":  # one map holds every block of every layer
+            per_layer = sum(lay.theta_in.shape[-2] + lay.theta_out.shape[-2]
+                            for _, lay in pj.poet_layers(model))
+            assert calls == [per_layer * (CFG.num_layers if scan else 1)]
+            blocks_per_layer = per_layer
+    assert blocks_per_layer is not None
+
+
+def test_shared_rotations_are_the_layers_own_and_provided_ones_are_used():
+    model = _model("linear", scan=False)
+    x = jax.random.normal(jax.random.key(3), (2, 5, CFG.hidden_size))
+    block = model.layers[0]
+    rots = compute_rotations(block)
+    assert set(rots) == {"attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
+                         "mlp/up_proj", "mlp/down_proj"}
+    lay = block.attn.q_proj
+    own_in, own_out = lay.rotation_blocks(precision=lay.config.cayley_precision)
+    assert_close(rots["attn/q_proj"][0], own_in, jnp.float32, "same", what="R_in")
+    assert_close(rots["attn/q_proj"][1], own_out, jnp.float32, "same", what="R_out")
+    y = lay(x)
+    with shared_rotations(block):
+        assert_close(lay(x), y, jnp.float32, "same", what="shared-map output")
+    # provided blocks are really what the layer uses: identity rotations give x · W_s-as-dense
+    eye = {p: (jnp.broadcast_to(jnp.eye(8), r_in.shape), jnp.broadcast_to(jnp.eye(8), r_out.shape))
+           for p, (r_in, r_out) in rots.items()}
+    with shared_rotations(block, eye):
+        y_eye = lay(x)
+    w_plain = pj.ops.effective_kernel(lay.base_weight(), *eye["attn/q_proj"], lay.perms)
+    assert_close(y_eye, x @ w_plain, jnp.float32, what="identity-rotation output")
+    assert rel_diff(y_eye, y) > 1e-2  # and differs from the real rotations'
+    # outside the context the layer maps its own generators again
+    assert_close(lay(x), y, jnp.float32, "same", what="after the context")
+
+
+def rel_diff(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_fs_layers_map_their_own_blocks_under_any_scope():
+    tokens = jax.random.randint(jax.random.key(4), (1, 6), 0, CFG.vocab_size)
+    losses = []
+    for scope in ("linear", "model"):
+        model = Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))
+        pj.poetize(model, pj.POETConfig(block_size=0.5, variant="fs", cayley_scope=scope),
+                   rngs=nnx.Rngs(params=jax.random.key(1)))
+        assert compute_rotations(model) == {}
+        losses.append(_loss_and_grads(model, tokens)[0])
+    assert_close(losses[1], losses[0], jnp.float32, "same", what="fs loss")
+
+
+def test_cayley_scope_is_validated():
+    with pytest.raises(ValueError, match="cayley_scope must be one of .*got cayley_scope='layers'"):
+        pj.POETConfig(cayley_scope="layers")
