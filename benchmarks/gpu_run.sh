@@ -3,7 +3,12 @@
 #   bash benchmarks/gpu_run.sh STAGE[,STAGE...] [SECONDS]     (default budget 560 s)
 # Stages: info, cayley (Cayley kernel sweep + comparison with XLA), tests (native kernel tests), layers (layer_bench --quick, all impls, permutation sweep, Cayley),
 #         layers_tf32 (headline case with TF32 Cayley products), e2e1b (Llama-1B train_bench),
-#         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast).
+#         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast),
+#         shapes (fast/mem layers, POET-X vs weight-centric, at the headline, Llama-1B and Llama-8B shapes; Cayley
+#         maps of 32 … 11008 blocks), e2e13b (Llama-13B POET-X mem), curves (300-step llama_20m loss curves,
+#         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively).
+# Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, GPU_TESTS,
+#              CURVE_RUNS (loss_curves --runs).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"   # runs/ is git-ignored
@@ -40,7 +45,7 @@ for stage in ${1//,/ }; do
     layers_tf32) run layers_tf32 150 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x4096x4096x256 \
               --impls xla,xla_f,pallas_f --cayley-precision default --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense" "$OUT/layers_tf32.log" ;;
-    e2e1b) run e2e1b 400 python benchmarks/train_bench.py --config configs/llama_1b.yaml --batch 8 --seq 1024 --steps 5 \
+    e2e1b) run e2e1b 540 python benchmarks/train_bench.py --config configs/llama_1b.yaml --batch 8 --seq 1024 --steps 5 \
               --timeout 150 --methods "${E2E_METHODS:-adamw,poet_fast,poet_fast@pallas/features}" --out "$OUT/e2e.jsonl" \
               ${E2E_OVERRIDES:-}
            tail -14 "$OUT/e2e1b.log" ;;
@@ -53,6 +58,18 @@ for stage in ${1//,/ }; do
     e2e8b) run e2e8b 300 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
               --timeout 140 --methods "${E2E8_METHODS:-poet_mem,poet_fast}" --out "$OUT/e2e.jsonl" ${E2E_OVERRIDES:-}
            tail -10 "$OUT/e2e8b.log" ;;
+    shapes) run shapes 300 python benchmarks/layer_bench.py --impls pallas_f,weight --cayley-precision default \
+              --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256,8192x2048x5632x256,8192x5632x2048x256,1024x4096x4096x256,1024x4096x14336x256 \
+              --cayley-blocks 32,154,3696,11008 --out "$OUT/layers.jsonl"
+            grep -E "x dense|blocks:|/ xla|MISMATCH|FAILED" "$OUT/shapes.log" | head -60 ;;
+    scope_tests) run scope_tests 120 python -m pytest -q tests/test_cayley_scope.py tests/test_compute.py
+           tail -3 "$OUT/scope_tests.log" ;;
+    e2e13b) run e2e13b 200 python benchmarks/train_bench.py --config configs/llama_13b.yaml --batch 1 --seq 1024 --steps 5 \
+              --timeout 190 --methods "${E2E13_METHODS:-poet_mem}" --out "$OUT/e2e.jsonl" ${E2E_OVERRIDES:-}
+           tail -8 "$OUT/e2e13b.log" ;;
+    curves) run curves 330 python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps 300 --out "$OUT/curves" \
+              --timeout 150 --runs "${CURVE_RUNS:-xla:optimizer.impl=xla,pallas:optimizer.impl=pallas}"
+            tail -6 "$OUT/curves.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

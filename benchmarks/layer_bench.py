@@ -18,9 +18,11 @@ the same inputs. A failing case prints its error and the run goes on. The table 
 
 Implementations (--impls): xla / pallas keep token-major activations (XLA gathers / gathers fused into
 the rotation kernels); xla_f / pallas_f run the layer feature-major (``poetjax.ops.resolve_layout``:
-XLA transposes + row gathers / the transposing kernels of ``pallas_kernels.transpose_perm``).
+XLA transposes + row gathers / the transposing kernels of ``pallas_kernels.transpose_perm``); weight
+forms W_eff from the blocks and runs one dense matmul (``compute="weight"``, ``poetjax.ops.resolve_compute``).
 
-Also times the Cayley kernel (forward + backward) against XLA's at 16 and 43 blocks of 256.
+Also times the Cayley kernel (forward + backward) against XLA's at 16 and 43 blocks of 256
+(``--cayley-blocks``; a model's shared map has thousands, see ``poetjax.config.POETConfig.cayley_scope``).
 Runs from a checkout without installing (the GPU box cannot install).
 """
 
@@ -47,7 +49,7 @@ from pallas_kernels import block_matmul as bmk  # noqa: E402
 from pallas_kernels._common import (CayleyConfig, ReduceConfig, RotateConfig, fit_cayley, fit_reduce,  # noqa: E402
                                     fit_rotate)
 from poetjax import ops  # noqa: E402
-from poetjax.cayley import block_layout, rotations  # noqa: E402
+from poetjax.cayley import block_layout, rotation_pair, rotations  # noqa: E402
 from poetjax.perms import input_permutation, output_permutation  # noqa: E402
 from poetjax.testing import rel_err, tolerance  # noqa: E402
 
@@ -128,19 +130,24 @@ def dense_fn(x, w, g):
     return y, dx, dw
 
 
-# Layer implementations timed: name → (impl, layout) of ``poetjax.ops.poet_x_linear``.
-IMPLS = {"xla": ("xla", "tokens"), "pallas": ("pallas", "tokens"),
-         "xla_f": ("xla", "features"), "pallas_f": ("pallas", "features")}
+# Layer implementations timed: name → (impl, layout, compute) of ``poetjax.ops.poet_x_linear``. "weight":
+# W_eff formed from the blocks, then one dense matmul (XLA), with the Cayley map of impl "auto".
+IMPLS = {"xla": ("xla", "tokens", "activations"), "pallas": ("pallas", "tokens", "activations"),
+         "xla_f": ("xla", "features", "activations"), "pallas_f": ("pallas", "features", "activations"),
+         "weight": ("auto", "auto", "weight")}
 
 
 def poet_fn(lin, lout, variant, name, cayley_precision="highest"):
-    impl, layout = IMPLS[name]
+    impl, layout, compute = IMPLS[name]
+    if impl == "auto":
+        impl = ops.resolve_impl(impl, lin.block_size)
 
     def f(x, w0, th_in, th_out, perms, g):
         def layer(x, th_in, th_out):
-            r_in = rotations(th_in, lin, 3, impl=impl, precision=cayley_precision)
-            r_out = rotations(th_out, lout, 3, impl=impl, precision=cayley_precision)
-            return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout)
+            # both sides in one map, as POETLinear does (cayley.rotation_pair)
+            r_in, r_out = rotation_pair(th_in, lin, th_out, lout, 3, impl=impl, precision=cayley_precision)
+            return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout,
+                                     compute=compute)
 
         y, vjp = jax.vjp(layer, x, th_in, th_out)
         return (y, *vjp(g))
@@ -176,8 +183,8 @@ def run_layer_case(case, rec: Recorder, args, table):
                                             *poet_args)
                 outs[name] = compiled(*poet_args)
                 check = None
-                other = f"{variant}/xla"
-                if impl != "xla" and other in outs:  # correctness before timing
+                other = f"{variant}/{args.impls[0]}"  # the first implementation listed is the reference
+                if impl != args.impls[0] and other in outs:  # correctness before timing
                     errs = [rel_err(a.astype(jnp.float32), b.astype(jnp.float32))
                             for a, b in zip(outs[name], outs[other])]
                     tols = [tolerance(jnp.bfloat16, "value")] + [tolerance(jnp.bfloat16, "grad")] * 3
@@ -423,7 +430,7 @@ def run_sweep(rec: Recorder, args):
 
         def build_cayley(cfg):
             out = []
-            for blocks in (16, 43):
+            for blocks in args.sweep_cayley_blocks:
                 theta = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(blocks), (blocks, k * (k - 1) // 2))
                 g = jax.random.normal(jax.random.key(blocks + 1), (blocks, k, k))
                 out.append((compile_fn(cayley_fn(blocks, k, "pallas", cfg), theta, g)[0], (theta, g)))
@@ -491,6 +498,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--no-cayley", action="store_true")
+    ap.add_argument("--cayley-blocks", type=str, default="16,43",
+                    help="block counts of the Cayley timing (e.g. 154,3696: one Llama-1B block, all its layers)")
     ap.add_argument("--perms", action="store_true",
                     help="also time the permutations alone (copy, XLA gathers, transposing kernels; "
                          "with --perm-sweep over several tiles)")
@@ -504,6 +513,8 @@ def main(argv=None):
     ap.add_argument("--sweep-blocks", type=str, default="256")
     ap.add_argument("--sweep-kernels", type=str, default="rotate_fwd,rotate_bwd,reduce,cayley")
     ap.add_argument("--sweep-tokens", type=int, default=16384)
+    ap.add_argument("--sweep-cayley-blocks", type=str, default="16,43",
+                    help="block counts the Cayley sweep sums over (shared maps: e.g. 154,3696)")
     ap.add_argument("--sweep-width", type=int, default=4096)
     ap.add_argument("--out", type=str, default=None, help="append JSON lines here")
     ap.add_argument("--tuning", type=str, default=None,
@@ -512,8 +523,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
     args.impls = args.impls.split(",")
+    for name in args.impls:
+        if name not in IMPLS:
+            ap.error(f"--impls: unknown implementation {name!r}; known: {', '.join(IMPLS)}")
     args.sweep_blocks = [int(b) for b in args.sweep_blocks.split(",")]
     args.sweep_kernels = args.sweep_kernels.split(",")
+    args.sweep_cayley_blocks = [int(b) for b in args.sweep_cayley_blocks.split(",")]
     if args.repeats < 7 or args.inner < 20:
         print("note: the protocol asks for --repeats ≥ 7 and --inner ≥ 20")
 
@@ -542,7 +557,7 @@ def main(argv=None):
     if args.perms or args.perm_sweep:
         run_perms(rec, args, *((128, 256) if args.tiny else ()))
     if not args.no_cayley and not args.tiny:
-        run_cayley(rec, args)
+        run_cayley(rec, args, blocks=tuple(int(b) for b in args.cayley_blocks.split(",")))
     if table:
         print_table(table, args)
 

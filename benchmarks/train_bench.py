@@ -14,7 +14,8 @@ tokens/s from the median step and the device's peak bytes in use. Methods:
   poet_xq     POET-XQ (uint8 W0), fast      poet_xq_mem  POET-XQ, mem
   (append ``@impl`` or ``@impl/layout`` to pick the POET implementation and layout, e.g.
   ``poet_fast@pallas`` or ``poet_fast@xla/features``; default auto. For XQ, ``@pallas`` also runs the
-  dense matmul through the dequantizing ``qmatmul`` kernel)
+  dense matmul through the dequantizing ``qmatmul`` kernel; append ``+key=value`` overrides for that
+  method alone, e.g. ``poet_fast+optimizer.cayley_scope=linear`` or ``adamw+model.remat=none``)
 
 Every method also reports where its memory goes: bytes of the frozen base weights (W0, or XQ's codes +
 scales + zero points), the permutation indices, the trainable parameters and the optimizer state (the
@@ -44,6 +45,14 @@ sys.path.insert(0, ROOT)
 
 
 def _method_overrides(method: str) -> list[str]:
+    method, *extra = method.split("+")
+    for kv in extra:
+        if "=" not in kv:
+            raise ValueError(f"method {method!r}: '+{kv}' is not a key=value override")
+    return _base_overrides(method) + extra
+
+
+def _base_overrides(method: str) -> list[str]:
     name, _, impl = method.partition("@")
     impl, _, layout = impl.partition("/")
     if name == "adamw":
@@ -106,7 +115,7 @@ def run_one(args, method: str) -> dict:
 
     overrides = [f"train.batch_size={args.batch}", f"data.seq_len={args.seq}", "model.param_dtype=bfloat16",
                  "model.dtype=bfloat16", f"model.max_seq_len={max(args.seq, 1)}"]
-    overrides += _method_overrides(method) + list(args.overrides)
+    overrides += list(args.overrides) + _method_overrides(method)  # the method's own overrides win
     cfg = load_config(args.config, overrides)
     dev = jax.devices()[0]
     t0 = time.perf_counter()
@@ -205,24 +214,25 @@ def main(argv=None):
 
     base = next((r for r in results if r["method"] == "adamw" and "error" not in r), None)
     print(f"\n{args.config}, batch {args.batch} x {args.seq}")
-    print(f"{'method':<20}{'step ms':>10}{'tokens/s':>12}{'vs adamw':>10}{'peak GiB':>10}{'trainable':>14}")
+    w = max([20] + [len(r["method"]) + 2 for r in results])
+    print(f"{'method':<{w}}{'step ms':>10}{'tokens/s':>12}{'vs adamw':>10}{'peak GiB':>10}{'trainable':>14}")
     for r in results:
         if "error" in r:
-            print(f"{r['method']:<20}  FAILED: {r['error'][:90]}")
+            print(f"{r['method']:<{w}}  FAILED: {r['error'][:90]}")
         elif "step_ms" not in r:
-            print(f"{r['method']:<20}  compiled in {r['compile_s']:.1f} s (abstract; built in {r['build_s']:.1f} s)")
+            print(f"{r['method']:<{w}}  compiled in {r['compile_s']:.1f} s (abstract; built in {r['build_s']:.1f} s)")
         else:
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-            print(f"{r['method']:<20}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{ratio:>10}{r['peak_gib']:>10.2f}"
+            print(f"{r['method']:<{w}}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12.0f}{ratio:>10}{r['peak_gib']:>10.2f}"
                   f"{r['trainable_params'] / 1e6:>13.1f}M")
     print("\nmemory by category, GiB (state kept between steps; temporaries of the compiled step; device peak)")
-    print(f"{'method':<20}{'frozen W0':>11}{'perms':>8}{'trainable':>11}{'opt state':>11}{'step temp':>11}{'peak':>8}")
+    print(f"{'method':<{w}}{'frozen W0':>11}{'perms':>8}{'trainable':>11}{'opt state':>11}{'step temp':>11}{'peak':>8}")
     for r in results:
         if "frozen_w0_bytes" not in r:
             continue
         temp = _gib(r["step_temp_bytes"]) if "step_temp_bytes" in r else "-"
         peak = _gib(r["peak_bytes"]) if "peak_bytes" in r else "-"
-        print(f"{r['method']:<20}{_gib(r['frozen_w0_bytes']):>11}{_gib(r['perm_bytes']):>8}"
+        print(f"{r['method']:<{w}}{_gib(r['frozen_w0_bytes']):>11}{_gib(r['perm_bytes']):>8}"
               f"{_gib(r['trainable_bytes']):>11}{_gib(r['opt_state_bytes']):>11}{temp:>11}{peak:>8}")
     return 0
 
