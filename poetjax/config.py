@@ -53,7 +53,7 @@ class POETConfig:
                     so a rematerialized block recomputes it), "model" (one map for every layer of the model,
                     computed once before the layers run: no recomputation under remat, but the rotation
                     blocks of all layers and the map's residuals stay alive through the backward pass) or
-                    "auto" ("model" for the fast flavour, "block" for mem). Models that do not call
+                    "auto" ("model" for POET-X fast, "block" for mem and POET-XQ). Models that do not call
                     ``shared_rotations`` (anything but ``poetjax.models.Llama``) map per linear whatever
                     this says.
     init:           how W0 is formed from the wrapped Linear's weight (POET spec §2):

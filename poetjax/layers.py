@@ -266,12 +266,14 @@ def shared_rotations(module: nnx.Module, rotations: dict | None = None):
 
 def cayley_scope(module: nnx.Module) -> str:
     """The resolved ``POETConfig.cayley_scope`` of the POET layers under ``module``: "linear" | "block" |
-    "model" ("linear" when there are none). "auto" is "model" for the fast flavour and "block" for mem.
-    Layers configured differently: the first layer's setting applies (poetize gives all one config)."""
+    "model" ("linear" when there are none). "auto" is "model" for POET-X fast and "block" for mem and for
+    POET-XQ (whose point is memory: a model-wide map keeps every layer's blocks and residuals, 8.7 GB at
+    Llama-8B). Layers configured differently: the first layer's setting applies (poetize gives all one
+    config)."""
     layers = _shared_layers(module)
     if not layers:
         return "linear"
     cfg = layers[0][1].config
     if cfg.cayley_scope != "auto":
         return cfg.cayley_scope
-    return "model" if cfg.flavour == "fast" else "block"
+    return "model" if cfg.flavour == "fast" and not cfg.quantized else "block"

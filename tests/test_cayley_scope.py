@@ -163,3 +163,15 @@ def test_fs_layers_map_their_own_blocks_under_any_scope():
 def test_cayley_scope_is_validated():
     with pytest.raises(ValueError, match="cayley_scope must be one of .*got cayley_scope='layers'"):
         pj.POETConfig(cayley_scope="layers")
+
+
+def test_auto_scope_is_model_only_for_float_fast():
+    from poetjax.layers import cayley_scope
+    got = {}
+    for variant in ("fast", "mem", "xq", "xq_mem"):
+        model = Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))
+        pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, quant_group_size=8),
+                   rngs=nnx.Rngs(params=jax.random.key(1)))
+        got[variant] = cayley_scope(model)
+    assert got == {"fast": "model", "mem": "block", "xq": "block", "xq_mem": "block"}
+    assert cayley_scope(Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))) == "linear"  # no POET layers
