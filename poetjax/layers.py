@@ -267,9 +267,9 @@ def shared_rotations(module: nnx.Module, rotations: dict | None = None):
 def cayley_scope(module: nnx.Module) -> str:
     """The resolved ``POETConfig.cayley_scope`` of the POET layers under ``module``: "linear" | "block" |
     "model" ("linear" when there are none). "auto" is "model" for POET-X fast and "block" for mem and for
-    POET-XQ (whose point is memory: a model-wide map keeps every layer's blocks and residuals, 8.7 GB at
-    Llama-8B). Layers configured differently: the first layer's setting applies (poetize gives all one
-    config)."""
+    POET-XQ (whose point is memory: a model-wide map keeps every layer's blocks and residuals alive,
+    about 8.7 GB at Llama-8B by count). Layers configured differently: the first layer's setting applies
+    (poetize gives all one config)."""
     layers = _shared_layers(module)
     if not layers:
         return "linear"
