@@ -175,7 +175,7 @@ class POETLinear(nnx.Module):
             r_in, r_out = self.rotation_blocks()
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
-            k, exact, impl, precision = self.training_cayley_args()
+            _, _, impl, precision = self.training_cayley_args()
             shared = (_SHARED.get() or {}).get(id(self))
             if shared is not None and shared[0] is self:
                 r_in, r_out = shared[1]

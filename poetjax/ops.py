@@ -169,6 +169,7 @@ def _poet_x_features_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerm
 _poet_x_features_mem_body = jax.checkpoint(_poet_x_features_body, policy=jax.checkpoint_policies.nothing_saveable,
                                            static_argnums=(5, 6))
 
+
 def _poet_w_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision):
     """compute="weight": form W_eff from the blocks (two block products and two permutations of an (N, M)
     array), then one dense matmul; its VJP is the dense layer's (dx and dW_eff) followed by the blocks'

@@ -76,7 +76,7 @@ def test_weight_and_activations_agree_in_bf16_and_weight_never_rotates_activatio
     assert calls == [(n, m)]  # one block product on the (Np, Mp) weight (plus the R_in einsum), none on x
 
 
-def test_auto_compute_rule_and_errors():
+def test_auto_compute_rule_and_errors(monkeypatch):
     ratio = ops.WEIGHT_TOKENS_PER_WIDTH
     assert ops.resolve_compute("auto", ratio * 100, 100, 60, "mem") == "weight"
     assert ops.resolve_compute("auto", ratio * 100 - 1, 100, 60, "mem") == "activations"
@@ -92,12 +92,9 @@ def test_auto_compute_rule_and_errors():
     # the layer decides from its input's token count: many tokens per feature form W_eff (mem flavour)
     seen = []
     real = ops.resolve_compute
-    try:
-        ops.resolve_compute = lambda *a: seen.append(real(*a)) or seen[-1]
-        for variant in ("mem", "xq_mem", "fast"):
-            lay = _layer(16, 16, 8, compute="auto", variant=variant)
-            lay(jnp.ones((2, 16)))
-            lay(jnp.ones((ratio * 16, 16)))
-    finally:
-        ops.resolve_compute = real
+    monkeypatch.setattr(ops, "resolve_compute", lambda *a: seen.append(real(*a)) or seen[-1])
+    for variant in ("mem", "xq_mem", "fast"):
+        lay = _layer(16, 16, 8, compute="auto", variant=variant)
+        lay(jnp.ones((2, 16)))
+        lay(jnp.ones((ratio * 16, 16)))
     assert seen == ["activations", "weight", "activations", "weight", "activations", "activations"]
