@@ -6,8 +6,11 @@
 #         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast),
 #         shapes (fast/mem layers, POET-X vs weight-centric, at the headline, Llama-1B and Llama-8B shapes; Cayley
 #         maps of 32 … 11008 blocks), e2e13b (Llama-13B POET-X mem), curves (300-step llama_20m loss curves,
-#         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively).
-# Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, GPU_TESTS,
+#         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively), cayley_bf16 (the Cayley
+#         map at every product precision, 32 … 11008 blocks), sweep_bf16 (Cayley tiles for bf16 products),
+#         layers_bf16 (layers with bf16 Cayley products).
+# Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
+#              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
 #              CURVE_RUNS (loss_curves --runs).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -28,7 +31,7 @@ for stage in ${1//,/ }; do
     info) nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
           python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
           cat "$OUT/gpu.txt" ;;
-    tests) run tests 240 python -m pytest -q -m gpu ${GPU_TESTS:-tests/pallas}
+    tests) run tests 330 python -m pytest -q -m gpu ${GPU_TESTS:-tests/pallas}
            tail -3 "$OUT/tests.log" ;;
     layers) run layers 330 python benchmarks/layer_bench.py --quick --impls xla,xla_f,pallas_f,pallas --perm-sweep \
               --out "$OUT/layers.jsonl"
@@ -47,7 +50,7 @@ for stage in ${1//,/ }; do
             grep -E "x dense" "$OUT/layers_tf32.log" ;;
     e2e1b) run e2e1b 540 python benchmarks/train_bench.py --config configs/llama_1b.yaml --batch 8 --seq 1024 --steps 5 \
               --timeout 150 --methods "${E2E_METHODS:-adamw,poet_fast,poet_fast@pallas/features}" --out "$OUT/e2e.jsonl" \
-              ${E2E_OVERRIDES:-}
+              ${E2E_PROFILE:+--profile runs/prof} ${E2E_OVERRIDES:-}
            tail -14 "$OUT/e2e1b.log" ;;
     xq) run xq8b 250 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
               --timeout 120 --methods poet_xq_mem,poet_xq --out "$OUT/e2e.jsonl"
@@ -67,9 +70,19 @@ for stage in ${1//,/ }; do
     e2e13b) run e2e13b 200 python benchmarks/train_bench.py --config configs/llama_13b.yaml --batch 1 --seq 1024 --steps 5 \
               --timeout 190 --methods "${E2E13_METHODS:-poet_mem}" --out "$OUT/e2e.jsonl" ${E2E_OVERRIDES:-}
            tail -8 "$OUT/e2e13b.log" ;;
-    curves) run curves 330 python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps 300 --out "$OUT/curves" \
-              --timeout 150 --runs "${CURVE_RUNS:-xla:optimizer.impl=xla,pallas:optimizer.impl=pallas}"
-            tail -6 "$OUT/curves.log" ;;
+    curves) run curves 560 python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps 300 --out "$OUT/curves" \
+              --timeout 240 --runs "${CURVE_RUNS:-xla:optimizer.impl=xla,pallas:optimizer.impl=pallas}" \
+              logging.diagnostics_interval=0 train.eval_batches=5
+            tail -8 "$OUT/curves.log" ;;
+    cayley_bf16) run cayley_bf16 200 python benchmarks/layer_bench.py --no-layers --cayley-blocks 32,154,3696,11008 \
+              --out "$OUT/cayley.jsonl"
+            grep -E "blocks:|/ " "$OUT/cayley_bf16.log" | head -30 ;;
+    sweep_bf16) run sweep_bf16 150 python benchmarks/layer_bench.py --sweep --sweep-kernels cayley --no-layers --no-cayley \
+              --sweep-cayley-blocks 154,3696 --sweep-cayley-precision bf16 --out "$OUT/cayley.jsonl"
+            grep -E "cayley|TABLE" "$OUT/sweep_bf16.log" | tail -16 ;;
+    layers_bf16) run layers_bf16 200 python benchmarks/layer_bench.py --impls pallas_f,weight --cayley-precision bf16 \
+              --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --no-cayley --out "$OUT/layers.jsonl"
+            grep -E "x dense|MISMATCH|FAILED" "$OUT/layers_bf16.log" | head -30 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -241,13 +241,15 @@ def cayley_fn(nb, k, impl, config=None, precision="highest"):
 
 
 def run_cayley(rec: Recorder, args, blocks=(16, 43), k=256):
-    """XLA (float32-exact products, and one-TF32-pass products) vs the kernel (TF32×3, and one TF32 pass);
-    errors against the float32-exact XLA series. Pallas and XLA are compared at equal precision."""
+    """XLA (float32-exact products, one-TF32-pass products, bf16 operands) vs the kernel (TF32×3, one TF32
+    pass, bf16 operands); errors against the float32-exact XLA series. Pallas and XLA are compared at
+    equal precision."""
     print("\n== Cayley–Neumann forward + backward (K=256)")
-    cfg = pk.tuning.cayley_config(k)
     variants = {"xla/highest": ("xla", None, "highest"), "xla/default": ("xla", None, "default"),
-                "pallas/tf32x3": ("pallas", dataclasses.replace(cfg, precision="tf32x3"), None),
-                "pallas/tf32": ("pallas", dataclasses.replace(cfg, precision="tf32"), None)}
+                "xla/bf16": ("xla", None, "bf16"),
+                "pallas/tf32x3": ("pallas", pk.tuning.cayley_config(k, "tf32x3"), None),
+                "pallas/tf32": ("pallas", pk.tuning.cayley_config(k, "tf32"), None),
+                "pallas/bf16": ("pallas", pk.tuning.cayley_config(k, "bf16"), None)}
     for nb in blocks:
         theta = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(nb), (nb, k * (k - 1) // 2))
         g = jax.random.normal(jax.random.key(nb + 1), (nb, k, k))
@@ -268,7 +270,8 @@ def run_cayley(rec: Recorder, args, blocks=(16, 43), k=256):
             rec.add(kind="cayley", blocks=nb, b=k, variant=name, ms=ms, ratio_to_xla_highest=ms / ref_ms,
                     err_r=er, err_dtheta=eg)
         print(f"  {nb:3d} blocks: " + " | ".join(line))
-        for a, b in (("pallas/tf32x3", "xla/highest"), ("pallas/tf32", "xla/default")):
+        for a, b in (("pallas/tf32x3", "xla/highest"), ("pallas/tf32", "xla/default"), ("pallas/bf16", "xla/bf16"),
+                     ("pallas/bf16", "pallas/tf32")):
             if a in res and b in res:
                 print(f"      {a} / {b} = {res[a][1] / res[b][1]:.2f}x")
 
@@ -437,9 +440,13 @@ def run_sweep(rec: Recorder, args):
             return out
 
         if "cayley" in args.sweep_kernels:
-            best = _sweep_one("cayley", _cayley_grid(k), build_cayley, args, rec, k)
+            prec = args.sweep_cayley_precision
+            grid = _cayley_grid(k) if prec is None else (dataclasses.replace(c, precision=prec)
+                                                         for c in _cayley_grid(k))
+            name = "cayley" if prec is None else f"cayley/{prec}"
+            best = _sweep_one(name, grid, build_cayley, args, rec, k)
             if best:
-                found[("cayley", k)] = best
+                found[(name, k)] = best
 
     print("\n== best configurations (paste into pallas_kernels/tuning.py, with device and date):")
     print(f"# {device_line()}, {time.strftime('%Y-%m-%d')}, benchmarks/layer_bench.py --sweep")
@@ -504,7 +511,7 @@ def main(argv=None):
                     help="also time the permutations alone (copy, XLA gathers, transposing kernels; "
                          "with --perm-sweep over several tiles)")
     ap.add_argument("--perm-sweep", action="store_true", help="--perms over a grid of TransposeConfig tiles")
-    ap.add_argument("--cayley-precision", type=str, default="highest", choices=("highest", "default"),
+    ap.add_argument("--cayley-precision", type=str, default="highest", choices=("highest", "default", "bf16"),
                     help="products of the layers' Cayley–Neumann series (poetjax.cayley.rotations)")
     ap.add_argument("--unsorted-perms", action="store_true",
                     help="uniformly shuffled permutations instead of the block-sorted ones layers sample")
@@ -515,6 +522,9 @@ def main(argv=None):
     ap.add_argument("--sweep-tokens", type=int, default=16384)
     ap.add_argument("--sweep-cayley-blocks", type=str, default="16,43",
                     help="block counts the Cayley sweep sums over (shared maps: e.g. 154,3696)")
+    ap.add_argument("--sweep-cayley-precision", type=str, default=None, choices=("tf32x3", "tf32", "ieee", "bf16"),
+                    help="product precision the Cayley sweep times (default: the config's); the best is "
+                         "reported under the TABLE key 'cayley/<precision>'")
     ap.add_argument("--sweep-width", type=int, default=4096)
     ap.add_argument("--out", type=str, default=None, help="append JSON lines here")
     ap.add_argument("--tuning", type=str, default=None,

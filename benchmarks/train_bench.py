@@ -42,6 +42,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # profile_summary
 
 
 def _method_overrides(method: str) -> list[str]:
@@ -103,6 +104,28 @@ def time_steps(step, state, tokens, steps: int, warmup: int = 2):
     return state, m, compile_s, float(np.median(times))
 
 
+def _slug(method: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in method)
+
+
+def profile_steps(compiled, state, tokens, out_dir: str, steps: int = 3) -> dict:
+    """Trace ``steps`` more steps into out_dir, save the step's HLO beside the trace, and print the device
+    time by source location (``benchmarks/profile_summary.py``); returns that summary."""
+    import jax
+
+    from profile_summary import summarize
+
+    os.makedirs(out_dir, exist_ok=True)
+    hlo = compiled.as_text()
+    with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
+        f.write(hlo)
+    with jax.profiler.trace(out_dir):
+        for _ in range(steps):
+            state, m = compiled(state, tokens)
+        jax.block_until_ready(m["loss"])
+    return summarize(out_dir, hlo, steps, out=sys.stderr)
+
+
 def run_one(args, method: str) -> dict:
     """Runs inside the child process: build, compile, time one method."""
     import jax
@@ -154,6 +177,8 @@ def run_one(args, method: str) -> dict:
     # The executable's first call runs (compilation was timed above); time_steps adds 2 warm-up steps.
     state, m, _, med = time_steps(compiled, state, tokens, args.steps)
     stats = dev.memory_stats() or {}
+    if args.profile:
+        res["profile"] = profile_steps(compiled, state, tokens, os.path.join(args.profile, _slug(method)))
     return {**res, "step_ms": med * 1e3, "tokens_per_s": args.batch * args.seq / med,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2 ** 30, "peak_bytes": stats.get("peak_bytes_in_use", 0),
             "loss": float(m["loss"])}
@@ -169,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=600, help="seconds per method")
     ap.add_argument("--out", default="")
     ap.add_argument("--abstract", action="store_true", help="trace + AOT-compile only (no device memory needed)")
+    ap.add_argument("--profile", default="", help="trace 3 more steps per method into DIR/<method> and print the "
+                                                   "device time by source location (profile_summary.py)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -184,8 +211,10 @@ def main(argv=None):
     for method in methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--child", method,
-               *(["--abstract"] if args.abstract else []), *args.overrides]
+               *(["--abstract"] if args.abstract else []),
+               *(["--profile", os.path.abspath(args.profile)] if args.profile else []), *args.overrides]
         print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
+        p = None
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -206,7 +235,10 @@ def main(argv=None):
             known = [l for l in out.splitlines() if l.startswith("BREAKDOWN ")]
             if known:
                 res.update(json.loads(known[-1][len("BREAKDOWN "):]))
-        print("   " + json.dumps(res), flush=True)
+        if args.profile and p is not None:  # the child's summary went to its stderr
+            print("\n".join(l for l in p.stderr.splitlines() if l.startswith(("== device", "-- ", "  ")) and " ms" in l
+                             or l.startswith("-- ")), flush=True)
+        print("   " + json.dumps({k: v for k, v in res.items() if k != "profile"}), flush=True)
         results.append(res)
         if args.out:
             with open(args.out, "a") as f:

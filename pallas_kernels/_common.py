@@ -22,7 +22,7 @@ from jax import lax
 # two-stage reductions split into); any GPU works with any value.
 NUM_SMS = 132
 
-PRECISIONS = ("tf32x3", "ieee", "tf32")
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 MIN_TILE = 16
 
 
@@ -163,7 +163,9 @@ class CayleyConfig:
 
     precision: how the float32 products run on the GPU: "tf32x3" (three TF32 tensor-core passes,
     float32-accurate to ~1e-6), "ieee" (exact float32 on CUDA cores, slower), "tf32" (one pass,
-    ~1e-3: not accurate enough for the tests). Interpret mode always computes exact float32.
+    ~1e-3: not accurate enough for the tests), "bf16" (operands rounded to bfloat16, float32 sums: the
+    tensor cores' full rate; ~4e-3·‖Q‖ relative on the Q², Q³, Q⁴ terms). Interpret mode computes exact
+    float32, except that "bf16" rounds the operands there too (the same numbers as on the GPU).
     """
 
     block_m: int = 64

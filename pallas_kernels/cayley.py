@@ -26,7 +26,8 @@ Backward (spec §4.3), with G = ∂L/∂R and, since Qᵀ = −Q and (Q²)ᵀ = 
      dQ[I, J] − dQ[J, I]ᵀ to the packed entries with r < c (every entry written exactly once).
 
 Other numbers of Neumann terms (num_terms ≠ 3) use the jnp reference (autodiff), as the spec allows.
-All arithmetic is float32; on the GPU the products use ``CayleyConfig.precision`` (TF32×3 by default).
+All arithmetic is float32; on the GPU the products use ``CayleyConfig.precision`` (TF32×3 by default;
+"bf16" rounds the product operands to bfloat16 — the sums, and the I + 2Q part of R, stay float32).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import CayleyConfig, check_block_size, compiler_params, dot_precision
+from pallas_kernels._common import CayleyConfig, check_block_size, compiler_params, dot, dot_precision
 
 _NT = (((1,), (0,)), ((), ()))
 from pallas_kernels.tuning import cayley_config
@@ -101,13 +102,13 @@ def _tile(ref, b, r0, c0, m, n):
     return ref[b, pl.ds(r0, m), pl.ds(c0, n)]
 
 
-def _skew_kernel(theta_ref, q_ref, *, k, bm, bk, precision):
-    del bk, precision
+def _skew_kernel(theta_ref, q_ref, *, k, bm, bk, mm):
+    del bk, mm
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q_ref[b, pl.ds(i * bm, bm), pl.ds(j * bm, bm)] = _q_tile(theta_ref, b, i * bm, j * bm, bm, bm, k)
 
 
-def _square_kernel(q_ref, q2_ref, *, k, bm, bk, precision):
+def _square_kernel(q_ref, q2_ref, *, k, bm, bk, mm):
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(i <= j)
@@ -115,7 +116,7 @@ def _square_kernel(q_ref, q2_ref, *, k, bm, bk, precision):
         def body(s, acc):
             a = _tile(q_ref, b, i * bm, s * bk, bm, bk)
             c = _tile(q_ref, b, s * bk, j * bm, bk, bm)
-            return acc + lax.dot_general(a, c, _NT, precision=precision, preferred_element_type=jnp.float32)
+            return acc + mm(a, c)
 
         acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bm), jnp.float32))
         q2_ref[b, pl.ds(i * bm, bm), pl.ds(j * bm, bm)] = acc
@@ -125,7 +126,7 @@ def _square_kernel(q_ref, q2_ref, *, k, bm, bk, precision):
             q2_ref[b, pl.ds(j * bm, bm), pl.ds(i * bm, bm)] = acc.T
 
 
-def _cayley_kernel(q_ref, q2_ref, r_ref, *, k, bm, bk, precision):
+def _cayley_kernel(q_ref, q2_ref, r_ref, *, k, bm, bk, mm):
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(i <= j)
@@ -135,8 +136,8 @@ def _cayley_kernel(q_ref, q2_ref, r_ref, *, k, bm, bk, precision):
             q2_is = _tile(q2_ref, b, i * bm, s * bk, bm, bk)
             q_sj = _tile(q_ref, b, s * bk, j * bm, bk, bm)
             q2_sj = _tile(q2_ref, b, s * bk, j * bm, bk, bm)
-            a3 = a3 + lax.dot_general(q2_is, q_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
-            a4 = a4 + lax.dot_general(q2_is, q2_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
+            a3 = a3 + mm(q2_is, q_sj)
+            a4 = a4 + mm(q2_is, q2_sj)
             return a3, a4
 
         zeros = jnp.zeros((bm, bm), jnp.float32)
@@ -153,7 +154,7 @@ def _cayley_kernel(q_ref, q2_ref, r_ref, *, k, bm, bk, precision):
             r_ref[b, pl.ds(j * bm, bm), pl.ds(i * bm, bm)] = (sym - skew).T
 
 
-def _n_kernel(q_ref, g_ref, n_ref, *, k, bm, bk, precision):
+def _n_kernel(q_ref, g_ref, n_ref, *, k, bm, bk, mm):
     """N = −(Q G + G Q), tile (i, j)."""
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
@@ -162,14 +163,14 @@ def _n_kernel(q_ref, g_ref, n_ref, *, k, bm, bk, precision):
         g_sj = _tile(g_ref, b, s * bk, j * bm, bk, bm)
         g_is = _tile(g_ref, b, i * bm, s * bk, bm, bk)
         q_sj = _tile(q_ref, b, s * bk, j * bm, bk, bm)
-        acc = acc + lax.dot_general(q_is, g_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
-        return acc + lax.dot_general(g_is, q_sj, _NT, precision=precision, preferred_element_type=jnp.float32)
+        acc = acc + mm(q_is, g_sj)
+        return acc + mm(g_is, q_sj)
 
     acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bm), jnp.float32))
     n_ref[b, pl.ds(i * bm, bm), pl.ds(j * bm, bm)] = -acc
 
 
-def _dtheta_kernel(q_ref, q2_ref, g_ref, n_ref, dtheta_ref, *, k, p, bm, bk, precision):
+def _dtheta_kernel(q_ref, q2_ref, g_ref, n_ref, dtheta_ref, *, k, p, bm, bk, mm):
     i, j, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def dq_tile(x, y):
@@ -179,8 +180,8 @@ def _dtheta_kernel(q_ref, q2_ref, g_ref, n_ref, dtheta_ref, *, k, p, bm, bk, pre
             rhs1 = _tile(n_ref, b, s * bk, y * bm, bk, bm)
             lhs2 = 2.0 * _tile(g_ref, b, x * bm, s * bk, bm, bk) + _tile(n_ref, b, x * bm, s * bk, bm, bk)
             rhs2 = _tile(q2_ref, b, s * bk, y * bm, bk, bm)
-            acc = acc + lax.dot_general(lhs1, rhs1, _NT, precision=precision, preferred_element_type=jnp.float32)
-            return acc + lax.dot_general(lhs2, rhs2, _NT, precision=precision, preferred_element_type=jnp.float32)
+            acc = acc + mm(lhs1, rhs1)
+            return acc + mm(lhs2, rhs2)
 
         acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bm), jnp.float32))
         return acc + 2.0 * (_tile(g_ref, b, x * bm, y * bm, bm, bm) + _tile(n_ref, b, x * bm, y * bm, bm, bm))
@@ -203,10 +204,20 @@ def _dtheta_kernel(q_ref, q2_ref, g_ref, n_ref, dtheta_ref, *, k, p, bm, bk, pre
         store(d - d.T)
 
 
+def _product(precision: str, interpret: bool):
+    """The kernels' tile product (float32 tiles in, float32 result) for ``CayleyConfig.precision``:
+    "bf16" rounds both operands to bfloat16 first (native MMA, float32 accumulation); the others multiply
+    float32 with the algorithm of ``dot_precision``."""
+    if precision == "bf16":
+        return lambda a, b: dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), _NT, None, interpret)
+    algo = dot_precision(jnp.float32, precision, interpret)
+    return lambda a, b: lax.dot_general(a, b, _NT, precision=algo, preferred_element_type=jnp.float32)
+
+
 def _call(kernel, out_shape, nb, k, cfg: CayleyConfig, interpret: bool, name: str, *args, **params):
     bm = cfg.block_m
-    fn = functools.partial(kernel, k=k, bm=bm, bk=cfg.block_k,
-                           precision=dot_precision(jnp.float32, cfg.precision, interpret), **params)
+    fn = functools.partial(kernel, k=k, bm=bm, bk=cfg.block_k, mm=_product(cfg.precision, interpret),
+                           **params)
     return pl.pallas_call(fn, out_shape=out_shape, grid=(k // bm, k // bm, nb),
                           compiler_params=compiler_params(cfg), interpret=interpret, name=name)(*args)
 

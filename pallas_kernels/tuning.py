@@ -7,8 +7,8 @@ and date in the comment). Block sizes missing from the table use the heuristics 
 reasoned guesses, not measurements.
 
 Keys: ``(kernel, block_size)`` with kernel one of "rotate_fwd" (gather → rotate, and rotate →
-scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens), "cayley"; values: the
-fields of the matching config dataclass in ``pallas_kernels._common``.
+scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens), "cayley" (and
+"cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the matching config dataclass in ``pallas_kernels._common``.
 """
 
 from __future__ import annotations
@@ -65,10 +65,14 @@ def block_matmul_config(block_size: int) -> BlockMatmulConfig:
     return cfg.validate(block_size)
 
 
-def cayley_config(block_size: int) -> CayleyConfig:
-    """The default configuration of the Cayley–Neumann kernels for this K."""
+def cayley_config(block_size: int, precision: str | None = None) -> CayleyConfig:
+    """The default configuration of the Cayley–Neumann kernels for this K (with ``precision`` given, the
+    tiles measured for it — TABLE key "cayley/<precision>" — else those of "cayley", and that precision)."""
     check_block_size(block_size)
-    return _lookup("cayley", block_size, _cayley_heuristic(block_size)).validate(block_size)
+    cfg = _lookup("cayley", block_size, _cayley_heuristic(block_size))
+    if precision is not None:
+        cfg = _lookup(f"cayley/{precision}", block_size, dataclasses.replace(cfg, precision=precision))
+    return cfg.validate(block_size)
 
 
 # The transposing permutations (pallas_kernels.transpose_perm) do not depend on K: one entry, key 0.

@@ -25,7 +25,6 @@ orthogonal. All blocks therefore share one shape, which keeps batched matmuls an
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -161,7 +160,31 @@ def packed_from_skew(q_BxKxK: jax.Array) -> jax.Array:
     return q_BxKxK.reshape(*q_BxKxK.shape[:-2], k * k)[..., jnp.asarray(r * k + c)]
 
 
-CAYLEY_PRECISIONS = {"highest": HIGHEST, "default": jax.lax.Precision.DEFAULT}
+@jax.custom_vjp
+def bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b for float32 (..., K, K) operands rounded to bfloat16, accumulated and returned in float32
+    (the tensor cores' native rate). Its VJP rounds the cotangent the same way, so the backward products
+    run at that rate too (autodiff of a bf16 dot would hand float32 × bfloat16 products to XLA)."""
+    return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(a, b):
+    return bf16_matmul(a, b), (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+
+
+def _bf16_matmul_bwd(res, g):
+    a, b = res
+    g = g.astype(jnp.bfloat16)
+    da = jnp.matmul(g, jnp.swapaxes(b, -1, -2), preferred_element_type=jnp.float32)
+    db = jnp.matmul(jnp.swapaxes(a, -1, -2), g, preferred_element_type=jnp.float32)
+    return da, db
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+# The products of the Neumann series: float32-exact, one TF32 pass on a GPU, or bf16 operands (see
+# cayley_neumann). "bf16" is a marker, not a lax precision.
+CAYLEY_PRECISIONS = {"highest": HIGHEST, "default": jax.lax.Precision.DEFAULT, "bf16": "bf16"}
 
 
 def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST) -> jax.Array:
@@ -170,11 +193,17 @@ def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST)
     ``precision`` of the float32 products: HIGHEST (float32-exact) by default; DEFAULT lets a GPU use one
     TF32 pass (CPUs still compute float32), an error of ~1e-3·‖Qⁱ‖ on the i ≥ 2 terms only (I + 2Q is
     summed exactly), far below the bf16 rounding the blocks get before they rotate bf16 activations.
+    "bf16" rounds the operands of every product to bfloat16 (float32 sums, ``bf16_matmul``) on every
+    backend: an error of ~2⁻⁸·‖Q‖² relative to R (again only on the i ≥ 2 terms), which stays below the
+    bf16 rounding of R itself (2⁻⁹ on its ≈1 diagonal) while ‖Q‖₂ ≲ 0.5 — the regime the series is
+    accurate in anyway (its own orthogonality error is 2‖Q‖⁴).
     """
     if not isinstance(num_terms, int) or num_terms < 0:
         raise ValueError(f"num_terms must be an int >= 0, got num_terms={num_terms!r}")
 
     def _mm(a, b):
+        if isinstance(precision, str) and precision == "bf16":
+            return bf16_matmul(a, b)
         return jnp.matmul(a, b, precision=precision)
 
     eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
@@ -206,8 +235,8 @@ def rotations(theta_BxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
 
     impl="pallas" runs the Neumann series through the fused kernel ``pallas_kernels.cayley_neumann``
     (in the interpreter when there is no GPU); the exact map always uses XLA. ``precision``: "highest"
-    (float32-exact products) or "default" (one TF32 pass on a GPU: see ``cayley_neumann``; the kernel's
-    "tf32"); CPUs compute float32 either way.
+    (float32-exact products), "default" (one TF32 pass on a GPU: see ``cayley_neumann``; the kernel's
+    "tf32"; CPUs compute float32) or "bf16" (product operands rounded to bfloat16 on every backend).
     """
     theta = mask_generators(theta_BxP.astype(jnp.float32), layout)
     return _blocks_from_masked(theta, layout.block_size, num_terms, exact, impl, precision)
@@ -218,9 +247,9 @@ def _blocks_from_masked(theta, block_size, num_terms, exact, impl, precision):
         raise ValueError(f"precision must be one of {tuple(CAYLEY_PRECISIONS)}, got precision={precision!r}")
     if impl == "pallas" and not exact:
         import pallas_kernels as pk  # local: keeps this module's import pure jnp
-        cfg = pk.tuning.cayley_config(block_size) if pk.supports_block_size(block_size) else None
-        if cfg is not None and precision == "default":
-            cfg = dataclasses.replace(cfg, precision="tf32")
+        kernel_precision = {"highest": None, "default": "tf32", "bf16": "bf16"}[precision]
+        cfg = (pk.tuning.cayley_config(block_size, kernel_precision) if pk.supports_block_size(block_size)
+               else None)
         return pk.cayley_neumann(theta, block_size, num_terms, interpret=pk.default_interpret(), config=cfg)
     q = skew_from_packed(theta)
     return cayley_exact(q) if exact else cayley_neumann(q, num_terms, precision=CAYLEY_PRECISIONS[precision])

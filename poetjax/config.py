@@ -11,7 +11,7 @@ import dataclasses
 VARIANTS = ("fast", "mem", "fs", "xq", "xq_mem")
 QUANTIZED_VARIANTS = ("xq", "xq_mem")
 CAYLEY_MAPS = ("neumann", "exact")
-CAYLEY_PRECISIONS = ("highest", "default")
+CAYLEY_PRECISIONS = ("highest", "default", "bf16")
 IMPLS = ("auto", "xla", "pallas")
 LAYOUTS = ("auto", "tokens", "features")
 CAYLEY_SCOPES = ("auto", "linear", "block", "model")
@@ -41,8 +41,11 @@ class POETConfig:
     cayley_precision: the float32 products of the Neumann series in training steps: "default" (one TF32
                     pass on a GPU: measured on the H200, R within 6e-5 and dθ within 1e-4 relative of the
                     float32 series, far below the bf16 rounding R gets before it rotates bf16 activations;
-                    half the time of "highest") or "highest" (float32-exact products). CPUs compute float32
-                    either way. Merges and effective kernels always use "highest".
+                    half the time of "highest"), "highest" (float32-exact products; CPUs compute float32
+                    for "default" too) or "bf16" (the products' operands rounded to bfloat16, float32 sums,
+                    on every backend: the tensor cores' full rate, an error of ~2⁻⁸·‖Q‖² relative on R,
+                    below R's own bf16 rounding while ‖Q‖₂ ≲ 0.5). Merges and effective kernels always
+                    use "highest".
     compute:        "activations" (POET-X: rotate the activations, never form W_eff), "weight" (form W_eff
                     from the blocks each step, then one dense matmul: cheaper when a layer sees many more
                     tokens than its width) or "auto" (by the layer's token count and shape at trace time,

@@ -154,7 +154,7 @@ class POETLinear(nnx.Module):
 
         ``exact`` overrides ``config.cayley`` (True: exact Cayley, False: Neumann series); ``impl``
         "pallas" uses the fused Cayley kernel (merges and ``effective_kernel`` keep XLA); ``precision`` of
-        the series' products ("highest" | "default"; the forward pass passes ``config.cayley_precision``).
+        the series' products ("highest" | "default" | "bf16"; the forward pass passes ``config.cayley_precision``).
         """
         k = self.config.num_terms
         exact = self.config.cayley == "exact" if exact is None else exact

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from poetjax import cayley
-from poetjax.testing import assert_close, tolerance
+from poetjax.testing import assert_close, rel_err, tolerance
 
 
 def _np_skew(theta, k):
@@ -183,3 +183,50 @@ def test_default_precision_series_stays_within_its_error_bound():
     q_norm = float(jnp.max(jnp.linalg.norm(cayley.skew_from_packed(th), ord=2, axis=(-2, -1))))
     err = float(jnp.max(jnp.linalg.norm(jnp.swapaxes(r_lo, -1, -2) @ r_lo - jnp.eye(k), ord=2, axis=(-2, -1))))
     assert err <= cayley.neumann_orthogonality_bound(q_norm) + 1e-3
+
+
+def test_bf16_precision_series_rounds_products_only_and_stays_within_bf16():
+    """precision="bf16" (every backend): the products' operands rounded to bfloat16. R − I and dθ within bf16
+    tolerances of the float32-exact series, measurably different from it (also on CPU), and R equal to a
+    float64 evaluation of the same rounded products; I + 2Q is exact."""
+    import ml_dtypes
+    k = 64
+    lay = cayley.block_layout(3 * k, k)
+    th = 0.3 / np.sqrt(k) * jax.random.normal(jax.random.key(4), (3, lay.num_packed))
+    g = jax.random.normal(jax.random.key(5), (3, k, k))
+
+    def fwd_vjp(prec):
+        r, vjp = jax.vjp(lambda t: cayley.rotations(t, lay, precision=prec), th)
+        return r, vjp(g)[0]
+
+    (r_lo, dt_lo), (r_hi, dt_hi) = fwd_vjp("bf16"), fwd_vjp("highest")
+    eye = np.eye(k, dtype=np.float32)
+    assert_close(r_lo - eye, r_hi - eye, jnp.bfloat16, "value", what="R − I")
+    assert_close(dt_lo, dt_hi, jnp.bfloat16, "grad", what="dθ")
+    assert rel_err(r_lo - eye, r_hi - eye) > tolerance(jnp.float32, "grad")
+    q = np.asarray(cayley.skew_from_packed(th), np.float64)
+
+    def bf(a):
+        return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    q2 = (bf(q) @ bf(q)).astype(np.float32)
+    want = np.eye(k) + 2 * (q + q2 + bf(q2) @ bf(q)) + bf(q2) @ bf(q2)
+    assert_close(r_lo, want, jnp.float32, "same", what="R vs float64 of the rounded products")
+
+
+def test_bf16_matmul_vjp_is_the_rounded_transpose_products():
+    a = jax.random.normal(jax.random.key(0), (2, 32, 32))
+    b = jax.random.normal(jax.random.key(1), (2, 32, 32))
+    g = jax.random.normal(jax.random.key(2), (2, 32, 32))
+    y, vjp = jax.vjp(cayley.bf16_matmul, a, b)
+    da, db = vjp(g)
+    assert y.dtype == da.dtype == db.dtype == jnp.float32
+    hi = jax.lax.Precision.HIGHEST
+    assert_close(y, jnp.matmul(a, b, precision=hi), jnp.bfloat16, "value", what="y")
+    assert_close(da, jnp.matmul(g, jnp.swapaxes(b, -1, -2), precision=hi), jnp.bfloat16, "grad", what="da")
+    assert_close(db, jnp.matmul(jnp.swapaxes(a, -1, -2), g, precision=hi), jnp.bfloat16, "grad", what="db")
+    # the cotangent is rounded too: da equals the product of the rounded operands exactly in float32 sums
+    bf = jnp.bfloat16
+    exact = jnp.matmul(g.astype(bf).astype(jnp.float32), jnp.swapaxes(b, -1, -2).astype(bf).astype(jnp.float32),
+                       precision=hi)
+    assert_close(da, exact, jnp.float32, "same", what="da vs rounded operands")

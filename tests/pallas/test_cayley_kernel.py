@@ -1,5 +1,7 @@
 """Fused Cayley–Neumann kernel: forward and VJP against the jnp reference, float64 and invariants."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import CayleyConfig
-from poetjax.testing import assert_close
+from poetjax.testing import assert_close, rel_err, tolerance
 
 from _modes import MODES
 
@@ -91,3 +93,32 @@ def test_errors_quote_the_values():
         pk.cayley_neumann(jnp.zeros((2, 120)), 16, config=CayleyConfig(block_m=48))
     with pytest.raises(ValueError, match="CayleyConfig.precision='fp8' must be one of"):
         pk.cayley_neumann(jnp.zeros((2, 120)), 16, config=CayleyConfig(block_m=16, block_k=16, precision="fp8"))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_bf16_products_stay_within_bf16_of_the_float32_series(interpret):
+    """precision="bf16": product operands rounded to bfloat16, float32 sums. R − I (the part the rounding
+    touches: I + 2Q is exact) and dθ within bf16 tolerances of the float32 reference, and measurably not
+    float32 (the rounding happens, in the interpreter too)."""
+    k, nb = 64, 3
+    theta = _theta(nb, k, seed=11)
+    cfg = CayleyConfig(block_m=32, block_k=32, precision="bf16")
+    r, dt = jax.jit(lambda t: _fwd_vjp(lambda t: pk.cayley_neumann(t, k, interpret=interpret, config=cfg), t))(theta)
+    r_ref, dt_ref = _fwd_vjp(lambda t: pk.cayley_neumann_reference(t, k), theta)
+    eye = np.eye(k, dtype=np.float32)
+    assert_close(r - eye, r_ref - eye, jnp.bfloat16, "value", what="R − I, bf16 products")
+    assert_close(dt, dt_ref, jnp.bfloat16, "grad", what="dθ, bf16 products")
+    assert rel_err(r - eye, r_ref - eye) > tolerance(jnp.float32, "grad")
+    assert rel_err(dt, dt_ref) > tolerance(jnp.float32, "grad")
+
+
+def test_tuning_keeps_tiles_per_precision(monkeypatch):
+    from pallas_kernels import tuning
+    base = tuning.cayley_config(256)
+    assert tuning.cayley_config(256, "bf16") == dataclasses.replace(base, precision="bf16")
+    monkeypatch.setitem(tuning.TABLE, ("cayley/bf16", 256), {"block_m": 128, "block_k": 64, "num_warps": 8})
+    cfg = tuning.cayley_config(256, "bf16")
+    assert (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.precision) == (128, 64, 8, "bf16")
+    assert tuning.cayley_config(256, "tf32") == dataclasses.replace(base, precision="tf32")
+    with pytest.raises(ValueError, match="CayleyConfig.precision='fp8' must be one of"):
+        tuning.cayley_config(256, "fp8")

@@ -120,11 +120,11 @@ def test_layer_passes_its_cayley_precision_and_xq_auto_stays_on_xla(monkeypatch)
         return real(*args, **kw)
 
     monkeypatch.setattr(layers, "rotation_pair", spy)
-    for prec in ("highest", "default"):
+    for prec in ("highest", "default", "bf16"):
         lay = pj.POETLinear(32, 48, config=pj.POETConfig(block_size=16, cayley_precision=prec), rngs=nnx.Rngs(0))
         lay(jnp.ones((2, 32)))
     lay.effective_kernel()  # merges and effective kernels: float32-exact
-    assert seen == ["highest", "default", "highest"]
+    assert seen == ["highest", "default", "bf16", "highest"]
     calls = []
     real_resolve = ops.resolve_impl
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -47,9 +47,11 @@ def test_block_matmul_kernels_lower_to_triton(k, dtype, save):
     assert _count(txt) == 3, "forward, dh and dR kernels"
 
 
-@pytest.mark.parametrize("k", [16, 128, 256, 512])
-def test_cayley_kernels_lower_to_triton(k):
-    f = _fwd_bwd(lambda th: pk.cayley_neumann(th, k))
+@pytest.mark.parametrize("k,precision", [(16, None), (128, None), (256, None), (512, None), (256, "bf16"),
+                                         (64, "bf16")])
+def test_cayley_kernels_lower_to_triton(k, precision):
+    cfg = pk.tuning.cayley_config(k, precision)
+    f = _fwd_bwd(lambda th: pk.cayley_neumann(th, k, config=cfg))
     txt = lower_for_gpu(f, S((43, k * (k - 1) // 2), jnp.float32), S((43, k, k), jnp.float32))
     assert _count(txt) == 5, "Q, Q², R, N and dθ kernels"
 
