@@ -195,7 +195,8 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     ap.add_argument("--abstract", action="store_true", help="trace + AOT-compile only (no device memory needed)")
     ap.add_argument("--profile", default="", help="trace 3 more steps per method into DIR/<method> and print the "
-                                                   "device time by source location (profile_summary.py)")
+                                                   "device time by source location (profile_summary.py); "
+                                                   "turns XLA's CUDA graphs off for those methods")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -215,8 +216,11 @@ def main(argv=None):
                *(["--profile", os.path.abspath(args.profile)] if args.profile else []), *args.overrides]
         print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
         p = None
+        env = dict(os.environ)
+        if args.profile:  # CUDA graphs hide which HLO op a kernel belongs to: off for profiled methods
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 lines = [l for l in p.stderr.strip().splitlines()
