@@ -11,7 +11,7 @@
 #         layers_bf16 (layers with bf16 Cayley products).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
-#              CURVE_RUNS (loss_curves --runs).
+#              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"   # runs/ is git-ignored
@@ -71,7 +71,7 @@ for stage in ${1//,/ }; do
               --timeout 190 --methods "${E2E13_METHODS:-poet_mem}" --out "$OUT/e2e.jsonl" ${E2E_OVERRIDES:-}
            tail -8 "$OUT/e2e13b.log" ;;
     curves) run curves 560 python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps 300 --out "$OUT/curves" \
-              --timeout 240 --runs "${CURVE_RUNS:-xla:optimizer.impl=xla,pallas:optimizer.impl=pallas}" \
+              --timeout ${CURVE_TIMEOUT:-240} --runs "${CURVE_RUNS:-xla:optimizer.impl=xla,pallas:optimizer.impl=pallas}" \
               logging.diagnostics_interval=0 train.eval_batches=5
             tail -8 "$OUT/curves.log" ;;
     cayley_bf16) run cayley_bf16 200 python benchmarks/layer_bench.py --no-layers --cayley-blocks 32,154,3696,11008 \
