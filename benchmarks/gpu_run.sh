@@ -8,7 +8,8 @@
 #         maps of 32 … 11008 blocks), e2e13b (Llama-13B POET-X mem), curves (300-step llama_20m loss curves,
 #         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively), cayley_bf16 (the Cayley
 #         map at every product precision, 32 … 11008 blocks), sweep_bf16 (Cayley tiles for bf16 products),
-#         layers_bf16 (layers with bf16 Cayley products).
+#         layers_bf16 (layers with bf16 Cayley products), profile_layers (the 4096² layer's device time by
+#         source location, CUDA graphs off).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
 #              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run).
@@ -80,6 +81,10 @@ for stage in ${1//,/ }; do
     sweep_bf16) run sweep_bf16 150 python benchmarks/layer_bench.py --sweep --sweep-kernels cayley --no-layers --no-cayley \
               --sweep-cayley-blocks 154,3696 --sweep-cayley-precision bf16 --out "$OUT/cayley.jsonl"
             grep -E "cayley|TABLE" "$OUT/sweep_bf16.log" | tail -16 ;;
+    profile_layers) XLA_FLAGS=--xla_gpu_enable_command_buffer= run profile_layers 150 python benchmarks/layer_bench.py \
+              --cases 16384x4096x4096x256 --impls pallas_f --cayley-precision bf16 --no-cayley --repeats 7 --inner 20 \
+              --profile runs/lprof --out "$OUT/layers.jsonl"
+            grep -E "x dense|device time|  [0-9. ]+ ms " "$OUT/profile_layers.log" | head -60 ;;
     layers_bf16) run layers_bf16 200 python benchmarks/layer_bench.py --impls pallas_f,weight --cayley-precision bf16 \
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense|MISMATCH|FAILED" "$OUT/layers_bf16.log" | head -30 ;;

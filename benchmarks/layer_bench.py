@@ -99,6 +99,20 @@ def time_ms(compiled, args, repeats: int, inner: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def profile_fn(compiled, args_, out_dir: str, calls: int = 5) -> None:
+    """Trace ``calls`` calls into out_dir and print the device time per call by source location
+    (``profile_summary.py``; run with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see through CUDA graphs)."""
+    from profile_summary import summarize
+
+    os.makedirs(out_dir, exist_ok=True)
+    jax.block_until_ready(compiled(*args_))
+    with jax.profiler.trace(out_dir):
+        for _ in range(calls):
+            out = compiled(*args_)
+        jax.block_until_ready(out)
+    summarize(out_dir, compiled.as_text(), calls, top=20, unit="call")
+
+
 def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
@@ -169,6 +183,8 @@ def run_layer_case(case, rec: Recorder, args, table):
         compiled, temp = compile_fn(dense_fn, d["x"], d["w"], d["g"])
         dense_ms = time_ms(compiled, (d["x"], d["w"], d["g"]), args.repeats, args.inner)
         print(f"  dense            {dense_ms:8.3f} ms")
+        if args.profile:
+            profile_fn(compiled, (d["x"], d["w"], d["g"]), os.path.join(args.profile, f"{t}x{n}x{m}x{k}", "dense"))
         rec.add(kind="layer", variant="dense", impl="xla", ms=dense_ms, ratio=1.0, temp_bytes=temp, **base)
     except Exception as e:
         print(f"  dense FAILED: {short_error(e)}")
@@ -197,6 +213,8 @@ def run_layer_case(case, rec: Recorder, args, table):
                 rec.add(kind="layer", variant=variant, impl=impl, ms=ms, ratio=ratio, temp_bytes=temp,
                         matches_xla=check, **base)
                 row[name] = ms
+                if args.profile:
+                    profile_fn(compiled, poet_args, os.path.join(args.profile, f"{t}x{n}x{m}x{k}", variant, impl))
             except Exception as e:
                 print(f"  poet {name} FAILED: {short_error(e)}")
                 if args.verbose:
@@ -527,6 +545,9 @@ def main(argv=None):
                          "reported under the TABLE key 'cayley/<precision>'")
     ap.add_argument("--sweep-width", type=int, default=4096)
     ap.add_argument("--out", type=str, default=None, help="append JSON lines here")
+    ap.add_argument("--profile", type=str, default=None,
+                    help="also trace every timed layer into DIR/<case>/<variant>/<impl> and print its device time "
+                         "by source location")
     ap.add_argument("--tuning", type=str, default=None,
                     help="use the best configs of a --sweep JSON-lines file (instead of pallas_kernels/tuning.py)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")

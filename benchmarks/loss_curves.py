@@ -5,11 +5,11 @@
 
 Each run is ``python train.py --config <config> train.steps=<steps> train.log_interval=<every>
 name=<run> out_dir=<out> checkpoint.interval=0 schedule.warmup_steps=<warmup> <run overrides> <extra
-overrides>`` in its own process (same seed, same data
-order, same initial weights; merges included once steps > merge_interval). Afterwards the training losses
-of every run are compared with the first run's at each logged step; the table shows the largest absolute
-and relative difference, the final losses and each run's tokens/s. Curves that agree "within bf16 noise"
-differ by about what a tiny perturbation of the same run grows into: the yardstick row reruns the first
+overrides>`` in its own process (same seed, same data order, same initial weights; merges included once
+steps > merge_interval). Afterwards the training losses of every run are compared with the first run's at
+each logged step; the table shows the largest absolute and relative difference, the final losses and each
+run's tokens/s (the median of its logged intervals). Curves that agree "within bf16 noise" differ by about
+what a tiny perturbation of the same run grows into: the yardstick row reruns the first
 implementation with float32-exact Cayley products instead of TF32 (``optimizer.cayley_precision=highest``:
 rotation blocks within ~1e-4 relative of the default's), so its difference is the noise that bf16
 training amplifies from a 1e-4 change. ``--no-noise-run`` skips it.
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                  for s in common]
         worst = max(diffs, key=lambda d: d[1])
         last = common[-1]
-        tps = c[last].get("tokens_per_s", float("nan"))
+        rates = sorted(r["tokens_per_s"] for r in c.values() if "tokens_per_s" in r)
+        tps = rates[len(rates) // 2] if rates else float("nan")  # median over the logged intervals
         print(f"{name:<22}{len(common):>7}{max(d[0] for d in diffs):>10.4f}{worst[1]:>10.4f}{worst[2]:>9}"
               f"{c[last]['loss']:>12.4f}{tps:>11.0f}")
     with open(os.path.join(args.out, "curves.json"), "w") as f:

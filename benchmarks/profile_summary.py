@@ -107,7 +107,7 @@ def device_events(xplane_path: str):
     return dev or host
 
 
-def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 40, out=sys.stdout) -> dict:
+def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 40, out=sys.stdout, unit: str = "step") -> dict:
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir!r}")
@@ -123,7 +123,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 40, out=sys.
         by_kernel[name[:80]] += ns
     total = sum(by_src.values())
     per = 1e6 * max(steps, 1)  # ns → ms per step
-    print(f"\n== device time per step: {total / per:.2f} ms over {steps} traced steps ({len(events)} events)",
+    print(f"\n== device time per {unit}: {total / per:.3f} ms over {steps} traced {unit}s ({len(events)} events)",
           file=out)
     for title, counts in (("by source (innermost repository frame, else the HLO primitive)", by_src),
                           ("by kernel", by_kernel)):

@@ -255,3 +255,37 @@ def test_xq_variant_trains_from_the_script_like_float_poet(uninterrupted, tmp_pa
     codes = [x for p, x in frozen.items() if p.endswith("['w0_codes']")]
     assert len(codes) == 7 * 2 and all(x.dtype == jnp.uint8 for x in codes)
     assert not [p for p in frozen if p.endswith("['w0']")]
+
+
+def test_first_merge_compilation_is_not_counted_in_tokens_per_second(tmp_path, data_cache, monkeypatch):
+    """The first merge call compiles (a minute for llama_20m on the H200, run 8): it is timed apart and left out
+    of the throughput samples; the merges after it are training time. Made visible by a merge step whose first
+    call sleeps 1.5 s."""
+    from poetjax.train import loop
+    from poetjax.train.monitor import Progress
+
+    real = loop.dist.make_sharded_merge_step
+    calls = []
+
+    def slow_first(*a, **kw):
+        merge = real(*a, **kw)
+
+        def wrapped(state):
+            calls.append(1)
+            if len(calls) == 1:
+                time.sleep(1.5)
+            return merge(state)
+        return wrapped
+
+    samples, messages = [], []
+    monkeypatch.setattr(loop.dist, "make_sharded_merge_step", slow_first)
+    monkeypatch.setattr(Progress, "rate_sample", lambda self, n, dt: samples.append((n, dt)))
+    monkeypatch.setattr(Progress, "message", lambda self, text: messages.append(text))
+    cfg = tiny(tmp_path, data_cache, "train.steps=12", "optimizer.merge_interval=5", "train.log_interval=3",
+               "train.eval_interval=0", "checkpoint.interval=0", "logging.diagnostics_interval=0",
+               "logging.progress=lines")
+    run(cfg)
+    assert len(calls) == 2  # merges at steps 5 and 10
+    assert samples and max(dt for _, dt in samples) < 1.5, samples
+    assert sum(n for n, _ in samples) == 11  # every step after the first is still timed
+    assert any(m.startswith("compiled and ran the first merge in") for m in messages)

@@ -1,9 +1,10 @@
 """The main job: data → model → jitted steps → loop with merges, evaluation, checkpoints and logs.
 
 Outputs in ``<out_dir>/<name>/``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per
-log interval: step, loss, grad_norm, lr, tokens_per_s; one per evaluation: val_loss, val_ppl; one per
-``logging.diagnostics_interval``: "diagnostics", see ``poetjax.diagnostics.diagnostics_record``),
-``curves.png``, ``summary.json`` and ``checkpoints/<step>/``.
+log interval, and one before the first merge: step, loss, grad_norm, lr, tokens_per_s; one per evaluation:
+val_loss, val_ppl; one per ``logging.diagnostics_interval``: "diagnostics", see
+``poetjax.diagnostics.diagnostics_record``), ``curves.png``, ``summary.json`` and ``checkpoints/<step>/``.
+tokens_per_s and the progress line's rate leave out compilation: the first step's and the first merge's.
 
 Diagnostics are taken after the optimizer step and before a merge due at the same step, so the
 orthogonality errors and the drift since the last merge show the rotations about to be folded; the
@@ -254,6 +255,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         pending.clear()
 
     step = start
+    first_merge = True
     if start >= stop:
         say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
     t_start = time.time()
@@ -275,7 +277,15 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
             write_diagnostics(step)
             watch.lap()
         if poet and step % merge_interval == 0:
+            if first_merge:  # its compilation is not training time: keep it out of tokens/s and the ETA
+                flush(step, timed=True)
+                t_merge = time.time()
             state = merge_step(state)
+            if first_merge:
+                jax.block_until_ready(state)
+                watch.lap()
+                first_merge = False
+                say(f"compiled and ran the first merge in {time.time() - t_merge:.1f}s (not counted in tokens/s)")
         if do_eval:
             vl, vp = evaluate(cfg.train.eval_batches)
             metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})
