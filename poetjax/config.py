@@ -84,6 +84,12 @@ class POETConfig:
     quant_group_size: G of POET-XQ, the number of consecutive in-dimension entries of one output column
                     that share a scale and zero point (spec default 256). Must divide every layer's padded
                     in-dimension (checked when the layer is built). Ignored by the other variants.
+    perm_chunk:     how many consecutive coordinates the random permutations move together (default 1:
+                    uniformly random permutations, as in the papers). c > 1 permutes the D/c runs of c
+                    consecutive coordinates, so every block holds K/c whole runs and gathers read contiguous
+                    memory (c = 16 bf16 values is one 32-byte sector); c must divide both dimensions and the
+                    block size. Coordinates in one run then always share a block; whether that costs quality
+                    is unmeasured at scale (see BENCHMARKS.md), and so is its speed.
     """
 
     block_size: int | float = 256
@@ -104,6 +110,7 @@ class POETConfig:
     cayley_scope: str = "auto"
     compute: str = "activations"
     quant_group_size: int = 256
+    perm_chunk: int = 1
 
     def __post_init__(self):
         if isinstance(self.block_size, float) and self.variant == "fs":
@@ -123,6 +130,10 @@ class POETConfig:
             raise ValueError(f"num_terms must be an int ≥ 1, got num_terms={self.num_terms!r}")
         if self.cayley not in CAYLEY_MAPS:
             raise ValueError(f"cayley must be one of {CAYLEY_MAPS}, got cayley={self.cayley!r}")
+        if isinstance(self.perm_chunk, bool) or not isinstance(self.perm_chunk, int) or self.perm_chunk < 1:
+            raise ValueError(f"perm_chunk must be a positive int, got perm_chunk={self.perm_chunk!r}")
+        if self.perm_chunk > 1 and self.variant == "fs":
+            raise ValueError(f"perm_chunk={self.perm_chunk} is only defined for block variants, not variant='fs'")
         if self.cayley_precision not in CAYLEY_PRECISIONS:
             raise ValueError(f"cayley_precision must be one of {CAYLEY_PRECISIONS}, "
                              f"got cayley_precision={self.cayley_precision!r}")

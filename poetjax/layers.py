@@ -33,7 +33,7 @@ from poetjax import fs, ops, quant
 from poetjax.cayley import block_layout, rotation_group, rotation_pair
 from poetjax.config import IMPLS, POETConfig
 from poetjax.initializers import base_weight
-from poetjax.perms import input_permutation, output_permutation
+from poetjax.perms import check_chunk, input_permutation, output_permutation
 
 
 class FrozenWeight(nnx.Variable):
@@ -77,6 +77,9 @@ class POETLinear(nnx.Module):
 
         w = base_weight(config.init, rngs.params(), (self.in_features, self.out_features), kernel=kernel,
                         std=config.init_std)
+        if config.perm_chunk > 1:  # clear errors naming the layer's side, before any permutation is drawn
+            check_chunk(config.perm_chunk, self.in_features, self.layout_in.block_size, "in_features")
+            check_chunk(config.perm_chunk, self.out_features, self.layout_out.block_size, "out_features")
         perms = self._draw_perms(rngs.params())
         if config.quantized:
             quant.check_group_size(self.layout_in.padded, config.quant_group_size,
@@ -131,8 +134,9 @@ class POETLinear(nnx.Module):
         # subset whose size need not divide the dimension, and its order there is irrelevant: no sorting.
         k_in_blk = None if self.config.variant == "fs" else self.layout_in.block_size
         k_out_blk = None if self.config.variant == "fs" else self.layout_out.block_size
-        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k_in_blk)
-        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k_out_blk)
+        c = self.config.perm_chunk
+        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k_in_blk, c)
+        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k_out_blk, c)
         return ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
 
     def _set_perms(self, perms: ops.LayerPerms, init: bool = False):

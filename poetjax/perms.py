@@ -82,26 +82,50 @@ def _sort_within_blocks(idx: jax.Array, block_size: int | None) -> jax.Array:
     return jnp.sort(idx.reshape(-1, block_size), axis=1).reshape(-1)
 
 
+def check_chunk(chunk: int, dim: int, block_size: int | None, name: str = "dim") -> None:
+    """ValueError unless ``chunk`` (features that move together) divides ``dim`` and the block size."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"perm_chunk must be a positive int, got perm_chunk={chunk!r}")
+    if dim % chunk:
+        raise ValueError(f"perm_chunk={chunk} does not divide {name}={dim}")
+    if block_size is not None and block_size % chunk:
+        raise ValueError(f"perm_chunk={chunk} does not divide block_size={block_size}")
+
+
+def _chunked_permutation(key: jax.Array, dim: int, chunk: int) -> jax.Array:
+    """A uniformly random permutation of the ``dim // chunk`` runs of ``chunk`` consecutive coordinates,
+    each run kept in order: π[q·c + i] = c·ρ[q] + i (c = 1: a uniformly random permutation of dim)."""
+    if chunk == 1:
+        return jax.random.permutation(key, dim).astype(jnp.int32)
+    rho = jax.random.permutation(key, dim // chunk).astype(jnp.int32)
+    return (rho[:, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]).reshape(-1)
+
+
 def input_permutation(key: jax.Array, dim: int, padded: int,
-                      block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+                      block_size: int | None = None, chunk: int = 1) -> tuple[jax.Array, jax.Array]:
     """A uniformly random π of ``dim``: (perm_in (padded,), perm_in_inv (dim,)), int32.
 
     With ``block_size``, perm_in is sorted inside every block (a uniformly random assignment of the
-    coordinates to blocks; see the module docstring).
+    coordinates to blocks; see the module docstring). ``chunk`` > 1 permutes runs of ``chunk``
+    consecutive coordinates instead of single ones (see ``POETConfig.perm_chunk``): every block then
+    reads its coordinates in contiguous runs, which memory loads can coalesce.
     """
-    pi = jax.random.permutation(key, dim).astype(jnp.int32)
+    check_chunk(chunk, dim, block_size)
+    pi = _chunked_permutation(key, dim, chunk)
     pad = jnp.full((padded - dim,), dim, jnp.int32)
     perm = _sort_within_blocks(jnp.concatenate([pi, pad]), block_size)
     return perm, jnp.argsort(perm)[:dim].astype(jnp.int32)
 
 
 def output_permutation(key: jax.Array, dim: int, padded: int,
-                       block_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+                       block_size: int | None = None, chunk: int = 1) -> tuple[jax.Array, jax.Array]:
     """A uniformly random σ of ``dim``: (perm_out (dim,), perm_out_inv (padded,)), int32.
 
-    With ``block_size``, perm_out_inv is sorted inside every block (see the module docstring).
+    With ``block_size``, perm_out_inv is sorted inside every block (see the module docstring); ``chunk``
+    as in ``input_permutation``.
     """
-    sigma = jax.random.permutation(key, dim).astype(jnp.int32)
+    check_chunk(chunk, dim, block_size)
+    sigma = _chunked_permutation(key, dim, chunk)
     pad = jnp.full((padded - dim,), dim, jnp.int32)
     inv = _sort_within_blocks(jnp.concatenate([jnp.argsort(sigma).astype(jnp.int32), pad]), block_size)
     return jnp.argsort(inv)[:dim].astype(jnp.int32), inv

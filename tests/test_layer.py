@@ -118,3 +118,60 @@ def test_generator_param_count():
     lay, _ = _layer(40, 50, 16)  # in: 16,16,8   out: 16,16,16,2
     p16, p8, p2 = 120, 28, 1
     assert lay.num_generator_params == (2 * p16 + p8) + (3 * p16 + p2)
+
+
+@pytest.mark.parametrize("impl,layout", [("xla", "tokens"), ("xla", "features"), ("pallas", "features")])
+def test_chunked_permutations_layer_matches_dense_and_survives_a_merge(impl, layout):
+    """perm_chunk=4: the layer still equals x @ W_eff of the dense reference (forward and gradients), on
+    every path, and a merge (which redraws chunked permutations) leaves its output unchanged."""
+    n, m, k = 64, 48, 16
+    cfg = pj.POETConfig(block_size=k, init="keep", perm_chunk=4, impl=impl, layout=layout,
+                        cayley_precision="highest")
+    w0 = jax.random.normal(jax.random.key(100), (n, m)) / np.sqrt(n)
+    lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(0), kernel=w0, precision=jax.lax.Precision.HIGHEST)
+    lay.theta_in[...] = 0.1 * jax.random.normal(jax.random.key(1), lay.theta_in.shape)
+    lay.theta_out[...] = 0.1 * jax.random.normal(jax.random.key(2), lay.theta_out.shape)
+    runs = np.asarray(lay.perm_in[...]).reshape(-1, 4)
+    assert (np.diff(runs, axis=1) == 1).all()
+    x = jax.random.normal(jax.random.key(8), (4, 6, n))
+    g = jax.random.normal(jax.random.key(9), (4, 6, m))
+    grads_against_dense(lay, lambda gens: dense_effective(gens["theta_in"][...], gens["theta_out"][...], w0,
+                                                          lay.perm_in[...], lay.perm_out[...], k),
+                        x, g, what=f"chunked {impl}/{layout}")
+    y0 = lay(x)
+    dense = dense_effective(lay.theta_in[...], lay.theta_out[...], w0, lay.perm_in[...], lay.perm_out[...], k)
+    assert_close(y0, x @ dense, jnp.float32, what=f"chunked {impl}/{layout} forward vs dense")
+    before = np.asarray(lay.perm_in[...])
+    pj.merge(nnx.Sequential(lay), jax.random.key(42))
+    assert not np.array_equal(np.asarray(lay.perm_in[...]), before)
+    assert (np.diff(np.asarray(lay.perm_in[...]).reshape(-1, 4), axis=1) == 1).all()
+    assert_close(lay(x), y0, jnp.float32, what="output across a merge with chunked permutations")
+
+
+def test_perm_chunk_from_the_run_config_reaches_every_layer(tmp_path):
+    import os
+
+    from poetjax.run_config import load_config
+    from poetjax.train.steps import build_model
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    model = build_model(load_config(tiny, ["optimizer.perm_chunk=4"]))
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, pj.POETLinear)]
+    assert layers
+    for lay in layers:
+        assert lay.config.perm_chunk == 4
+        perm = np.asarray(lay.perm_in[...])
+        assert (np.diff(perm.reshape(*perm.shape[:-1], -1, 4), axis=-1) == 1).all()
+    with pytest.raises(ValueError, match="perm_chunk must be a positive int"):
+        load_config(tiny, ["optimizer.perm_chunk=0"])
+
+
+def test_perm_chunk_errors_name_the_values():
+    with pytest.raises(ValueError, match="perm_chunk must be a positive int, got perm_chunk=0"):
+        pj.POETConfig(perm_chunk=0)
+    with pytest.raises(ValueError, match="perm_chunk=4 is only defined for block variants"):
+        pj.POETConfig(perm_chunk=4, variant="fs", block_size=0.5)
+    with pytest.raises(ValueError, match="perm_chunk=8 does not divide out_features=20"):
+        pj.POETLinear(32, 20, config=pj.POETConfig(block_size=16, perm_chunk=8), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="perm_chunk=8 does not divide block_size=12"):
+        pj.POETLinear(48, 48, config=pj.POETConfig(block_size=12, perm_chunk=8), rngs=nnx.Rngs(0))

@@ -60,3 +60,39 @@ def test_sorting_inside_blocks_is_a_relabeling():
     want = layer(ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv), w_s, th_in, th_out)
     got = layer(sorted_perms, w_s[s_in][:, s_out], relabel(th_in, o_in), relabel(th_out, o_out))
     assert_close(got, want, jnp.float32, "value", what="block-sorted layer vs unsorted")
+
+
+@pytest.mark.parametrize("dim,k,c", [(64, 16, 4), (48, 16, 8), (40, 16, 8), (64, 16, 16)])
+def test_chunked_permutations_move_whole_runs(dim, k, c):
+    """perm_chunk=c: valid index vectors, sorted inside blocks, every block made of whole aligned runs of c
+    consecutive coordinates (so gathers read contiguous memory), and still random: two keys give two
+    assignments of runs to blocks."""
+    padded = -(-dim // k) * k
+    p_in, p_in_inv = map(np.asarray, input_permutation(jax.random.key(0), dim, padded, k, c))
+    p_out, p_out_inv = map(np.asarray, output_permutation(jax.random.key(1), dim, padded, k, c))
+    np.testing.assert_array_equal(p_in[p_in_inv], np.arange(dim))
+    np.testing.assert_array_equal(p_out_inv[p_out], np.arange(dim))
+    for block_side in (p_in, p_out_inv):
+        assert (np.diff(block_side.reshape(-1, k), axis=1) >= 0).all()
+        assert sorted(block_side[block_side < dim]) == list(range(dim))
+        runs = block_side[:dim].reshape(-1, c) if padded == dim else block_side.reshape(-1, c)
+        real = runs[runs[:, 0] < dim]
+        assert (real[:, 0] % c == 0).all() and (np.diff(real, axis=1) == 1).all()  # aligned, consecutive
+        assert (runs[runs[:, 0] >= dim] == dim).all()  # padding runs are all padding
+    other, _ = input_permutation(jax.random.key(5), dim, padded, k, c)
+    if dim // c > k // c:  # more runs than fit in one block: the assignment is random
+        assert [set(b) for b in np.asarray(other).reshape(-1, k)] != [set(b) for b in p_in.reshape(-1, k)]
+
+
+def test_chunk_one_is_the_uniform_permutation_and_bad_chunks_are_errors():
+    for fn in (input_permutation, output_permutation):
+        a = fn(jax.random.key(3), 40, 48, 16)
+        b = fn(jax.random.key(3), 40, 48, 16, 1)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="perm_chunk=3 does not divide dim=40"):
+        input_permutation(jax.random.key(0), 40, 48, 16, 3)
+    with pytest.raises(ValueError, match="perm_chunk=8 does not divide block_size=12"):
+        output_permutation(jax.random.key(0), 48, 48, 12, 8)
+    with pytest.raises(ValueError, match="perm_chunk must be a positive int, got perm_chunk=0"):
+        input_permutation(jax.random.key(0), 40, 48, 16, 0)
