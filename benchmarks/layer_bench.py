@@ -102,14 +102,9 @@ def time_ms(compiled, args, repeats: int, inner: int) -> float:
 def profile_fn(compiled, args_, out_dir: str, calls: int = 5) -> None:
     """Trace ``calls`` calls into out_dir and print the device time per call by source location
     (``profile_summary.py``; run with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see through CUDA graphs)."""
-    from profile_summary import summarize
+    from profile_summary import summarize, trace
 
-    os.makedirs(out_dir, exist_ok=True)
-    jax.block_until_ready(compiled(*args_))
-    with jax.profiler.trace(out_dir):
-        for _ in range(calls):
-            out = compiled(*args_)
-        jax.block_until_ready(out)
+    trace(lambda: jax.block_until_ready(compiled(*args_)), calls, out_dir)
     summarize(out_dir, compiled.as_text(), calls, top=20, unit="call")
 
 

@@ -107,7 +107,21 @@ def device_events(xplane_path: str):
     return dev or host
 
 
+def trace(run_once, calls: int, out_dir: str) -> None:
+    """Run ``run_once()`` (which must block until its work is done) once untraced, then ``calls`` times under
+    the profiler, writing the trace into out_dir."""
+    import jax
+
+    os.makedirs(out_dir, exist_ok=True)
+    run_once()
+    with jax.profiler.trace(out_dir):
+        for _ in range(calls):
+            run_once()
+
+
 def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 40, out=sys.stdout, unit: str = "step") -> dict:
+    """The trace under trace_dir, charged to source locations of ``hlo_text``, per ``unit`` (``steps`` of them
+    traced); printed to ``out`` (None: not printed) and returned (``print_summary`` prints it again)."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir!r}")
@@ -121,17 +135,24 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 40, out=sys.
         lab = src.get(op) if op and not op.startswith("command_buffer") else None
         by_src[lab or by_kernel_name.get(name) or f"kernel:{name[:60]}"] += ns
         by_kernel[name[:80]] += ns
-    total = sum(by_src.values())
     per = 1e6 * max(steps, 1)  # ns → ms per step
-    print(f"\n== device time per {unit}: {total / per:.3f} ms over {steps} traced {unit}s ({len(events)} events)",
-          file=out)
-    for title, counts in (("by source (innermost repository frame, else the HLO primitive)", by_src),
-                          ("by kernel", by_kernel)):
+    summary = {"unit": unit, "traced": steps, "events": len(events), "total_ms": sum(by_src.values()) / per,
+               "by_source_ms": {k: v / per for k, v in by_src.most_common(top)},
+               "by_kernel_ms": {k: v / per for k, v in by_kernel.most_common(top)}}
+    if out is not None:
+        print_summary(summary, out)
+    return summary
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    total, unit = summary["total_ms"], summary["unit"]
+    print(f"\n== device time per {unit}: {total:.3f} ms over {summary['traced']} traced {unit}s "
+          f"({summary['events']} events)", file=out)
+    for title, key in (("by source (innermost repository frame, else the HLO primitive)", "by_source_ms"),
+                       ("by kernel", "by_kernel_ms")):
         print(f"-- {title}", file=out)
-        for key, ns in counts.most_common(top):
-            print(f"  {ns / per:9.3f} ms  {100 * ns / max(total, 1):5.1f}%  {key}", file=out)
-    return {"total_ms": total / per, "by_source_ms": {k: v / per for k, v in by_src.most_common(top)},
-            "by_kernel_ms": {k: v / per for k, v in by_kernel.most_common(top)}}
+        for name, ms in summary[key].items():
+            print(f"  {ms:9.3f} ms  {100 * ms / max(total, 1e-12):5.1f}%  {name}", file=out)
 
 
 def main(argv=None):

@@ -44,6 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # profile_summary
 
+from profile_summary import print_summary  # noqa: E402  (stdlib only at import)
+
 
 def _method_overrides(method: str) -> list[str]:
     method, *extra = method.split("+")
@@ -109,21 +111,23 @@ def _slug(method: str) -> str:
 
 
 def profile_steps(compiled, state, tokens, out_dir: str, steps: int = 3) -> dict:
-    """Trace ``steps`` more steps into out_dir, save the step's HLO beside the trace, and print the device
-    time by source location (``benchmarks/profile_summary.py``); returns that summary."""
+    """Trace ``steps`` more steps into out_dir, save the step's HLO beside the trace, and return the device
+    time by source location (``benchmarks/profile_summary.py``; the parent prints it)."""
     import jax
 
-    from profile_summary import summarize
+    from profile_summary import summarize, trace
 
-    os.makedirs(out_dir, exist_ok=True)
     hlo = compiled.as_text()
+    box = [state]
+
+    def one():
+        box[0], m = compiled(box[0], tokens)
+        jax.block_until_ready(m["loss"])
+
+    trace(one, steps, out_dir)
     with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
         f.write(hlo)
-    with jax.profiler.trace(out_dir):
-        for _ in range(steps):
-            state, m = compiled(state, tokens)
-        jax.block_until_ready(m["loss"])
-    return summarize(out_dir, hlo, steps, out=sys.stderr)
+    return summarize(out_dir, hlo, steps, out=None)
 
 
 def run_one(args, method: str) -> dict:
@@ -215,7 +219,6 @@ def main(argv=None):
                *(["--abstract"] if args.abstract else []),
                *(["--profile", os.path.abspath(args.profile)] if args.profile else []), *args.overrides]
         print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
-        p = None
         env = dict(os.environ)
         if args.profile:  # CUDA graphs hide which HLO op a kernel belongs to: off for profiled methods
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
@@ -239,9 +242,8 @@ def main(argv=None):
             known = [l for l in out.splitlines() if l.startswith("BREAKDOWN ")]
             if known:
                 res.update(json.loads(known[-1][len("BREAKDOWN "):]))
-        if args.profile and p is not None:  # the child's summary went to its stderr
-            print("\n".join(l for l in p.stderr.splitlines() if l.startswith(("== device", "-- ", "  ")) and " ms" in l
-                             or l.startswith("-- ")), flush=True)
+        if "profile" in res:
+            print_summary(res["profile"])
         print("   " + json.dumps({k: v for k, v in res.items() if k != "profile"}), flush=True)
         results.append(res)
         if args.out:

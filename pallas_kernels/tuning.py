@@ -8,7 +8,8 @@ reasoned guesses, not measurements.
 
 Keys: ``(kernel, block_size)`` with kernel one of "rotate_fwd" (gather → rotate, and rotate →
 scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens), "cayley" (and
-"cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the matching config dataclass in ``pallas_kernels._common``.
+"cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the
+matching config dataclass in ``pallas_kernels._common``.
 """
 
 from __future__ import annotations

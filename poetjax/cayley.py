@@ -202,7 +202,7 @@ def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST)
         raise ValueError(f"num_terms must be an int >= 0, got num_terms={num_terms!r}")
 
     def _mm(a, b):
-        if isinstance(precision, str) and precision == "bf16":
+        if precision == "bf16":
             return bf16_matmul(a, b)
         return jnp.matmul(a, b, precision=precision)
 
