@@ -9,7 +9,9 @@
 #         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively), cayley_bf16 (the Cayley
 #         map at every product precision, 32 … 11008 blocks), sweep_bf16 (Cayley tiles for bf16 products),
 #         layers_bf16 (layers with bf16 Cayley products), profile_layers (the 4096² layer's device time by
-#         source location, CUDA graphs off).
+#         source location, CUDA graphs off), chunk_tests (native tests of the chunked-index kernels), chunk_layers
+#         (layers with perm_chunk 64: transposing vs chunked token-major kernels; 16 and 256 at 4096²),
+#         profile_chunk (the 4096² layer on the chunked kernels, by source location).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
 #              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run).
@@ -88,6 +90,21 @@ for stage in ${1//,/ }; do
     layers_bf16) run layers_bf16 200 python benchmarks/layer_bench.py --impls pallas_f,weight --cayley-precision bf16 \
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense|MISMATCH|FAILED" "$OUT/layers_bf16.log" | head -30 ;;
+    chunk_tests) run chunk_tests 150 python -m pytest -q -m gpu tests/pallas/test_block_matmul_kernel.py -k chunk
+           tail -3 "$OUT/chunk_tests.log" ;;
+    chunk_layers) run chunk_layers 260 python benchmarks/layer_bench.py --impls pallas_f,pallas,pallas_s --perm-chunk 64 \
+              --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --cayley-precision bf16 --no-cayley \
+              --out "$OUT/layers.jsonl"
+            grep -E "x dense|MISMATCH|FAILED" "$OUT/chunk_layers.log" | head -30
+            for c in 16 256; do
+              run chunk_layers_c$c 90 python benchmarks/layer_bench.py --impls pallas_f,pallas,pallas_g --perm-chunk $c \
+                --cases 16384x4096x4096x256 --variants fast --cayley-precision bf16 --no-cayley --out "$OUT/layers.jsonl"
+              grep -E "x dense|MISMATCH|FAILED" "$OUT/chunk_layers_c$c.log" | head -8
+            done ;;
+    profile_chunk) XLA_FLAGS=--xla_gpu_enable_command_buffer= run profile_chunk 150 python benchmarks/layer_bench.py \
+              --cases 16384x4096x4096x256 --impls pallas --perm-chunk 64 --cayley-precision bf16 --no-cayley \
+              --profile runs/lprof --out "$OUT/layers.jsonl"
+            grep -E "x dense|device time|  [0-9. ]+ ms " "$OUT/profile_chunk.log" | head -60 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -15,6 +15,7 @@ the same inputs. A failing case prints its error and the run goes on. The table 
     python benchmarks/layer_bench.py --out results.jsonl   # also append JSON lines (one per result)
     python benchmarks/layer_bench.py --tiny          # a few seconds' smoke test that runs on CPU too
     python benchmarks/layer_bench.py --quick --impls xla,xla_f,pallas_f --perms   # layouts, permutations
+    python benchmarks/layer_bench.py --quick --impls pallas_f,pallas,pallas_g --perm-chunk 64   # chunked perms
 
 Implementations (--impls): xla / pallas keep token-major activations (XLA gathers / gathers fused into
 the rotation kernels); xla_f / pallas_f run the layer feature-major (``poetjax.ops.resolve_layout``:
@@ -116,15 +117,15 @@ def short_error(e: BaseException) -> str:
 # Layer cases
 # ----------------------------------------------------------------------------------------------
 
-def make_inputs(t, n, m, k, seed=0, sorted_perms=True):
+def make_inputs(t, n, m, k, seed=0, sorted_perms=True, perm_chunk=1):
     keys = jax.random.split(jax.random.key(seed), 8)
     x = jax.random.normal(keys[0], (t, n), jnp.float32).astype(jnp.bfloat16)
     g = jax.random.normal(keys[1], (t, m), jnp.float32).astype(jnp.bfloat16)
     w = (jax.random.normal(keys[2], (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
     lin, lout = block_layout(n, k), block_layout(m, k)
     sort = k if sorted_perms else None  # POETLinear samples them sorted inside blocks (poetjax.perms)
-    p_in, p_in_inv = input_permutation(keys[3], n, lin.padded, sort)
-    p_out, p_out_inv = output_permutation(keys[4], m, lout.padded, sort)
+    p_in, p_in_inv = input_permutation(keys[3], n, lin.padded, sort, perm_chunk)
+    p_out, p_out_inv = output_permutation(keys[4], m, lout.padded, sort, perm_chunk)
     perms = ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
     w0 = ops.store_base_weight(w.astype(jnp.float32), perms).astype(jnp.bfloat16)
     p = k * (k - 1) // 2
@@ -140,23 +141,37 @@ def dense_fn(x, w, g):
 
 
 # Layer implementations timed: name → (impl, layout, compute) of ``poetjax.ops.poet_x_linear``. "weight":
-# W_eff formed from the blocks, then one dense matmul (XLA), with the Cayley map of impl "auto".
+# W_eff formed from the blocks, then one dense matmul (XLA), with the Cayley map of impl "auto". With
+# --perm-chunk C every implementation is told C (only the token-major Pallas kernels use it) except
+# "pallas_g", the token-major kernels told nothing (they index column by column); "pallas_s" is "pallas"
+# with the gathered operands saved for the dR reductions (pallas_kernels.tuning.CHUNKED_SAVE_GATHERED).
 IMPLS = {"xla": ("xla", "tokens", "activations"), "pallas": ("pallas", "tokens", "activations"),
+         "pallas_g": ("pallas", "tokens", "activations"), "pallas_s": ("pallas", "tokens", "activations"),
          "xla_f": ("xla", "features", "activations"), "pallas_f": ("pallas", "features", "activations"),
          "weight": ("auto", "auto", "weight")}
 
 
-def poet_fn(lin, lout, variant, name, cayley_precision="highest"):
+def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1):
     impl, layout, compute = IMPLS[name]
+    chunk = 1 if name == "pallas_g" else perm_chunk
     if impl == "auto":
         impl = ops.resolve_impl(impl, lin.block_size)
 
     def f(x, w0, th_in, th_out, perms, g):
+        if name == "pallas_s":  # read at trace time by pallas_kernels.tuning.block_matmul_config
+            saved, pk.tuning.CHUNKED_SAVE_GATHERED = pk.tuning.CHUNKED_SAVE_GATHERED, True
+            try:
+                return f_body(x, w0, th_in, th_out, perms, g)
+            finally:
+                pk.tuning.CHUNKED_SAVE_GATHERED = saved
+        return f_body(x, w0, th_in, th_out, perms, g)
+
+    def f_body(x, w0, th_in, th_out, perms, g):
         def layer(x, th_in, th_out):
             # both sides in one map, as POETLinear does (cayley.rotation_pair)
             r_in, r_out = rotation_pair(th_in, lin, th_out, lout, 3, impl=impl, precision=cayley_precision)
             return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout,
-                                     compute=compute)
+                                     compute=compute, perm_chunk=chunk)
 
         y, vjp = jax.vjp(layer, x, th_in, th_out)
         return (y, *vjp(g))
@@ -168,11 +183,11 @@ def run_layer_case(case, rec: Recorder, args, table):
     label = f"T={t} {n}->{m} b={k}"
     print(f"\n== {label}", flush=True)
     try:
-        d = make_inputs(t, n, m, k, sorted_perms=not args.unsorted_perms)
+        d = make_inputs(t, n, m, k, sorted_perms=not args.unsorted_perms, perm_chunk=args.perm_chunk)
     except Exception as e:
         print(f"  inputs failed: {short_error(e)}")
         return
-    base = dict(T=t, N=n, M=m, b=k)
+    base = dict(T=t, N=n, M=m, b=k, perm_chunk=args.perm_chunk)
     dense_ms = None
     try:
         compiled, temp = compile_fn(dense_fn, d["x"], d["w"], d["g"])
@@ -190,8 +205,8 @@ def run_layer_case(case, rec: Recorder, args, table):
         for impl in args.impls:
             name = f"{variant}/{impl}"
             try:
-                compiled, temp = compile_fn(poet_fn(d["lin"], d["lout"], variant, impl, args.cayley_precision),
-                                            *poet_args)
+                compiled, temp = compile_fn(poet_fn(d["lin"], d["lout"], variant, impl, args.cayley_precision,
+                                                    args.perm_chunk), *poet_args)
                 outs[name] = compiled(*poet_args)
                 check = None
                 other = f"{variant}/{args.impls[0]}"  # the first implementation listed is the reference
@@ -526,6 +541,8 @@ def main(argv=None):
     ap.add_argument("--perm-sweep", action="store_true", help="--perms over a grid of TransposeConfig tiles")
     ap.add_argument("--cayley-precision", type=str, default="highest", choices=("highest", "default", "bf16"),
                     help="products of the layers' Cayley–Neumann series (poetjax.cayley.rotations)")
+    ap.add_argument("--perm-chunk", type=int, default=1,
+                    help="permutations of runs of this many coordinates (POETConfig.perm_chunk) in the layer cases")
     ap.add_argument("--unsorted-perms", action="store_true",
                     help="uniformly shuffled permutations instead of the block-sorted ones layers sample")
     ap.add_argument("--no-layers", action="store_true")

@@ -91,7 +91,9 @@ class RotateConfig:
         return self
 
     def n_tile(self, block_size: int) -> int:
-        return self.block_n or block_size
+        """Output columns per program: block_n, or the whole block — its largest power-of-two divisor when
+        K is not a power of two (Triton arrays must be; e.g. K = 96 runs 3 tiles of 32)."""
+        return self.block_n or max_tile(block_size, block_size)
 
 
 @dataclasses.dataclass(frozen=True)

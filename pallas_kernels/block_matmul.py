@@ -29,6 +29,14 @@ one memory transaction per distinct cache line a warp touches, so index vectors 
 block — as ``poetjax.perms`` samples them, which is the same POET up to relabeling — make every warp
 touch a few increasing lines instead of 32 random ones. Any index order gives the same result.
 
+Chunked index vectors (``chunk`` = c > 1, ``poetjax.perms`` with ``perm_chunk``): every aligned run of c
+entries is c consecutive values starting at a multiple of c (padding runs: c values ≥ the width). Told
+so, the kernels read one index per tile instead of one per column: a tile of w columns (w the largest
+power of two dividing c, capped by the configured tile) is then the contiguous range
+[idx[start], idx[start] + w), marked ``pl.multiple_of`` so that Triton can vectorize its loads and stores
+as it does for a plain array. The gathering kernels use block_k = w, the scattering ones block_n = w.
+A ``chunk`` the vectors do not have gives wrong results (the public functions check concrete vectors).
+
 Storing to column perm[c] is the inverse-permutation gather (g·blockdiag(Rᵀ))[..., inv] of the spec
 done in the same pass that produces g·blockdiag(Rᵀ), so no permuted copy is ever materialized. The
 gathering kernels can also write the gathered operand (``save_gathered``) so that the dR reduction reads
@@ -50,10 +58,11 @@ import functools
 import jax
 import jax.experimental.pallas.triton as plt
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
+from pallas_kernels._common import (MIN_TILE, BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
                                     check_index_vector, compiler_params, dot, dot_precision)
 from pallas_kernels.tuning import block_matmul_config
 
@@ -100,7 +109,15 @@ def _split_refs(refs, *present):
     return [next(it) if p else None for p in present]
 
 
-def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, precision,
+def _tile_index(idx_ref, start, size, chunk):
+    """The ``size`` entries idx[start : start + size]: one scalar load + a range when the vector is chunked
+    (the tile lies inside one run of consecutive values), else a vector load."""
+    if chunk:
+        return pl.multiple_of(idx_ref[start], size) + jnp.arange(size)
+    return idx_ref[pl.ds(start, size)]
+
+
+def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, chunk, precision,
                    interpret):
     x_ref, src_ref, r_ref, dst_ref, o_ref, u_ref = _split_refs(refs, True, gather, True, scatter, True, save)
 
@@ -112,7 +129,7 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
         base = j * k + s * bk
         cols = base + jnp.arange(bk)
         if gather:
-            src = src_ref[pl.ds(base, bk)]
+            src = _tile_index(src_ref, base, bk, chunk)
             mask = row_ok & (src < w_in)[None, :]
         else:
             src, mask = cols, jnp.broadcast_to(row_ok, (bt, bk))
@@ -135,20 +152,32 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
     acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bt, bn), jnp.float32))
     out_cols = j * k + n * bn + jnp.arange(bn)
     if scatter:
-        dst = dst_ref[pl.ds(j * k + n * bn, bn)]
+        dst = _tile_index(dst_ref, j * k + n * bn, bn, chunk)
         mask = row_ok & (dst < w_out)[None, :]
     else:
         dst, mask = out_cols, jnp.broadcast_to(row_ok, (bt, bn))
     plt.store(o_ref.at[rows[:, None], dst[None, :]], acc.astype(o_ref.dtype), mask=mask)
 
 
+def chunk_tile(chunk: int, cap: int) -> int:
+    """The widest tile (a power of two ≤ cap) that lies inside one run of a ``chunk``-chunked index vector;
+    0 when that is narrower than a Triton dot allows (then the kernels index column by column)."""
+    w = min(chunk & -chunk, cap)
+    return w if w >= MIN_TILE else 0
+
+
 def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_out=None,
-            transpose_r=False, save=False):
+            transpose_r=False, save=False, chunk=1):
     """One pass of the rotation kernel; returns out (and the gathered input when ``save``)."""
     t, w_in = x.shape
     nb, k, _ = r.shape
     d = nb * k
     bt, bk, bn = cfg.block_t, cfg.block_k, cfg.n_tile(k)
+    tile = 0
+    if src is not None and chunk > 1 and (tile := chunk_tile(chunk, bk)):
+        bk = tile           # every gathered (block_t × block_k) tile: one contiguous range per row
+    elif dst is not None and chunk > 1 and (tile := chunk_tile(chunk, bn)):
+        bn = tile           # every scattered (block_t × block_n) tile: one contiguous range per row
     width = d if dst is None else w_out
     out_shape = [jax.ShapeDtypeStruct((t, width), x.dtype)]
     if save:
@@ -156,16 +185,16 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     args = [x] + ([src] if src is not None else []) + [r.astype(x.dtype)] + ([dst] if dst is not None else [])
     kernel = functools.partial(
         _rotate_kernel, gather=src is not None, scatter=dst is not None, save=save, transpose_r=transpose_r,
-        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bk=bk, bn=bn,
+        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bk=bk, bn=bn, chunk=bool(tile),
         precision=dot_precision(x.dtype, _F32_PRECISION, interpret), interpret=interpret)
     name = ("gather_" if src is not None else "") + "rotate" + ("_t" if transpose_r else "") + (
-        "_scatter" if dst is not None else "")
+        "_scatter" if dst is not None else "") + ("_chunked" if tile else "")
     outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(nb, k // bn, pl.cdiv(t, bt)),
                           compiler_params=compiler_params(cfg), interpret=interpret, name=name)(*args)
     return outs if save else outs[0]
 
 
-def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, precision, interpret):
+def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, chunk, precision, interpret):
     a_ref, pa_ref, b_ref, pb_ref, o_ref = _split_refs(refs, True, gather_a, True, gather_b, True)
 
     j, m, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
@@ -173,7 +202,7 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
     def columns(idx_ref, start, size, width):
         if idx_ref is None:
             return start + jnp.arange(size), None
-        idx = idx_ref[pl.ds(start, size)]
+        idx = _tile_index(idx_ref, start, size, chunk)
         return idx, (idx < width)[None, :]
 
     ia, a_ok = columns(pa_ref, j * k + m * bm, bm, w_a)
@@ -192,21 +221,28 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
     o_ref[c, j, pl.ds(m * bm, bm), pl.ds(n * bn, bn)] = acc
 
 
-def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None, pb=None):
-    """dR (B, K, K) float32 = Σ_t a[t, j-block]ᵀ b[t, j-block], a/b optionally read through pa/pb."""
+def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None, pb=None, chunk=1):
+    """dR (B, K, K) float32 = Σ_t a[t, j-block]ᵀ b[t, j-block], a/b optionally read through pa/pb
+    (``chunk``-chunked: the gathered side's tile narrows to one run, read as a contiguous range)."""
     t = a.shape[0]
     bt, bm, bn = cfg.block_t, cfg.block_m, cfg.block_n
+    # the gathered sides' tiles, narrowed to one run of a chunked index (all of them, or none)
+    fits = [chunk_tile(chunk, size) if chunk > 1 else 0 for idx, size in ((pa, bm), (pb, bn)) if idx is not None]
+    tile = bool(fits) and all(fits)
+    if tile:
+        bm = chunk_tile(chunk, bm) if pa is not None else bm
+        bn = chunk_tile(chunk, bn) if pb is not None else bn
     chunks = cfg.chunks(t, num_blocks, k)
     tiles = pl.cdiv(pl.cdiv(t, bt), chunks)
     args = [a] + ([pa] if pa is not None else []) + [b] + ([pb] if pb is not None else [])
     kernel = functools.partial(
         _reduce_kernel, gather_a=pa is not None, gather_b=pb is not None, t=t, w_a=a.shape[1], w_b=b.shape[1],
-        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, precision=dot_precision(a.dtype, _F32_PRECISION, interpret),
-        interpret=interpret)
+        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, chunk=tile,
+        precision=dot_precision(a.dtype, _F32_PRECISION, interpret), interpret=interpret)
     partial_sums = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, num_blocks, k, k), jnp.float32),
         grid=(num_blocks, k // bm, k // bn, chunks), compiler_params=compiler_params(cfg),
-        interpret=interpret, name="block_grad_partials")(*args)
+        interpret=interpret, name="block_grad_partials" + ("_chunked" if tile else ""))(*args)
     return partial_sums[0] if chunks == 1 else jnp.sum(partial_sums, axis=0)
 
 
@@ -214,28 +250,28 @@ def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None,
 # custom_vjp: gather → rotate
 # ----------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gather_rotate(x, perm, r, n_in, cfg, interpret):
-    return _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gather_rotate(x, perm, r, n_in, cfg, interpret, chunk):
+    return _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret, chunk)[0]
 
 
-def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret):
-    out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=cfg.save_gathered)
+def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret, chunk):
+    out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=cfg.save_gathered, chunk=chunk)
     if cfg.save_gathered:
         y, u = out
         return y, (u, perm, r)
     return out, (x, perm, r)
 
 
-def _gather_rotate_bwd(n_in, cfg, interpret, res, g):
+def _gather_rotate_bwd(n_in, cfg, interpret, chunk, res, g):
     xu, perm, r = res
     nb, k, _ = r.shape
     # dx[:, perm[c]] = (g · blockdiag(Rᵀ))[:, c]: the gather by the inverse permutation, as a scatter-store.
-    dx = _rotate(g, r, cfg=cfg.backward, interpret=interpret, dst=perm, w_out=n_in, transpose_r=True)
+    dx = _rotate(g, r, cfg=cfg.backward, interpret=interpret, dst=perm, w_out=n_in, transpose_r=True, chunk=chunk)
     if cfg.save_gathered:   # xu = u = x[:, perm], contiguous
         dr = _reduce(xu, g, nb, k, cfg=cfg.reduce, interpret=interpret)
     else:                   # xu = x: gather again
-        dr = _reduce(xu, g, nb, k, cfg=cfg.reduce, interpret=interpret, pa=perm)
+        dr = _reduce(xu, g, nb, k, cfg=cfg.reduce, interpret=interpret, pa=perm, chunk=chunk)
     return dx, None, dr.astype(r.dtype)
 
 
@@ -246,29 +282,29 @@ _gather_rotate.defvjp(_gather_rotate_fwd, _gather_rotate_bwd)
 # custom_vjp: rotate → gather
 # ----------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _rotate_gather(h, perm, inv_perm, r, cfg, interpret):
-    return _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _rotate_gather(h, perm, inv_perm, r, cfg, interpret, chunk):
+    return _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret, chunk)[0]
 
 
-def _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret):
+def _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret, chunk):
     # y[:, perm[q]] ... stored as: column c of h·blockdiag(R) goes to y[:, inv_perm[c]] (dropped when ≥ M).
-    y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0])
+    y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
     return y, (h, inv_perm, r)
 
 
-def _rotate_gather_bwd(cfg, interpret, res, g):
+def _rotate_gather_bwd(cfg, interpret, chunk, res, g):
     h, inv_perm, r = res
     nb, k, _ = r.shape
     # g_z = g[:, inv_perm] (padding reads 0), dh = g_z · blockdiag(Rᵀ), dR = Σ hᵀ g_z.
     out = _rotate(g, r, cfg=cfg.backward, interpret=interpret, src=inv_perm, transpose_r=True,
-                  save=cfg.save_gathered)
+                  save=cfg.save_gathered, chunk=chunk)
     if cfg.save_gathered:
         dh, gz = out
         dr = _reduce(h, gz, nb, k, cfg=cfg.reduce, interpret=interpret)
     else:
         dh = out
-        dr = _reduce(h, g, nb, k, cfg=cfg.reduce, interpret=interpret, pb=inv_perm)
+        dr = _reduce(h, g, nb, k, cfg=cfg.reduce, interpret=interpret, pb=inv_perm, chunk=chunk)
     return dh, None, None, dr.astype(r.dtype)
 
 
@@ -288,12 +324,36 @@ def _check_r(r) -> tuple[int, int]:
     return int(r.shape[0]), int(r.shape[1])
 
 
-def _config(cfg: BlockMatmulConfig | None, k: int) -> BlockMatmulConfig:
+def _config(cfg: BlockMatmulConfig | None, k: int, chunk: int = 1) -> BlockMatmulConfig:
     if cfg is None:
-        return block_matmul_config(k)
+        return block_matmul_config(k, chunk)
     if not isinstance(cfg, BlockMatmulConfig):
         raise TypeError(f"config must be a BlockMatmulConfig, got {type(cfg).__name__}")
     return cfg.validate(k)
+
+
+def check_chunked_index(name: str, idx, chunk: int, width: int) -> None:
+    """ValueError unless ``chunk`` is a positive int and — when ``idx`` is concrete (not traced) — every
+    aligned run of ``chunk`` entries of ``idx`` is either ``chunk`` consecutive values starting at a multiple
+    of ``chunk`` below ``width``, or padding (values ≥ ``width``, the first a multiple of ``chunk``, as
+    ``poetjax.perms`` pads). Traced vectors are trusted."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got chunk={chunk!r}")
+    if chunk == 1:
+        return
+    if idx.shape[0] % chunk:
+        raise ValueError(f"chunk={chunk} does not divide the length {idx.shape[0]} of {name}")
+    if isinstance(idx, jax.core.Tracer):
+        return
+    runs = np.asarray(idx).reshape(-1, chunk).astype(np.int64)
+    real = runs[:, 0] < width
+    ok = (runs[:, 0] % chunk == 0) & np.where(real, np.all(runs == runs[:, :1] + np.arange(chunk), axis=1),
+                                              np.all(runs >= width, axis=1))
+    if not ok.all():
+        q = int(np.argmin(ok))
+        raise ValueError(f"{name} is not {chunk}-chunked: its run {q} (entries {q * chunk}..{(q + 1) * chunk - 1}) is "
+                         f"{runs[q][:8].tolist()}{' ...' if chunk > 8 else ''}; sample it with perm_chunk={chunk} "
+                         "(poetjax.perms) or pass chunk=1")
 
 
 def inverse_index(perm, length: int):
@@ -302,34 +362,38 @@ def inverse_index(perm, length: int):
     return jnp.full((length,), m, jnp.int32).at[perm].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
 
 
-def permuted_block_matmul(x, perm, r, *, interpret: bool = False, config: BlockMatmulConfig | None = None):
+def permuted_block_matmul(x, perm, r, *, interpret: bool = False, config: BlockMatmulConfig | None = None,
+                          chunk: int = 1):
     """y (..., B·K) = x[..., perm] · blockdiag(r), the gather fused into the kernel's loads.
 
     x: (..., N) float; perm: (B·K,) int32, a permutation of range(N) followed by padding values ≥ N
     (which read 0); r: (B, K, K), cast to x.dtype for the products (its cotangent keeps r's dtype and is
     accumulated in float32). Differentiable in x and r (``jax.custom_vjp`` with Pallas backward kernels).
-    ``interpret=True`` runs the kernels in Pallas's interpreter (any backend; for tests).
+    ``interpret=True`` runs the kernels in Pallas's interpreter (any backend; for tests). ``chunk``: perm is
+    ``chunk``-chunked (see the module docstring; ``check_chunked_index``), so tiles load contiguous ranges.
     """
     nb, k = _check_r(r)
     if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a floating array (..., N), got shape {tuple(x.shape)} dtype {x.dtype}")
     check_index_vector("perm", perm, nb * k)
-    cfg = _config(config, k)
     lead, n = x.shape[:-1], x.shape[-1]
+    check_chunked_index("perm", perm, chunk, n)
+    cfg = _config(config, k, chunk)
     x2 = x.reshape(-1, n)
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, nb * k), x.dtype) + 0 * jnp.sum(r).astype(x.dtype)
-    y = _gather_rotate(x2, perm.astype(jnp.int32), r, n, cfg, bool(interpret))
+    y = _gather_rotate(x2, perm.astype(jnp.int32), r, n, cfg, bool(interpret), chunk)
     return y.reshape(*lead, nb * k)
 
 
 def block_matmul_permuted(h, perm, r, *, inv_perm=None, interpret: bool = False,
-                          config: BlockMatmulConfig | None = None):
+                          config: BlockMatmulConfig | None = None, chunk: int = 1):
     """y (..., M) = (h · blockdiag(r))[..., perm], the gather fused into the kernel's stores.
 
     h: (..., B·K) float; perm: (M,) int32, distinct values in range(B·K); inv_perm: (B·K,) int32 with
     inv_perm[perm[q]] = q and values ≥ M elsewhere (computed from perm when omitted: pass it when you
-    have it, as POET layers do); r: (B, K, K). Differentiable in h and r.
+    have it, as POET layers do); r: (B, K, K). Differentiable in h and r. ``chunk``: inv_perm is
+    ``chunk``-chunked (see ``permuted_block_matmul``), so tiles store contiguous ranges.
     """
     nb, k = _check_r(r)
     d = nb * k
@@ -340,10 +404,11 @@ def block_matmul_permuted(h, perm, r, *, inv_perm=None, interpret: bool = False,
     if inv_perm is None:
         inv_perm = inverse_index(perm, d)
     check_index_vector("inv_perm", inv_perm, d)
-    cfg = _config(config, k)
     lead, m = h.shape[:-1], perm.shape[0]
+    check_chunked_index("inv_perm", inv_perm, chunk, m)
+    cfg = _config(config, k, chunk)
     h2 = h.reshape(-1, d)
     if h2.shape[0] == 0:
         return jnp.zeros((*lead, m), h.dtype) + 0 * jnp.sum(r).astype(h.dtype)
-    y = _rotate_gather(h2, perm.astype(jnp.int32), inv_perm.astype(jnp.int32), r, cfg, bool(interpret))
+    y = _rotate_gather(h2, perm.astype(jnp.int32), inv_perm.astype(jnp.int32), r, cfg, bool(interpret), chunk)
     return y.reshape(*lead, m)

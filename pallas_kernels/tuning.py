@@ -55,14 +55,22 @@ def _lookup(kernel: str, block_size: int, default):
     return default if entry is None else dataclasses.replace(default, **entry)
 
 
-def block_matmul_config(block_size: int) -> BlockMatmulConfig:
-    """The default configuration of the fused permutation + block-diagonal kernels for this K."""
+# Whether the gathering kernels also write the gathered operand when the index vectors are chunked
+# (``block_matmul_config(k, chunk)``): with runs of ≥ 16 columns a gathered read costs about what a
+# contiguous one does, so the dR reduction can gather again instead (saves one write per side).
+CHUNKED_SAVE_GATHERED = False
+
+
+def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
+    """The default configuration of the fused permutation + block-diagonal kernels for this K (and for
+    index vectors chunked in runs of ``chunk``, see ``pallas_kernels.block_matmul``)."""
+    from pallas_kernels.block_matmul import chunk_tile  # local: block_matmul imports this module
     check_block_size(block_size)
     cfg = BlockMatmulConfig(
         forward=_lookup("rotate_fwd", block_size, _rotate_heuristic(block_size)),
         backward=_lookup("rotate_bwd", block_size, _rotate_heuristic(block_size)),
         reduce=_lookup("reduce", block_size, _reduce_heuristic(block_size)),
-        save_gathered=True)
+        save_gathered=CHUNKED_SAVE_GATHERED if chunk > 1 and chunk_tile(chunk, 16) else True)
     return cfg.validate(block_size)
 
 

@@ -187,7 +187,8 @@ class POETLinear(nnx.Module):
                 r_in, r_out = self.rotation_blocks(impl=impl, precision=precision)
             y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
                                   variant=self.config.flavour, precision=self.precision, impl=impl,
-                                  layout=self.config.layout, compute=self.config.compute)
+                                  layout=self.config.layout, compute=self.config.compute,
+                                  perm_chunk=self.config.perm_chunk)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

@@ -126,15 +126,15 @@ def resolve_impl(impl: str, block_size: int, *, quantized: bool = False) -> str:
     return impl
 
 
-def _poet_x_pallas_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision, interpret):
-    a = pk.permuted_block_matmul(x, perms.perm_in, r_in_IxKxK, interpret=interpret)
+def _poet_x_pallas_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precision, interpret, chunk):
+    a = pk.permuted_block_matmul(x, perms.perm_in, r_in_IxKxK, interpret=interpret, chunk=chunk)
     h = _base_matmul(a, w0_NpxMp, precision, interpret)
     return pk.block_matmul_permuted(h, perms.perm_out, r_out_OxKxK, inv_perm=perms.perm_out_inv,
-                                    interpret=interpret)
+                                    interpret=interpret, chunk=chunk)
 
 
 _poet_x_pallas_mem_body = jax.checkpoint(_poet_x_pallas_body, policy=jax.checkpoint_policies.nothing_saveable,
-                                         static_argnums=(5, 6))
+                                         static_argnums=(5, 6, 7))
 
 
 def _base_matmul_t(a_NpxT, w0_NpxMp, precision, interpret=None):
@@ -218,9 +218,12 @@ def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "f
 
 # What layout="auto" resolves to, per implementation (see resolve_layout).
 AUTO_LAYOUT = {"xla": "tokens", "pallas": "features"}
+# ... and for Pallas with chunked permutations whose runs hold a tile of at least MIN_CHUNK_TILE columns.
+CHUNKED_PALLAS_LAYOUT = "tokens"
+MIN_CHUNK_TILE = 16
 
 
-def resolve_layout(layout: str, impl: str) -> str:
+def resolve_layout(layout: str, impl: str, perm_chunk: int = 1) -> str:
     """"tokens" or "features" for a resolved ``impl`` ("xla" | "pallas").
 
     "tokens": the activations stay (T, D) and the permutations are gathers along the contiguous axis
@@ -229,15 +232,23 @@ def resolve_layout(layout: str, impl: str) -> str:
     matmul run there, and the output permutation transposes back, so every permutation moves whole rows
     (XLA: a transpose and a row gather; Pallas: one transposing kernel, ``pallas_kernels.transpose_perm``).
     Same numbers either way (the same products in the same dtype).
+
+    "auto" with Pallas and chunked permutations (``perm_chunk`` with a power-of-two factor ≥ 16, see
+    ``POETConfig.perm_chunk``): "tokens", whose kernels then load and store whole contiguous runs, so no
+    transposing pass is needed at all (``CHUNKED_PALLAS_LAYOUT``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
-    return AUTO_LAYOUT[impl] if layout == "auto" else layout
+    if layout != "auto":
+        return layout
+    if impl == "pallas" and pk.chunk_tile(perm_chunk, MIN_CHUNK_TILE):
+        return CHUNKED_PALLAS_LAYOUT
+    return AUTO_LAYOUT[impl]
 
 
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                   perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla",
-                  layout: str = "auto", compute: str = "activations") -> jax.Array:
+                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1) -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
     W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first; the
@@ -247,6 +258,9 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     A ``QuantizedWeight`` W_s (POET-XQ) is kept in uint8 and dequantized inside the matmul.
     ``layout``: "tokens", "features" or "auto" (see ``resolve_layout``). ``compute``: "activations"
     (POET-X), "weight" (form W_eff, then one dense matmul) or "auto" (see ``resolve_compute``).
+    ``perm_chunk``: the permutations move runs of this many coordinates (``poetjax.perms``; the layer's
+    ``POETConfig.perm_chunk``); the token-major Pallas kernels then index one run per tile. Other paths
+    ignore it (they are correct for any permutation).
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
@@ -256,7 +270,7 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     else:
         w0 = jax.lax.stop_gradient(w0_NpxMp).astype(dtype)
     impl = resolve_impl(impl, r_in_IxKxK.shape[-1], quantized=isinstance(w0_NpxMp, QuantizedWeight))
-    layout = resolve_layout(layout, impl)
+    layout = resolve_layout(layout, impl, perm_chunk)
     tokens = math.prod(x.shape[:-1])
     if resolve_compute(compute, tokens, x.shape[-1], perms.perm_out.shape[0], variant) == "weight":
         body = _poet_w_body if variant == "fast" else _poet_w_mem_body
@@ -268,7 +282,7 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
         return body(x, w0, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms, precision, interpret)
     if impl == "pallas":
         body = _poet_x_pallas_body if variant == "fast" else _poet_x_pallas_mem_body
-        return body(x, w0, r_in_IxKxK, r_out_OxKxK, perms, precision, pk.default_interpret())
+        return body(x, w0, r_in_IxKxK, r_out_OxKxK, perms, precision, pk.default_interpret(), perm_chunk)
     r_in = r_in_IxKxK.astype(dtype)
     r_out = r_out_OxKxK.astype(dtype)
     body = _poet_x_body if variant == "fast" else _poet_x_mem_body

@@ -120,18 +120,21 @@ def test_generator_param_count():
     assert lay.num_generator_params == (2 * p16 + p8) + (3 * p16 + p2)
 
 
-@pytest.mark.parametrize("impl,layout", [("xla", "tokens"), ("xla", "features"), ("pallas", "features")])
-def test_chunked_permutations_layer_matches_dense_and_survives_a_merge(impl, layout):
-    """perm_chunk=4: the layer still equals x @ W_eff of the dense reference (forward and gradients), on
-    every path, and a merge (which redraws chunked permutations) leaves its output unchanged."""
-    n, m, k = 64, 48, 16
-    cfg = pj.POETConfig(block_size=k, init="keep", perm_chunk=4, impl=impl, layout=layout,
+@pytest.mark.parametrize("impl,layout,c,k", [("xla", "tokens", 4, 16), ("xla", "features", 4, 16),
+                                             ("pallas", "features", 4, 16), ("pallas", "tokens", 16, 32),
+                                             ("pallas", "auto", 16, 32)])
+def test_chunked_permutations_layer_matches_dense_and_survives_a_merge(impl, layout, c, k):
+    """perm_chunk=c: the layer still equals x @ W_eff of the dense reference (forward and gradients), on
+    every path — with c=16 the token-major Pallas kernels index one run per tile, and "auto" picks them —
+    and a merge (which redraws chunked permutations) leaves its output unchanged."""
+    n, m = 64, 48
+    cfg = pj.POETConfig(block_size=k, init="keep", perm_chunk=c, impl=impl, layout=layout,
                         cayley_precision="highest")
     w0 = jax.random.normal(jax.random.key(100), (n, m)) / np.sqrt(n)
     lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(0), kernel=w0, precision=jax.lax.Precision.HIGHEST)
     lay.theta_in[...] = 0.1 * jax.random.normal(jax.random.key(1), lay.theta_in.shape)
     lay.theta_out[...] = 0.1 * jax.random.normal(jax.random.key(2), lay.theta_out.shape)
-    runs = np.asarray(lay.perm_in[...]).reshape(-1, 4)
+    runs = np.asarray(lay.perm_in[...]).reshape(-1, c)
     assert (np.diff(runs, axis=1) == 1).all()
     x = jax.random.normal(jax.random.key(8), (4, 6, n))
     g = jax.random.normal(jax.random.key(9), (4, 6, m))
@@ -144,7 +147,7 @@ def test_chunked_permutations_layer_matches_dense_and_survives_a_merge(impl, lay
     before = np.asarray(lay.perm_in[...])
     pj.merge(nnx.Sequential(lay), jax.random.key(42))
     assert not np.array_equal(np.asarray(lay.perm_in[...]), before)
-    assert (np.diff(np.asarray(lay.perm_in[...]).reshape(-1, 4), axis=1) == 1).all()
+    assert (np.diff(np.asarray(lay.perm_in[...]).reshape(-1, c), axis=1) == 1).all()
     assert_close(lay(x), y0, jnp.float32, what="output across a merge with chunked permutations")
 
 

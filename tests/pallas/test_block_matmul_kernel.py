@@ -178,3 +178,73 @@ def test_input_errors_quote_the_values():
     bad = BlockMatmulConfig(forward=RotateConfig(block_k=64))
     with pytest.raises(ValueError, match="block_k=64 does not divide block_size=16"):
         pk.permuted_block_matmul(x, jnp.arange(32, dtype=jnp.int32), r, interpret=True, config=bad)
+
+
+# Chunked index vectors (poetjax.perms with perm_chunk): (T, N, M, K, chunk). N, M < B·K: padded runs.
+CHUNK_CASES = [
+    (45, 96, 80, 32, 16),     # output side: one padding run of 16
+    (70, 192, 160, 64, 32),   # input side exact, output side one padding run of 32
+    (40, 192, 144, 96, 48),   # chunk not a power of two: tiles of 16 inside runs of 48
+    (33, 512, 512, 256, 64),
+    (30, 64, 64, 32, 8),      # runs narrower than a tile: the column-by-column path
+]
+
+
+def _chunked_perms(n, m, k, c, seed=0):
+    from poetjax.cayley import block_layout
+    from poetjax.perms import input_permutation, output_permutation
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    p_in, _ = input_permutation(k1, n, block_layout(n, k).padded, k, c)
+    p_out, inv = output_permutation(k2, m, block_layout(m, k).padded, k, c)
+    return np.asarray(p_in), np.asarray(p_out), np.asarray(inv)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("t,n,m,k,c", CHUNK_CASES)
+def test_chunked_kernels_match_reference(t, n, m, k, c, save, interpret):
+    """Both kernels told chunk=c (one index per tile), forward and VJP, against the jnp reference."""
+    p_in, p_out, inv = map(jnp.asarray, _chunked_perms(n, m, k, c))
+    cfg = pk.tuning.block_matmul_config(k)
+    cfg = BlockMatmulConfig(cfg.forward, cfg.backward, cfg.reduce, save_gathered=save)
+    x, r_in, kg, kh = _inputs(t, n, k, jnp.float32, seed=c)
+    got = jax.jit(lambda x, r: _vjp(lambda x, r: pk.permuted_block_matmul(
+        x, p_in, r, interpret=interpret, config=cfg, chunk=c), x, r, key=kg))(x, r_in)
+    want = _vjp(lambda x, r: pk.permuted_block_matmul_reference(x, p_in, r), x, r_in, key=kg)
+    _check(got, want, jnp.float32, f"chunked permuted_block_matmul K={k} c={c}")
+    nb = inv.shape[0] // k
+    h, r_out, _, _ = _inputs(t, nb * k, k, jnp.float32, seed=c + 1)
+    got = jax.jit(lambda h, r: _vjp(lambda h, r: pk.block_matmul_permuted(
+        h, p_out, r, inv_perm=inv, interpret=interpret, config=cfg, chunk=c), h, r, key=kh))(h, r_out)
+    want = _vjp(lambda h, r: pk.block_matmul_permuted_reference(h, p_out, r), h, r_out, key=kh)
+    _check(got, want, jnp.float32, f"chunked block_matmul_permuted K={k} c={c}")
+
+
+def test_chunk_tile():
+    from pallas_kernels.block_matmul import chunk_tile
+    assert [chunk_tile(c, 32) for c in (8, 16, 48, 64, 256)] == [0, 16, 16, 32, 32]
+    assert chunk_tile(256, 256) == 256
+
+
+def test_unchunked_index_with_chunk_is_an_error():
+    """A concrete index vector that is not chunk-chunked is refused, naming the run; so is a bad chunk."""
+    k, n = 32, 64
+    x = jnp.ones((4, n))
+    r = jnp.ones((2, k, k))
+    p_in, _, _ = _chunked_perms(n, n, k, 16)
+    pk.permuted_block_matmul(x, jnp.asarray(p_in), r, interpret=True, chunk=16)  # fine
+    with pytest.raises(ValueError, match=r"perm is not 32-chunked: its run \d"):
+        pk.permuted_block_matmul(x, jnp.asarray(p_in[::-1].copy()), r, interpret=True, chunk=32)
+    shifted = np.concatenate([p_in[1:], p_in[:1]])
+    with pytest.raises(ValueError, match="perm is not 16-chunked"):
+        pk.permuted_block_matmul(x, jnp.asarray(shifted), r, interpret=True, chunk=16)
+    with pytest.raises(ValueError, match="chunk=24 does not divide the length 64 of perm"):
+        pk.permuted_block_matmul(x, jnp.asarray(p_in), r, interpret=True, chunk=24)
+    with pytest.raises(ValueError, match="chunk must be a positive int, got chunk=0"):
+        pk.permuted_block_matmul(x, jnp.asarray(p_in), r, interpret=True, chunk=0)
+    _, p_out, inv = _chunked_perms(n, 48, k, 16)
+    bad_inv = np.asarray(inv).copy()
+    bad_inv[[0, 1]] = bad_inv[[1, 0]]
+    with pytest.raises(ValueError, match=r"inv_perm is not 16-chunked: its run 0"):
+        pk.block_matmul_permuted(jnp.ones((4, 64)), jnp.asarray(p_out), r, inv_perm=jnp.asarray(bad_inv),
+                                 interpret=True, chunk=16)

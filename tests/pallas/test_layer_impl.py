@@ -106,6 +106,11 @@ def test_layout_validation_and_resolution():
     assert ops.resolve_layout("auto", "pallas") == ops.AUTO_LAYOUT["pallas"]
     assert ops.resolve_layout("auto", "xla") == ops.AUTO_LAYOUT["xla"]
     assert ops.resolve_layout("features", "xla") == "features"
+    # chunked permutations whose runs hold a 16-wide tile: the token-major kernels (no transposes)
+    assert ops.resolve_layout("auto", "pallas", 16) == ops.resolve_layout("auto", "pallas", 48) == "tokens"
+    assert ops.resolve_layout("auto", "pallas", 8) == ops.AUTO_LAYOUT["pallas"]
+    assert ops.resolve_layout("auto", "xla", 64) == ops.AUTO_LAYOUT["xla"]
+    assert ops.resolve_layout("features", "pallas", 64) == "features"
     with pytest.raises(ValueError, match="cayley_precision must be one of"):
         pj.POETConfig(cayley_precision="tf32")
 

@@ -5,6 +5,8 @@ gathers) so that CI fails before a kernel reaches the GPU. It does not compile t
 limits (registers, shared memory) still need a GPU run (``-m gpu``).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -30,7 +32,8 @@ def _count(txt):
     return txt.count(TRITON_CALL_TARGET)
 
 
-@pytest.mark.parametrize("k,dtype", [(16, jnp.float32), (64, jnp.bfloat16), (256, jnp.bfloat16), (512, jnp.bfloat16)])
+@pytest.mark.parametrize("k,dtype", [(16, jnp.float32), (64, jnp.bfloat16), (96, jnp.bfloat16), (256, jnp.bfloat16),
+                                     (512, jnp.bfloat16)])
 @pytest.mark.parametrize("save", [True, False])
 def test_block_matmul_kernels_lower_to_triton(k, dtype, save):
     nb, t = 3, 1000  # 1000 tokens: not a multiple of any token tile
@@ -45,6 +48,28 @@ def test_block_matmul_kernels_lower_to_triton(k, dtype, save):
     f = _fwd_bwd(lambda h, r: pk.block_matmul_permuted(h, perm[:n], r, inv_perm=inv, config=cfg))
     txt = lower_for_gpu(f, S((t, d), dtype), S((nb, k, k), jnp.float32), S((t, n), dtype))
     assert _count(txt) == 3, "forward, dh and dR kernels"
+
+
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("k,chunk", [(256, 64), (64, 16), (96, 48)])
+def test_chunked_block_matmul_kernels_lower_to_triton(k, chunk, save):
+    """With a chunked index, the gathering and scattering kernels (and, without a saved gathered operand,
+    the dR reduction) take their one-index-per-tile form."""
+    nb, t = 3, 1000
+    d = nb * k
+    perm = jnp.arange(d, dtype=jnp.int32)  # chunked for every chunk; values otherwise do not matter
+    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), save_gathered=save)
+    reduce = "block_grad_partials" + ("" if save else "_chunked")
+    f = _fwd_bwd(lambda x, r: pk.permuted_block_matmul(x, perm, r, chunk=chunk, config=cfg))
+    txt = lower_for_gpu(f, S((t, d), jnp.bfloat16), S((nb, k, k), jnp.float32), S((t, d), jnp.bfloat16))
+    assert _count(txt) == 3
+    for name in ("gather_rotate_chunked", "rotate_t_scatter_chunked", reduce + '"'):
+        assert name in txt, name
+    f = _fwd_bwd(lambda h, r: pk.block_matmul_permuted(h, perm, r, inv_perm=perm, chunk=chunk, config=cfg))
+    txt = lower_for_gpu(f, S((t, d), jnp.bfloat16), S((nb, k, k), jnp.float32), S((t, d), jnp.bfloat16))
+    assert _count(txt) == 3
+    for name in ("rotate_scatter_chunked", "gather_rotate_t_chunked", reduce + '"'):
+        assert name in txt, name
 
 
 @pytest.mark.parametrize("k,precision", [(16, None), (128, None), (256, None), (512, None), (256, "bf16"),
