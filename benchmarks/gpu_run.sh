@@ -11,7 +11,8 @@
 #         layers_bf16 (layers with bf16 Cayley products), profile_layers (the 4096² layer's device time by
 #         source location, CUDA graphs off), chunk_tests (native tests of the chunked-index kernels), chunk_layers
 #         (layers with perm_chunk 64: transposing vs chunked token-major kernels; 16 and 256 at 4096²),
-#         profile_chunk (the 4096² layer on the chunked kernels, by source location).
+#         profile_chunk (the 4096² layer on the chunked kernels, by source location), sweep_chunk (tiles of the
+#         chunked kernels, then the headline layers with the winners).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
 #              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run).
@@ -101,6 +102,10 @@ for stage in ${1//,/ }; do
                 --cases 16384x4096x4096x256 --variants fast --cayley-precision bf16 --no-cayley --out "$OUT/layers.jsonl"
               grep -E "x dense|MISMATCH|FAILED" "$OUT/chunk_layers_c$c.log" | head -8
             done ;;
+    sweep_chunk) run sweep_chunk 300 python benchmarks/layer_bench.py --sweep --sweep-chunk 64 --no-cayley \
+              --sweep-kernels rotate_fwd,rotate_bwd,reduce --perm-chunk 64 --impls pallas_f,pallas \
+              --cases 16384x4096x4096x256,16384x4096x11008x256 --cayley-precision bf16 --out "$OUT/sweep_chunk.jsonl"
+            grep -E "chunked|x dense|MISMATCH|FAILED" "$OUT/sweep_chunk.log" | sort -k2 -n | head -60 ;;
     profile_chunk) XLA_FLAGS=--xla_gpu_enable_command_buffer= run profile_chunk 150 python benchmarks/layer_bench.py \
               --cases 16384x4096x4096x256 --impls pallas --perm-chunk 64 --cayley-precision bf16 --no-cayley \
               --profile runs/lprof --out "$OUT/layers.jsonl"

@@ -372,6 +372,16 @@ def _rotate_grid(k):
         yield RotateConfig(block_t=64, block_k=bk, block_n=0, num_warps=8, num_stages=stages)
 
 
+def _rotate_chunked_grid(k):
+    # kernels that index one run per tile (--sweep-chunk): tiles no longer pay per-column gathers, so
+    # larger token tiles (fewer re-reads of R[j]) and deeper contraction steps are worth timing
+    for bt, bk, bn, warps, stages in ((64, 16, 0, 8, 4), (32, 32, 0, 8, 3), (64, 64, 0, 8, 3), (128, 64, 0, 8, 2),
+                                      (128, 32, 128, 8, 3), (128, 64, 128, 8, 3), (128, 16, 128, 8, 4),
+                                      (64, 32, 128, 4, 3), (256, 32, 128, 8, 3), (128, 32, 64, 4, 3),
+                                      (128, 64, 64, 4, 3), (256, 32, 64, 8, 3), (256, 64, 64, 8, 3)):
+        yield RotateConfig(block_t=bt, block_k=bk, block_n=bn, num_warps=warps, num_stages=stages)
+
+
 def _reduce_grid(k):
     for bt, (bm, bn) in itertools.product((32, 64, 128), ((64, 64), (128, 128), (128, 64))):
         yield ReduceConfig(block_t=bt, block_m=bm, block_n=bn, num_warps=4, num_stages=3)
@@ -427,14 +437,16 @@ def run_sweep(rec: Recorder, args):
         keys = jax.random.split(jax.random.key(k), 4)
         x = jax.random.normal(keys[0], (t, n), jnp.float32).astype(jnp.bfloat16)
         r = (jax.random.normal(keys[1], (nb, k, k), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-        perm, _ = input_permutation(keys[2], n, n, None if args.unsorted_perms else k)
+        chunk = args.sweep_chunk
+        perm, _ = input_permutation(keys[2], n, n, None if args.unsorted_perms else k, chunk)
+        suffix = "/chunked" if chunk > 1 else ""   # TABLE keys of pallas_kernels.tuning
 
         interpret = pk.default_interpret()
 
         def rotate(idx, **static):
             def build(cfg):
                 def fn(x, r, p):
-                    return bmk._rotate(x, r, cfg=cfg, interpret=interpret, **{idx: p}, **static)
+                    return bmk._rotate(x, r, cfg=cfg, interpret=interpret, chunk=chunk, **{idx: p}, **static)
                 return [(compile_fn(fn, x, r, perm)[0], (x, r, perm))]
             return build
 
@@ -448,16 +460,22 @@ def run_sweep(rec: Recorder, args):
         bwd = both(rotate("dst", w_out=n, transpose_r=True), rotate("src", transpose_r=True, save=True))
 
         def build_reduce(cfg):
+            if chunk > 1:  # the chunked path re-gathers x instead of saving it (tuning.CHUNKED_SAVE_GATHERED)
+                def fn(a, b, p):
+                    return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret, pa=p, chunk=chunk)
+                return [(compile_fn(fn, x, x, perm)[0], (x, x, perm))]
+
             def fn(a, b):
                 return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret)
             return [(compile_fn(fn, x, x)[0], (x, x))]
 
-        for name, grid, build in (("rotate_fwd", _rotate_grid(k), fwd), ("rotate_bwd", _rotate_grid(k), bwd),
+        rgrid = _rotate_chunked_grid if chunk > 1 else _rotate_grid
+        for name, grid, build in (("rotate_fwd", rgrid(k), fwd), ("rotate_bwd", rgrid(k), bwd),
                                   ("reduce", _reduce_grid(k), build_reduce)):
             if name in args.sweep_kernels:
-                best = _sweep_one(name, grid, build, args, rec, k)
+                best = _sweep_one(name + suffix, grid, build, args, rec, k)
                 if best:
-                    found[(name, k)] = best
+                    found[(name + suffix, k)] = best
 
         def build_cayley(cfg):
             out = []
@@ -556,6 +574,9 @@ def main(argv=None):
                     help="product precision the Cayley sweep times (default: the config's); the best is "
                          "reported under the TABLE key 'cayley/<precision>'")
     ap.add_argument("--sweep-width", type=int, default=4096)
+    ap.add_argument("--sweep-chunk", type=int, default=1,
+                    help="sweep the rotation/reduce kernels on perm_chunk-chunked index vectors (TABLE keys "
+                         "'<kernel>/chunked')")
     ap.add_argument("--out", type=str, default=None, help="append JSON lines here")
     ap.add_argument("--profile", type=str, default=None,
                     help="also trace every timed layer into DIR/<case>/<variant>/<impl> and print its device time "

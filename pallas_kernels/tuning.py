@@ -7,7 +7,8 @@ and date in the comment). Block sizes missing from the table use the heuristics 
 reasoned guesses, not measurements.
 
 Keys: ``(kernel, block_size)`` with kernel one of "rotate_fwd" (gather → rotate, and rotate →
-scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens), "cayley" (and
+scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens) — each also as
+"<kernel>/chunked", the tiles for chunked index vectors (``--sweep --sweep-chunk C``) — "cayley" (and
 "cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the
 matching config dataclass in ``pallas_kernels._common``.
 """
@@ -66,11 +67,17 @@ def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
     index vectors chunked in runs of ``chunk``, see ``pallas_kernels.block_matmul``)."""
     from pallas_kernels.block_matmul import chunk_tile  # local: block_matmul imports this module
     check_block_size(block_size)
+    chunked = chunk > 1 and bool(chunk_tile(chunk, 16))
+
+    def lookup(kernel, default):
+        cfg = _lookup(kernel, block_size, default)
+        return _lookup(f"{kernel}/chunked", block_size, cfg) if chunked else cfg
+
     cfg = BlockMatmulConfig(
-        forward=_lookup("rotate_fwd", block_size, _rotate_heuristic(block_size)),
-        backward=_lookup("rotate_bwd", block_size, _rotate_heuristic(block_size)),
-        reduce=_lookup("reduce", block_size, _reduce_heuristic(block_size)),
-        save_gathered=CHUNKED_SAVE_GATHERED if chunk > 1 and chunk_tile(chunk, 16) else True)
+        forward=lookup("rotate_fwd", _rotate_heuristic(block_size)),
+        backward=lookup("rotate_bwd", _rotate_heuristic(block_size)),
+        reduce=lookup("reduce", _reduce_heuristic(block_size)),
+        save_gathered=CHUNKED_SAVE_GATHERED if chunked else True)
     return cfg.validate(block_size)
 
 
