@@ -104,7 +104,7 @@ for stage in ${1//,/ }; do
             done ;;
     sweep_chunk) run sweep_chunk 300 python benchmarks/layer_bench.py --sweep --sweep-chunk 64 --no-cayley \
               --sweep-kernels rotate_fwd,rotate_bwd,reduce --perm-chunk 64 --impls pallas_f,pallas \
-              --cases 16384x4096x4096x256,16384x4096x11008x256 --cayley-precision bf16 --out "$OUT/sweep_chunk.jsonl"
+              --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --cayley-precision bf16 --out "$OUT/sweep_chunk.jsonl"
             grep -E "chunked|x dense|MISMATCH|FAILED" "$OUT/sweep_chunk.log" | head -80 ;;
     profile_chunk) XLA_FLAGS=--xla_gpu_enable_command_buffer= run profile_chunk 150 python benchmarks/layer_bench.py \
               --cases 16384x4096x4096x256 --impls pallas --perm-chunk 64 --cayley-precision bf16 --no-cayley \

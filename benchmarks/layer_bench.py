@@ -373,12 +373,13 @@ def _rotate_grid(k):
 
 
 def _rotate_chunked_grid(k):
-    # kernels that index one run per tile (--sweep-chunk): tiles no longer pay per-column gathers, so
-    # larger token tiles (fewer re-reads of R[j]) and deeper contraction steps are worth timing
-    for bt, bk, bn, warps, stages in ((64, 16, 0, 8, 4), (32, 32, 0, 8, 3), (64, 64, 0, 8, 3), (128, 64, 0, 8, 2),
-                                      (128, 32, 128, 8, 3), (128, 64, 128, 8, 3), (128, 16, 128, 8, 4),
-                                      (64, 32, 128, 4, 3), (256, 32, 128, 8, 3), (128, 32, 64, 4, 3),
-                                      (128, 64, 64, 4, 3), (256, 32, 64, 8, 3), (256, 64, 64, 8, 3)):
+    # kernels that index one run at a time (--sweep-chunk): no per-column gathers, so larger token tiles
+    # (fewer re-reads of R[j]) and deeper contraction steps are worth timing
+    for bt, bk, bn, warps, stages in ((128, 64, 128, 8, 3), (128, 64, 128, 8, 4), (128, 128, 128, 8, 3),
+                                      (128, 128, 128, 8, 2), (128, 64, 0, 16, 3), (128, 128, 0, 16, 2),
+                                      (128, 64, 128, 4, 3), (64, 64, 0, 8, 3), (64, 128, 0, 8, 3),
+                                      (128, 32, 128, 8, 3), (256, 64, 128, 16, 3), (128, 64, 0, 8, 2),
+                                      (64, 64, 128, 4, 4), (256, 64, 64, 8, 3), (64, 16, 0, 8, 4)):
         yield RotateConfig(block_t=bt, block_k=bk, block_n=bn, num_warps=warps, num_stages=stages)
 
 

@@ -31,11 +31,12 @@ touch a few increasing lines instead of 32 random ones. Any index order gives th
 
 Chunked index vectors (``chunk`` = c > 1, ``poetjax.perms`` with ``perm_chunk``): every aligned run of c
 entries is c consecutive values starting at a multiple of c (padding runs: c values ≥ the width). Told
-so, the kernels read one index per tile instead of one per column: a tile of w columns (w the largest
-power of two dividing c, capped by the configured tile) is then the contiguous range
-[idx[start], idx[start] + w), marked ``pl.multiple_of`` so that Triton can vectorize its loads and stores
-as it does for a plain array. The gathering kernels use block_k = w, the scattering ones block_n = w.
-A ``chunk`` the vectors do not have gives wrong results (the public functions check concrete vectors).
+so, the kernels read one index per run instead of one per column: with w the largest power of two
+dividing c (w ≥ 16), a tile of size columns is size // w contiguous ranges [idx[s], idx[s] + w) — indexed
+as a (rows, size // w, w) array whose last axis is contiguous and starts at a multiple of w
+(``pl.multiple_of``), so that Triton can vectorize its loads and stores as it does for a plain array —
+and any tile size works. A ``chunk`` the vectors do not have gives wrong results (the public functions
+check concrete vectors).
 
 Storing to column perm[c] is the inverse-permutation gather (g·blockdiag(Rᵀ))[..., inv] of the spec
 done in the same pass that produces g·blockdiag(Rᵀ), so no permuted copy is ever materialized. The
@@ -109,15 +110,47 @@ def _split_refs(refs, *present):
     return [next(it) if p else None for p in present]
 
 
-def _tile_index(idx_ref, start, size, chunk):
-    """The ``size`` entries idx[start : start + size]: one scalar load + a range when the vector is chunked
-    (the tile lies inside one run of consecutive values), else a vector load."""
-    if chunk:
-        return pl.multiple_of(idx_ref[start], size) + jnp.arange(size)
-    return idx_ref[pl.ds(start, size)]
+def _tile_cols(idx_ref, start, size, run):
+    """The columns idx[start : start + size] of one tile. run = 0: one load per column, shape (size,).
+    run = w > 0 (a chunked vector, runs of w consecutive values at multiples of w): one load per run —
+    shape (size,) when the tile lies in one run, else (size // w, w), each row a contiguous range."""
+    if not run:
+        return idx_ref[pl.ds(start, size)]
+    w = min(run, size)
+    if w == size:
+        return pl.multiple_of(idx_ref[start], w) + jnp.arange(size)
+    starts = pl.multiple_of(idx_ref[pl.ds(start, size // w, stride=w)], w)
+    return starts[:, None] + jnp.arange(w)[None, :]
 
 
-def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, chunk, precision,
+def _tile_mask(row_ok, cols, width):
+    """row_ok (bt, 1) and cols < width, broadcast to the tile's index shape ((bt, size) or (bt, q, w))."""
+    if cols.ndim == 1:
+        ok = row_ok if width is None else row_ok & (cols < width)[None, :]
+        return jnp.broadcast_to(ok, (row_ok.shape[0], cols.shape[0]))
+    ok = row_ok[:, :, None] if width is None else row_ok[:, :, None] & (cols < width)[None]
+    return jnp.broadcast_to(ok, (row_ok.shape[0], *cols.shape))
+
+
+def _load_tile(ref, rows, row_ok, cols, width=None):
+    """ref[rows, cols] as a (bt, size) tile, 0 where a row is past T or a column index ≥ width."""
+    mask = _tile_mask(row_ok, cols, width)
+    if cols.ndim == 1:
+        return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+    tile = plt.load(ref.at[rows[:, None, None], cols[None]], mask=mask, other=0)
+    return tile.reshape(rows.shape[0], cols.size)
+
+
+def _store_tile(ref, rows, row_ok, cols, value, width=None):
+    """ref[rows, cols] = value (bt, size), skipping rows past T and column indices ≥ width."""
+    mask = _tile_mask(row_ok, cols, width)
+    if cols.ndim == 1:
+        plt.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
+    else:
+        plt.store(ref.at[rows[:, None, None], cols[None]], value.reshape(rows.shape[0], *cols.shape), mask=mask)
+
+
+def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, run, precision,
                    interpret):
     x_ref, src_ref, r_ref, dst_ref, o_ref, u_ref = _split_refs(refs, True, gather, True, scatter, True, save)
 
@@ -129,14 +162,12 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
         base = j * k + s * bk
         cols = base + jnp.arange(bk)
         if gather:
-            src = _tile_index(src_ref, base, bk, chunk)
-            mask = row_ok & (src < w_in)[None, :]
+            xt = _load_tile(x_ref, rows, row_ok, _tile_cols(src_ref, base, bk, run), w_in)
         else:
-            src, mask = cols, jnp.broadcast_to(row_ok, (bt, bk))
-        xt = plt.load(x_ref.at[rows[:, None], src[None, :]], mask=mask, other=0)
+            xt = _load_tile(x_ref, rows, row_ok, cols)
         if save:
             def _save():
-                plt.store(u_ref.at[rows[:, None], cols[None, :]], xt, mask=jnp.broadcast_to(row_ok, (bt, bk)))
+                _store_tile(u_ref, rows, row_ok, cols, xt)
             if k == bn:   # one column tile: every program saves its own rows
                 _save()
             else:         # several column tiles load the same x tile; the first one saves it
@@ -150,18 +181,16 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
         return acc + dot(xt, rt, dims, precision, interpret)
 
     acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bt, bn), jnp.float32))
-    out_cols = j * k + n * bn + jnp.arange(bn)
+    start = j * k + n * bn
     if scatter:
-        dst = _tile_index(dst_ref, j * k + n * bn, bn, chunk)
-        mask = row_ok & (dst < w_out)[None, :]
+        _store_tile(o_ref, rows, row_ok, _tile_cols(dst_ref, start, bn, run), acc.astype(o_ref.dtype), w_out)
     else:
-        dst, mask = out_cols, jnp.broadcast_to(row_ok, (bt, bn))
-    plt.store(o_ref.at[rows[:, None], dst[None, :]], acc.astype(o_ref.dtype), mask=mask)
+        _store_tile(o_ref, rows, row_ok, start + jnp.arange(bn), acc.astype(o_ref.dtype))
 
 
 def chunk_tile(chunk: int, cap: int) -> int:
-    """The widest tile (a power of two ≤ cap) that lies inside one run of a ``chunk``-chunked index vector;
-    0 when that is narrower than a Triton dot allows (then the kernels index column by column)."""
+    """The run width the kernels index by for a ``chunk``-chunked vector: the largest power of two dividing
+    chunk, capped at cap; 0 when that is narrower than a Triton dot allows (then they index column by column)."""
     w = min(chunk & -chunk, cap)
     return w if w >= MIN_TILE else 0
 
@@ -173,11 +202,7 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     nb, k, _ = r.shape
     d = nb * k
     bt, bk, bn = cfg.block_t, cfg.block_k, cfg.n_tile(k)
-    tile = 0
-    if src is not None and chunk > 1 and (tile := chunk_tile(chunk, bk)):
-        bk = tile           # every gathered (block_t × block_k) tile: one contiguous range per row
-    elif dst is not None and chunk > 1 and (tile := chunk_tile(chunk, bn)):
-        bn = tile           # every scattered (block_t × block_n) tile: one contiguous range per row
+    run = chunk_tile(chunk, k) if chunk > 1 and (src is not None or dst is not None) else 0
     width = d if dst is None else w_out
     out_shape = [jax.ShapeDtypeStruct((t, width), x.dtype)]
     if save:
@@ -185,16 +210,16 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     args = [x] + ([src] if src is not None else []) + [r.astype(x.dtype)] + ([dst] if dst is not None else [])
     kernel = functools.partial(
         _rotate_kernel, gather=src is not None, scatter=dst is not None, save=save, transpose_r=transpose_r,
-        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bk=bk, bn=bn, chunk=bool(tile),
+        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bk=bk, bn=bn, run=run,
         precision=dot_precision(x.dtype, _F32_PRECISION, interpret), interpret=interpret)
     name = ("gather_" if src is not None else "") + "rotate" + ("_t" if transpose_r else "") + (
-        "_scatter" if dst is not None else "") + ("_chunked" if tile else "")
+        "_scatter" if dst is not None else "") + ("_chunked" if run else "")
     outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(nb, k // bn, pl.cdiv(t, bt)),
                           compiler_params=compiler_params(cfg), interpret=interpret, name=name)(*args)
     return outs if save else outs[0]
 
 
-def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, chunk, precision, interpret):
+def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, run, precision, interpret):
     a_ref, pa_ref, b_ref, pb_ref, o_ref = _split_refs(refs, True, gather_a, True, gather_b, True)
 
     j, m, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
@@ -202,19 +227,16 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
     def columns(idx_ref, start, size, width):
         if idx_ref is None:
             return start + jnp.arange(size), None
-        idx = _tile_index(idx_ref, start, size, chunk)
-        return idx, (idx < width)[None, :]
+        return _tile_cols(idx_ref, start, size, run), width
 
-    ia, a_ok = columns(pa_ref, j * k + m * bm, bm, w_a)
-    ib, b_ok = columns(pb_ref, j * k + n * bn, bn, w_b)
+    ia, wa = columns(pa_ref, j * k + m * bm, bm, w_a)
+    ib, wb = columns(pb_ref, j * k + n * bn, bn, w_b)
 
     def body(s, acc):
         rows = (c * tiles + s) * bt + jnp.arange(bt)
         row_ok = (rows < t)[:, None]
-        ma = jnp.broadcast_to(row_ok if a_ok is None else row_ok & a_ok, (bt, bm))
-        mb = jnp.broadcast_to(row_ok if b_ok is None else row_ok & b_ok, (bt, bn))
-        at = plt.load(a_ref.at[rows[:, None], ia[None, :]], mask=ma, other=0)
-        btile = plt.load(b_ref.at[rows[:, None], ib[None, :]], mask=mb, other=0)
+        at = _load_tile(a_ref, rows, row_ok, ia, wa)
+        btile = _load_tile(b_ref, rows, row_ok, ib, wb)
         return acc + dot(at, btile, _TN, precision, interpret)
 
     acc = lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
@@ -223,26 +245,21 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
 
 def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None, pb=None, chunk=1):
     """dR (B, K, K) float32 = Σ_t a[t, j-block]ᵀ b[t, j-block], a/b optionally read through pa/pb
-    (``chunk``-chunked: the gathered side's tile narrows to one run, read as a contiguous range)."""
+    (``chunk``-chunked: read one run at a time, as contiguous ranges)."""
     t = a.shape[0]
     bt, bm, bn = cfg.block_t, cfg.block_m, cfg.block_n
-    # the gathered sides' tiles, narrowed to one run of a chunked index (all of them, or none)
-    fits = [chunk_tile(chunk, size) if chunk > 1 else 0 for idx, size in ((pa, bm), (pb, bn)) if idx is not None]
-    tile = bool(fits) and all(fits)
-    if tile:
-        bm = chunk_tile(chunk, bm) if pa is not None else bm
-        bn = chunk_tile(chunk, bn) if pb is not None else bn
+    run = chunk_tile(chunk, k) if chunk > 1 and (pa is not None or pb is not None) else 0
     chunks = cfg.chunks(t, num_blocks, k)
     tiles = pl.cdiv(pl.cdiv(t, bt), chunks)
     args = [a] + ([pa] if pa is not None else []) + [b] + ([pb] if pb is not None else [])
     kernel = functools.partial(
         _reduce_kernel, gather_a=pa is not None, gather_b=pb is not None, t=t, w_a=a.shape[1], w_b=b.shape[1],
-        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, chunk=tile,
+        k=k, bt=bt, bm=bm, bn=bn, tiles=tiles, run=run,
         precision=dot_precision(a.dtype, _F32_PRECISION, interpret), interpret=interpret)
     partial_sums = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((chunks, num_blocks, k, k), jnp.float32),
         grid=(num_blocks, k // bm, k // bn, chunks), compiler_params=compiler_params(cfg),
-        interpret=interpret, name="block_grad_partials" + ("_chunked" if tile else ""))(*args)
+        interpret=interpret, name="block_grad_partials" + ("_chunked" if run else ""))(*args)
     return partial_sums[0] if chunks == 1 else jnp.sum(partial_sums, axis=0)
 
 
