@@ -29,6 +29,14 @@ TABLE: dict[tuple[str, int], dict] = {
                       'num_stages': 3},  # 0.101 ms
     # NVIDIA H200, jax 0.11.2, 2026-12-01, layer_bench.py --sweep --sweep-kernels cayley (dense-Q kernels)
     ('cayley', 256): {'block_m': 64, 'block_k': 32, 'num_warps': 4, 'num_stages': 3},  # 0.742 ms (16+43 blocks)
+    # NVIDIA H200, jax 0.11.2, 2026-12-02, layer_bench.py --sweep --sweep-chunk 64 (T=16384, width 4096, bf16;
+    # rotate_*: the gathering + the scattering kernel together; reduce: re-gathering x, as the chunked path does)
+    ('rotate_fwd/chunked', 256): {'block_t': 128, 'block_k': 64, 'block_n': 128, 'num_warps': 4,
+                                  'num_stages': 3},  # 0.277 ms
+    ('rotate_bwd/chunked', 256): {'block_t': 128, 'block_k': 64, 'block_n': 128, 'num_warps': 4,
+                                  'num_stages': 3},  # 0.275 ms
+    ('reduce/chunked', 256): {'block_t': 32, 'block_m': 64, 'block_n': 64, 'num_chunks': 0, 'num_warps': 4,
+                              'num_stages': 3},  # 0.123 ms
 }
 
 

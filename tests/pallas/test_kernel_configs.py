@@ -20,7 +20,7 @@ def test_default_configs_are_valid_for_supported_block_sizes(k):
 def test_tuning_table_entries_are_valid_configs():
     kinds = {"rotate_fwd": RotateConfig, "rotate_bwd": RotateConfig, "reduce": ReduceConfig, "cayley": CayleyConfig}
     for (kernel, k), fields in tuning.TABLE.items():
-        kinds[kernel](**fields).validate(k)
+        kinds[kernel.split("/")[0]](**fields).validate(k)   # "<kernel>/chunked", "cayley/<precision>"
 
 
 def test_table_overrides_heuristics(monkeypatch):
@@ -28,6 +28,17 @@ def test_table_overrides_heuristics(monkeypatch):
     cfg = tuning.block_matmul_config(64)
     assert cfg.forward.block_t == 128 and cfg.forward.num_warps == 4
     assert cfg.backward == tuning._rotate_heuristic(64)  # other kernels keep their heuristics
+
+
+def test_chunked_index_vectors_get_their_own_tiles(monkeypatch):
+    monkeypatch.setitem(tuning.TABLE, ("rotate_fwd/chunked", 64), {"block_t": 256, "block_k": 64})
+    monkeypatch.setitem(tuning.TABLE, ("reduce/chunked", 64), {"block_m": 32})
+    plain, chunked = tuning.block_matmul_config(64), tuning.block_matmul_config(64, 32)
+    assert (chunked.forward.block_t, chunked.forward.block_k) == (256, 64) and chunked.reduce.block_m == 32
+    assert chunked.backward == plain.backward   # no chunked entry: the plain one
+    assert plain.forward.block_t != 256 and plain.save_gathered
+    assert chunked.save_gathered == tuning.CHUNKED_SAVE_GATHERED
+    assert tuning.block_matmul_config(64, 8) == plain   # runs narrower than a tile: the plain kernels
 
 
 @pytest.mark.parametrize("k", [0, 8, 20, 24, 250])
