@@ -15,7 +15,8 @@
 #         chunked kernels, then the headline layers with the winners).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
-#              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run).
+#              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run), CURVE_STEPS, CURVE_ARGS (more
+#              loss_curves flags, e.g. --no-noise-run).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu_out}; mkdir -p "$OUT"   # runs/ is git-ignored
@@ -74,7 +75,8 @@ for stage in ${1//,/ }; do
     e2e13b) run e2e13b 200 python benchmarks/train_bench.py --config configs/llama_13b.yaml --batch 1 --seq 1024 --steps 5 \
               --timeout 190 --methods "${E2E13_METHODS:-poet_mem}" --out "$OUT/e2e.jsonl" ${E2E_OVERRIDES:-}
            tail -8 "$OUT/e2e13b.log" ;;
-    curves) run curves 560 python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps 300 --out "$OUT/curves" \
+    curves) run curves 560 python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps ${CURVE_STEPS:-300} \
+              --out "$OUT/curves" ${CURVE_ARGS:-} \
               --timeout ${CURVE_TIMEOUT:-240} --runs "${CURVE_RUNS:-xla:optimizer.impl=xla,pallas:optimizer.impl=pallas}" \
               logging.diagnostics_interval=0 train.eval_batches=5
             tail -8 "$OUT/curves.log" ;;
@@ -91,7 +93,8 @@ for stage in ${1//,/ }; do
     layers_bf16) run layers_bf16 200 python benchmarks/layer_bench.py --impls pallas_f,weight --cayley-precision bf16 \
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense|MISMATCH|FAILED" "$OUT/layers_bf16.log" | head -30 ;;
-    chunk_tests) run chunk_tests 150 python -m pytest -q -m gpu tests/pallas/test_block_matmul_kernel.py -k chunk
+    chunk_tests) run chunk_tests 150 python -m pytest -q -m gpu tests/pallas/test_block_matmul_kernel.py \
+              tests/pallas/test_layer_impl.py
            tail -3 "$OUT/chunk_tests.log" ;;
     chunk_layers) run chunk_layers 260 python benchmarks/layer_bench.py --impls pallas_f,pallas,pallas_s --perm-chunk 64 \
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --cayley-precision bf16 --no-cayley \
