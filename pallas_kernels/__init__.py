@@ -11,9 +11,10 @@ flag (Pallas's interpreter: runs anywhere, for tests). Configurations: ``pallas_
 """
 
 from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
-                                    check_block_size, default_interpret, supports_block_size)
+                                    check_block_size, chunk_tile, default_interpret, supports_block_size,
+                                    supports_chunk)
 from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference,
-                                         check_chunked_index, chunk_tile, inverse_index, permuted_block_matmul,
+                                         check_chunked_index, inverse_index, permuted_block_matmul,
                                          permuted_block_matmul_reference)
 from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
 from pallas_kernels.qmatmul import QMatmulConfig, dequantize_reference, qmatmul, qmatmul_reference
@@ -23,9 +24,10 @@ from pallas_kernels import tuning
 
 __all__ = [
     "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",
-    "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "check_chunked_index", "chunk_tile", "BlockMatmulConfig",
-    "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size", "default_interpret",
-    "supports_block_size", "tuning", "qmatmul", "qmatmul_reference", "dequantize_reference", "QMatmulConfig",
+    "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "check_chunked_index",
+    "chunk_tile", "BlockMatmulConfig", "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size",
+    "default_interpret", "supports_block_size", "supports_chunk", "tuning", "qmatmul", "qmatmul_reference",
+    "dequantize_reference", "QMatmulConfig",
     "transpose_scatter", "transpose_scatter_reference", "gather_transpose", "gather_transpose_reference",
     "TransposeConfig",
 ]

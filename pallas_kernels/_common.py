@@ -48,6 +48,19 @@ def check_block_size(block_size: int) -> None:
             f"{MIN_TILE} (Triton dots need power-of-two tiles of at least {MIN_TILE}); use impl='xla'")
 
 
+def chunk_tile(chunk: int, cap: int) -> int:
+    """The run width the kernels index by for a ``chunk``-chunked index vector (``pallas_kernels.block_matmul``):
+    the largest power of two dividing chunk, capped at cap; 0 when that is narrower than a Triton dot allows
+    (chunk = 1 included: then they index column by column)."""
+    w = min(chunk & -chunk, cap)
+    return w if w >= MIN_TILE else 0
+
+
+def supports_chunk(chunk: int) -> bool:
+    """True when the kernels can index a ``chunk``-chunked vector one run at a time (runs of ≥ 16 columns)."""
+    return chunk_tile(chunk, MIN_TILE) > 0
+
+
 def max_tile(block_size: int, cap: int) -> int:
     """The largest power of two ≤ cap that divides block_size (≥ 16 for supported block sizes)."""
     t = block_size & -block_size  # largest power-of-two divisor

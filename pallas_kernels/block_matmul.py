@@ -63,8 +63,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (MIN_TILE, BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
-                                    check_index_vector, compiler_params, dot, dot_precision)
+from pallas_kernels._common import (BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
+                                    check_index_vector, chunk_tile, compiler_params, dot, dot_precision)
 from pallas_kernels.tuning import block_matmul_config
 
 _NT = (((1,), (0,)), ((), ()))   # a @ b
@@ -188,13 +188,6 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
         _store_tile(o_ref, rows, row_ok, start + jnp.arange(bn), acc.astype(o_ref.dtype))
 
 
-def chunk_tile(chunk: int, cap: int) -> int:
-    """The run width the kernels index by for a ``chunk``-chunked vector: the largest power of two dividing
-    chunk, capped at cap; 0 when that is narrower than a Triton dot allows (then they index column by column)."""
-    w = min(chunk & -chunk, cap)
-    return w if w >= MIN_TILE else 0
-
-
 def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_out=None,
             transpose_r=False, save=False, chunk=1):
     """One pass of the rotation kernel; returns out (and the gathered input when ``save``)."""
@@ -202,7 +195,7 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     nb, k, _ = r.shape
     d = nb * k
     bt, bk, bn = cfg.block_t, cfg.block_k, cfg.n_tile(k)
-    run = chunk_tile(chunk, k) if chunk > 1 and (src is not None or dst is not None) else 0
+    run = chunk_tile(chunk, k) if src is not None or dst is not None else 0
     width = d if dst is None else w_out
     out_shape = [jax.ShapeDtypeStruct((t, width), x.dtype)]
     if save:
@@ -248,7 +241,7 @@ def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None,
     (``chunk``-chunked: read one run at a time, as contiguous ranges)."""
     t = a.shape[0]
     bt, bm, bn = cfg.block_t, cfg.block_m, cfg.block_n
-    run = chunk_tile(chunk, k) if chunk > 1 and (pa is not None or pb is not None) else 0
+    run = chunk_tile(chunk, k) if pa is not None or pb is not None else 0
     chunks = cfg.chunks(t, num_blocks, k)
     tiles = pl.cdiv(pl.cdiv(t, bt), chunks)
     args = [a] + ([pa] if pa is not None else []) + [b] + ([pb] if pb is not None else [])

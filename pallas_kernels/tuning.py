@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
-                                    check_block_size, fit_cayley, fit_reduce, fit_rotate)
+                                    check_block_size, fit_cayley, fit_reduce, fit_rotate, supports_chunk)
 
 # Measured defaults. Empty until a sweep has been run on the H100 (see the module docstring).
 # NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, 2026-11-23, python benchmarks/layer_bench.py --sweep
@@ -73,9 +73,8 @@ CHUNKED_SAVE_GATHERED = False
 def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
     """The default configuration of the fused permutation + block-diagonal kernels for this K (and for
     index vectors chunked in runs of ``chunk``, see ``pallas_kernels.block_matmul``)."""
-    from pallas_kernels.block_matmul import chunk_tile  # local: block_matmul imports this module
     check_block_size(block_size)
-    chunked = chunk > 1 and bool(chunk_tile(chunk, 16))
+    chunked = supports_chunk(chunk)
 
     def lookup(kernel, default):
         cfg = _lookup(kernel, block_size, default)

@@ -218,9 +218,8 @@ def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "f
 
 # What layout="auto" resolves to, per implementation (see resolve_layout).
 AUTO_LAYOUT = {"xla": "tokens", "pallas": "features"}
-# ... and for Pallas with chunked permutations whose runs hold a tile of at least MIN_CHUNK_TILE columns.
+# ... and for Pallas with chunked permutations the kernels can index one run at a time (pk.supports_chunk).
 CHUNKED_PALLAS_LAYOUT = "tokens"
-MIN_CHUNK_TILE = 16
 
 
 def resolve_layout(layout: str, impl: str, perm_chunk: int = 1) -> str:
@@ -241,7 +240,7 @@ def resolve_layout(layout: str, impl: str, perm_chunk: int = 1) -> str:
         raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
     if layout != "auto":
         return layout
-    if impl == "pallas" and pk.chunk_tile(perm_chunk, MIN_CHUNK_TILE):
+    if impl == "pallas" and pk.supports_chunk(perm_chunk):
         return CHUNKED_PALLAS_LAYOUT
     return AUTO_LAYOUT[impl]
 
