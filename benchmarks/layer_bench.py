@@ -30,6 +30,7 @@ Runs from a checkout without installing (the GPU box cannot install).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -38,6 +39,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -157,24 +159,20 @@ def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1):
     if impl == "auto":
         impl = ops.resolve_impl(impl, lin.block_size)
 
-    def f(x, w0, th_in, th_out, perms, g):
-        if name == "pallas_s":  # read at trace time by pallas_kernels.tuning.block_matmul_config
-            saved, pk.tuning.CHUNKED_SAVE_GATHERED = pk.tuning.CHUNKED_SAVE_GATHERED, True
-            try:
-                return f_body(x, w0, th_in, th_out, perms, g)
-            finally:
-                pk.tuning.CHUNKED_SAVE_GATHERED = saved
-        return f_body(x, w0, th_in, th_out, perms, g)
+    # "pallas_s": the flag is read at trace time, by pallas_kernels.tuning.block_matmul_config
+    saving = (mock.patch.object(pk.tuning, "CHUNKED_SAVE_GATHERED", True) if name == "pallas_s"
+              else contextlib.nullcontext())
 
-    def f_body(x, w0, th_in, th_out, perms, g):
+    def f(x, w0, th_in, th_out, perms, g):
         def layer(x, th_in, th_out):
             # both sides in one map, as POETLinear does (cayley.rotation_pair)
             r_in, r_out = rotation_pair(th_in, lin, th_out, lout, 3, impl=impl, precision=cayley_precision)
             return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout,
                                      compute=compute, perm_chunk=chunk)
 
-        y, vjp = jax.vjp(layer, x, th_in, th_out)
-        return (y, *vjp(g))
+        with saving:
+            y, vjp = jax.vjp(layer, x, th_in, th_out)
+            return (y, *vjp(g))
     return f
 
 
@@ -454,11 +452,11 @@ def run_sweep(rec: Recorder, args):
         def both(b1, b2):
             return lambda cfg: b1(cfg) + b2(cfg)
 
-        # forward kernels: gather → rotate (input side) and rotate → scatter (output side)
         # forward kernels: gather → rotate (input side) and rotate → scatter (output side); the backward
         # ones are their mirrors by Rᵀ
-        fwd = both(rotate("src", save=True), rotate("dst", w_out=n))
-        bwd = both(rotate("dst", w_out=n, transpose_r=True), rotate("src", transpose_r=True, save=True))
+        save = pk.tuning.CHUNKED_SAVE_GATHERED if chunk > 1 else True   # as the layers run them
+        fwd = both(rotate("src", save=save), rotate("dst", w_out=n))
+        bwd = both(rotate("dst", w_out=n, transpose_r=True), rotate("src", transpose_r=True, save=save))
 
         def build_reduce(cfg):
             if chunk > 1:  # the chunked path re-gathers x instead of saving it (tuning.CHUNKED_SAVE_GATHERED)
