@@ -49,8 +49,8 @@ import numpy as np  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import block_matmul as bmk  # noqa: E402
-from pallas_kernels._common import (CayleyConfig, ReduceConfig, RotateConfig, fit_cayley, fit_reduce,  # noqa: E402
-                                    fit_rotate)
+from pallas_kernels._common import (CayleyConfig, LoopConfig, ReduceConfig, RotateConfig, fit_cayley,  # noqa: E402
+                                    fit_loop, fit_reduce, fit_rotate)
 from poetjax import ops  # noqa: E402
 from poetjax.cayley import block_layout, rotation_pair, rotations  # noqa: E402
 from poetjax.perms import input_permutation, output_permutation  # noqa: E402
@@ -146,9 +146,12 @@ def dense_fn(x, w, g):
 # W_eff formed from the blocks, then one dense matmul (XLA), with the Cayley map of impl "auto". With
 # --perm-chunk C every implementation is told C (only the token-major Pallas kernels use it) except
 # "pallas_g", the token-major kernels told nothing (they index column by column); "pallas_s" is "pallas"
-# with the gathered operands saved for the dR reductions (pallas_kernels.tuning.CHUNKED_SAVE_GATHERED).
+# with the gathered operands saved for the dR reductions (pallas_kernels.tuning.CHUNKED_SAVE_GATHERED) and
+# "pallas_n" is "pallas" without the token-loop kernels (separate rotations and dR reductions,
+# pallas_kernels.tuning.CHUNKED_LOOPS); both flags are read at trace time, so they are patched around it.
 IMPLS = {"xla": ("xla", "tokens", "activations"), "pallas": ("pallas", "tokens", "activations"),
          "pallas_g": ("pallas", "tokens", "activations"), "pallas_s": ("pallas", "tokens", "activations"),
+         "pallas_n": ("pallas", "tokens", "activations"),
          "xla_f": ("xla", "features", "activations"), "pallas_f": ("pallas", "features", "activations"),
          "weight": ("auto", "auto", "weight")}
 
@@ -159,9 +162,10 @@ def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1):
     if impl == "auto":
         impl = ops.resolve_impl(impl, lin.block_size)
 
-    # "pallas_s": the flag is read at trace time, by pallas_kernels.tuning.block_matmul_config
-    saving = (mock.patch.object(pk.tuning, "CHUNKED_SAVE_GATHERED", True) if name == "pallas_s"
-              else contextlib.nullcontext())
+    # flags read at trace time, by pallas_kernels.tuning.block_matmul_config
+    patches = {"pallas_s": dict(CHUNKED_SAVE_GATHERED=True, CHUNKED_LOOPS=False),
+               "pallas_n": dict(CHUNKED_LOOPS=False)}
+    saving = (mock.patch.multiple(pk.tuning, **patches[name]) if name in patches else contextlib.nullcontext())
 
     def f(x, w0, th_in, th_out, perms, g):
         def layer(x, th_in, th_out):
@@ -381,6 +385,24 @@ def _rotate_chunked_grid(k):
         yield RotateConfig(block_t=bt, block_k=bk, block_n=bn, num_warps=warps, num_stages=stages)
 
 
+def _loop_grid(k, reduce):
+    # (block_t, block_n, block_p, warps, stages, hoist_r, waves); with dR folded in (reduce) a program holds
+    # a (block_n × K) float32 slice of dR[j], so block_n stays small
+    if reduce:
+        grid = ((64, 64, 64, 8, 3, False, 2), (32, 64, 64, 4, 3, False, 2), (64, 64, 64, 4, 3, False, 2),
+                (64, 32, 64, 4, 3, False, 2), (128, 64, 64, 8, 3, False, 2), (64, 64, 64, 8, 3, True, 2),
+                (64, 64, 64, 8, 3, False, 4), (64, 64, 64, 8, 2, False, 1), (64, 64, 32, 8, 3, False, 2),
+                (32, 64, 64, 8, 4, False, 2), (64, 128, 64, 8, 3, False, 2), (32, 32, 64, 4, 3, False, 4))
+    else:
+        grid = ((64, 128, 64, 8, 3, False, 2), (128, 128, 64, 8, 3, False, 2), (64, 256, 64, 8, 3, False, 2),
+                (64, 64, 64, 4, 3, False, 2), (128, 64, 64, 4, 3, False, 2), (64, 128, 64, 8, 3, True, 2),
+                (64, 128, 64, 8, 3, False, 4), (128, 128, 64, 8, 4, False, 2), (64, 128, 32, 8, 3, False, 2),
+                (128, 128, 64, 8, 3, False, 1), (32, 128, 64, 4, 3, False, 2), (64, 64, 64, 4, 3, True, 4))
+    for bt, bn, bp, warps, stages, hoist, waves in grid:
+        yield LoopConfig(block_t=bt, block_n=bn, block_p=bp, num_warps=warps, num_stages=stages, hoist_r=hoist,
+                         waves=waves)
+
+
 def _reduce_grid(k):
     for bt, (bm, bn) in itertools.product((32, 64, 128), ((64, 64), (128, 128), (128, 64))):
         yield ReduceConfig(block_t=bt, block_m=bm, block_n=bn, num_warps=4, num_stages=3)
@@ -402,6 +424,8 @@ def _fit(cfg, k):
         return fit_rotate(cfg, k)
     if isinstance(cfg, ReduceConfig):
         return fit_reduce(cfg, k)
+    if isinstance(cfg, LoopConfig):
+        return fit_loop(cfg, k)
     return fit_cayley(cfg, k)
 
 
@@ -468,13 +492,39 @@ def run_sweep(rec: Recorder, args):
                 return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret)
             return [(compile_fn(fn, x, x)[0], (x, x))]
 
+        def loop(idx, **static):
+            def build(cfg):
+                def fn(x, r, p):
+                    return bmk._rotate_loop(x, r, cfg=cfg, interpret=interpret, chunk=chunk, **{idx: p}, **static)
+                return [(compile_fn(fn, x, r, perm)[0], (x, r, perm))]
+            return build
+
+        # the token-loop kernel: the forward pair, and the backward pair with dR folded in (the second dR
+        # operand is x in both, re-gathered at perm where the output is scattered, as the layers run them)
+        loop_fwd = both(loop("src"), loop("dst", w_out=n))
+        loop_bwd = both(loop("dst", w_out=n, transpose_r=True, a=x), loop("src", transpose_r=True, a=x))
+
         rgrid = _rotate_chunked_grid if chunk > 1 else _rotate_grid
         for name, grid, build in (("rotate_fwd", rgrid(k), fwd), ("rotate_bwd", rgrid(k), bwd),
-                                  ("reduce", _reduce_grid(k), build_reduce)):
+                                  ("reduce", _reduce_grid(k), build_reduce), ("loop_fwd", _loop_grid(k, False), loop_fwd),
+                                  ("loop_bwd", _loop_grid(k, True), loop_bwd)):
             if name in args.sweep_kernels:
                 best = _sweep_one(name + suffix, grid, build, args, rec, k)
                 if best:
                     found[(name + suffix, k)] = best
+        # what the loop kernels replace: the separate kernels at the table's tiles, timed in the same run
+        table_cfg = pk.tuning.block_matmul_config(k, chunk)
+        for name, what, runs in (("loop_fwd", "rotate_fwd", lambda: fwd(table_cfg.forward)),
+                                 ("loop_bwd", "rotate_bwd+2*reduce",
+                                  lambda: bwd(table_cfg.backward) + 2 * build_reduce(table_cfg.reduce))):
+            if name not in args.sweep_kernels:
+                continue
+            try:
+                ms = sum(time_ms(c, a, args.repeats, args.inner) for c, a in runs())
+                print(f"  {name} replaces {what} (the table's tiles): {ms:8.3f} ms", flush=True)
+                rec.add(kind="sweep_baseline", kernel=what + suffix, b=k, ms=ms)
+            except Exception as e:
+                print(f"  {what} failed: {short_error(e)}")
 
         def build_cayley(cfg):
             out = []

@@ -10,7 +10,7 @@ Each has a jnp ``*_reference``, a ``jax.custom_vjp`` with Pallas backward kernel
 flag (Pallas's interpreter: runs anywhere, for tests). Configurations: ``pallas_kernels.tuning``.
 """
 
-from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
+from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig,
                                     check_block_size, chunk_tile, default_interpret, supports_block_size,
                                     supports_chunk)
 from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference,
@@ -25,7 +25,7 @@ from pallas_kernels import tuning
 __all__ = [
     "cayley_neumann", "cayley_neumann_reference", "permuted_block_matmul", "permuted_block_matmul_reference",
     "block_matmul_permuted", "block_matmul_permuted_reference", "inverse_index", "check_chunked_index",
-    "chunk_tile", "BlockMatmulConfig", "CayleyConfig", "ReduceConfig", "RotateConfig", "check_block_size",
+    "chunk_tile", "BlockMatmulConfig", "CayleyConfig", "LoopConfig", "ReduceConfig", "RotateConfig", "check_block_size",
     "default_interpret", "supports_block_size", "supports_chunk", "tuning", "qmatmul", "qmatmul_reference",
     "dequantize_reference", "QMatmulConfig",
     "transpose_scatter", "transpose_scatter_reference", "gather_transpose", "gather_transpose_reference",

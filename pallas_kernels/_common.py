@@ -144,6 +144,49 @@ class ReduceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Tiles of the token-loop rotation kernel, which can also fold the dR reduction into the pass.
+
+    A program owns block_n output columns of one block j and loops over the block_t-token tiles of one
+    token chunk. Per tile it loads the input's whole block row (bt × K) in block_p-wide pieces, multiplies
+    them by the matching (block_p × block_n) pieces of R[j] (held in registers across the loop when
+    ``hoist_r``, else re-read per tile), and stores the (bt × block_n) result. With a reduction it also
+    loads the (bt × block_n) tile of the second dR operand at the output's columns and accumulates its
+    product with the pieces — a (block_n × K) float32 slice of dR[j] per program — which stage 2 (XLA)
+    sums over the chunks. num_chunks = 0 picks enough chunks for about ``waves`` programs per SM.
+    """
+
+    block_t: int = 64
+    block_n: int = 64
+    block_p: int = 64
+    num_chunks: int = 0
+    waves: int = 2
+    hoist_r: bool = False
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def validate(self, block_size: int | None = None) -> "LoopConfig":
+        _check_tile("LoopConfig", "block_t", self.block_t, None)
+        _check_tile("LoopConfig", "block_n", self.block_n, block_size)
+        _check_tile("LoopConfig", "block_p", self.block_p, block_size)
+        if not isinstance(self.num_chunks, int) or self.num_chunks < 0:
+            raise ValueError(f"LoopConfig.num_chunks={self.num_chunks!r} must be an int ≥ 0 (0 = automatic)")
+        if not isinstance(self.waves, int) or self.waves < 1:
+            raise ValueError(f"LoopConfig.waves={self.waves!r} must be an int ≥ 1")
+        if not isinstance(self.hoist_r, bool):
+            raise ValueError(f"LoopConfig.hoist_r={self.hoist_r!r} must be a bool")
+        _check_launch("LoopConfig", self.num_warps, self.num_stages)
+        return self
+
+    def chunks(self, num_tokens: int, num_blocks: int, block_size: int) -> int:
+        tiles = max(1, -(-num_tokens // self.block_t))
+        if self.num_chunks:
+            return min(self.num_chunks, tiles)
+        per_chunk = num_blocks * (block_size // self.block_n)
+        return max(1, min(tiles, -(-self.waves * NUM_SMS // per_chunk)))
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockMatmulConfig:
     """Everything the fused permutation + block-diagonal kernels need, forward and backward.
 
@@ -154,12 +197,18 @@ class BlockMatmulConfig:
         forward of ``permuted_block_matmul``, g[..., inv_perm] in the backward of
         ``block_matmul_permuted``) so that the dR reduction reads it contiguously instead of gathering
         a second time. Costs one contiguous write (and, in the forward, keeps that array as a residual).
+    forward_loop: when set, the forward rotations run the token-loop kernel with these tiles instead.
+    backward_loop: when set, each backward rotation runs the token-loop kernel and computes dR in the
+        same pass (``reduce`` and ``save_gathered`` are then unused: the second dR operand is read at
+        the output's columns, re-gathered where it is x).
     """
 
     forward: RotateConfig = RotateConfig()
     backward: RotateConfig = RotateConfig()
     reduce: ReduceConfig = ReduceConfig()
     save_gathered: bool = True
+    forward_loop: LoopConfig | None = None
+    backward_loop: LoopConfig | None = None
 
     def validate(self, block_size: int | None = None) -> "BlockMatmulConfig":
         self.forward.validate(block_size)
@@ -167,6 +216,13 @@ class BlockMatmulConfig:
         self.reduce.validate(block_size)
         if not isinstance(self.save_gathered, bool):
             raise ValueError(f"BlockMatmulConfig.save_gathered={self.save_gathered!r} must be a bool")
+        for name in ("forward_loop", "backward_loop"):
+            loop = getattr(self, name)
+            if loop is not None:
+                if not isinstance(loop, LoopConfig):
+                    raise TypeError(f"BlockMatmulConfig.{name} must be a LoopConfig or None, "
+                                    f"got {type(loop).__name__}")
+                loop.validate(block_size)
         return self
 
 
@@ -203,6 +259,11 @@ def fit_rotate(cfg: RotateConfig, block_size: int) -> RotateConfig:
     block_n = max_tile(block_size, cfg.block_n) if cfg.block_n else 0
     return dataclasses.replace(cfg, block_k=max_tile(block_size, cfg.block_k),
                                block_n=0 if block_n == block_size else block_n)
+
+
+def fit_loop(cfg: LoopConfig, block_size: int) -> LoopConfig:
+    return dataclasses.replace(cfg, block_n=max_tile(block_size, cfg.block_n),
+                               block_p=max_tile(block_size, cfg.block_p))
 
 
 def fit_reduce(cfg: ReduceConfig, block_size: int) -> ReduceConfig:

@@ -63,7 +63,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockMatmulConfig, ReduceConfig, RotateConfig, check_block_size,
+from pallas_kernels._common import (BlockMatmulConfig, LoopConfig, ReduceConfig, RotateConfig, check_block_size,
                                     check_index_vector, chunk_tile, compiler_params, dot, dot_precision)
 from pallas_kernels.tuning import block_matmul_config
 
@@ -212,6 +212,86 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     return outs if save else outs[0]
 
 
+def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k, bt, bp, bn, tiles, run, hoist_r,
+                 precision, interpret):
+    """Token-loop rotation: out[:, cols] = in[:, block j] · R[j][:, n-tile] (or R[j]ᵀ) over the token tiles of
+    one chunk, optionally with dR[j][n-tile, :] += a[:, cols]ᵀ · in[:, block j] from the same loads (cols: the
+    output's columns, through the scatter index where there is one)."""
+    f_ref, src_ref, r_ref, dst_ref, a_ref, o_ref, dr_ref = _split_refs(
+        refs, True, gather, True, scatter, reduce, True, reduce)
+
+    n, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = j * k + n * bn
+    if scatter:
+        out_cols, out_w = _tile_cols(dst_ref, start, bn, run), w_out
+    else:
+        out_cols, out_w = start + jnp.arange(bn), None
+    pieces = k // bp
+    in_cols = [_tile_cols(src_ref, j * k + p * bp, bp, run) if gather else j * k + p * bp + jnp.arange(bp)
+               for p in range(pieces)]
+
+    def r_piece(p):   # the (bp × bn) piece of R[j] (or of R[j]ᵀ, read as the (bn × bp) piece of R[j])
+        if transpose_r:
+            return r_ref[j, pl.ds(n * bn, bn), pl.ds(p * bp, bp)]
+        return r_ref[j, pl.ds(p * bp, bp), pl.ds(n * bn, bn)]
+
+    dims = _NN_T if transpose_r else _NT
+    hoisted = [r_piece(p) for p in range(pieces)] if hoist_r else None
+
+    def body(s, drs):
+        rows = (c * tiles + s) * bt + jnp.arange(bt)
+        row_ok = (rows < t)[:, None]
+        acc = jnp.zeros((bt, bn), jnp.float32)
+        loaded = []
+        for p in range(pieces):
+            fp = _load_tile(f_ref, rows, row_ok, in_cols[p], w_in if gather else None)
+            loaded.append(fp)
+            acc = acc + dot(fp, hoisted[p] if hoist_r else r_piece(p), dims, precision, interpret)
+        _store_tile(o_ref, rows, row_ok, out_cols, acc.astype(o_ref.dtype), out_w)
+        if not reduce:
+            return drs
+        at = _load_tile(a_ref, rows, row_ok, out_cols, out_w)
+        return tuple(d + dot(at, fp, _TN, precision, interpret) for d, fp in zip(drs, loaded))
+
+    init = tuple(jnp.zeros((bn, bp), jnp.float32) for _ in range(pieces)) if reduce else ()
+    drs = lax.fori_loop(0, tiles, body, init)
+    for p, d in enumerate(drs):
+        dr_ref[c, j, pl.ds(n * bn, bn), pl.ds(p * bp, bp)] = d
+
+
+def _rotate_loop(f, r, *, cfg: LoopConfig, interpret: bool, src=None, dst=None, w_out=None, transpose_r=False,
+                 a=None, chunk=1):
+    """The token-loop rotation (``_loop_kernel``): out, or (out, dR (B, K, K) float32) when ``a`` is given,
+    dR[j] = Σ_t a[t, out-columns of block j]ᵀ · in[t, block j] (``in`` read through ``src``)."""
+    t, w_in = f.shape
+    nb, k, _ = r.shape
+    d = nb * k
+    bt, bn = cfg.block_t, cfg.block_n
+    run = chunk_tile(chunk, k) if src is not None or dst is not None else 0
+    bp = min(cfg.block_p, run) if run else cfg.block_p
+    width = d if dst is None else w_out
+    chunks = cfg.chunks(t, nb, k)
+    tiles = pl.cdiv(pl.cdiv(t, bt), chunks)
+    reduce = a is not None
+    out_shape = [jax.ShapeDtypeStruct((t, width), f.dtype)]
+    if reduce:
+        out_shape.append(jax.ShapeDtypeStruct((chunks, nb, k, k), jnp.float32))
+    args = ([f] + ([src] if src is not None else []) + [r.astype(f.dtype)] + ([dst] if dst is not None else [])
+            + ([a] if reduce else []))
+    kernel = functools.partial(
+        _loop_kernel, gather=src is not None, scatter=dst is not None, reduce=reduce, transpose_r=transpose_r,
+        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bp=bp, bn=bn, tiles=tiles, run=run, hoist_r=cfg.hoist_r,
+        precision=dot_precision(f.dtype, _F32_PRECISION, interpret), interpret=interpret)
+    name = ("gather_" if src is not None else "") + "rotate_loop" + ("_t" if transpose_r else "") + (
+        "_scatter" if dst is not None else "") + ("_reduce" if reduce else "") + ("_chunked" if run else "")
+    outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(k // bn, nb, chunks),
+                          compiler_params=compiler_params(cfg), interpret=interpret, name=name)(*args)
+    if not reduce:
+        return outs[0]
+    out, partial_sums = outs
+    return out, (partial_sums[0] if chunks == 1 else jnp.sum(partial_sums, axis=0))
+
+
 def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles, run, precision, interpret):
     a_ref, pa_ref, b_ref, pb_ref, o_ref = _split_refs(refs, True, gather_a, True, gather_b, True)
 
@@ -266,8 +346,11 @@ def _gather_rotate(x, perm, r, n_in, cfg, interpret, chunk):
 
 
 def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret, chunk):
-    out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=cfg.save_gathered, chunk=chunk)
-    if cfg.save_gathered:
+    if cfg.forward_loop is not None and (cfg.backward_loop is not None or not cfg.save_gathered):
+        return _rotate_loop(x, r, cfg=cfg.forward_loop, interpret=interpret, src=perm, chunk=chunk), (x, perm, r)
+    save = cfg.save_gathered and cfg.backward_loop is None
+    out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=save, chunk=chunk)
+    if save:
         y, u = out
         return y, (u, perm, r)
     return out, (x, perm, r)
@@ -276,6 +359,10 @@ def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret, chunk):
 def _gather_rotate_bwd(n_in, cfg, interpret, chunk, res, g):
     xu, perm, r = res
     nb, k, _ = r.shape
+    if cfg.backward_loop is not None:   # xu = x; one pass: dx scattered to perm, dR from x re-gathered at perm
+        dx, dr = _rotate_loop(g, r, cfg=cfg.backward_loop, interpret=interpret, dst=perm, w_out=n_in,
+                              transpose_r=True, a=xu, chunk=chunk)
+        return dx, None, dr.astype(r.dtype)
     # dx[:, perm[c]] = (g · blockdiag(Rᵀ))[:, c]: the gather by the inverse permutation, as a scatter-store.
     dx = _rotate(g, r, cfg=cfg.backward, interpret=interpret, dst=perm, w_out=n_in, transpose_r=True, chunk=chunk)
     if cfg.save_gathered:   # xu = u = x[:, perm], contiguous
@@ -299,7 +386,11 @@ def _rotate_gather(h, perm, inv_perm, r, cfg, interpret, chunk):
 
 def _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret, chunk):
     # y[:, perm[q]] ... stored as: column c of h·blockdiag(R) goes to y[:, inv_perm[c]] (dropped when ≥ M).
-    y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
+    if cfg.forward_loop is not None:
+        y = _rotate_loop(h, r, cfg=cfg.forward_loop, interpret=interpret, dst=inv_perm, w_out=perm.shape[0],
+                         chunk=chunk)
+    else:
+        y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
     return y, (h, inv_perm, r)
 
 
@@ -307,6 +398,10 @@ def _rotate_gather_bwd(cfg, interpret, chunk, res, g):
     h, inv_perm, r = res
     nb, k, _ = r.shape
     # g_z = g[:, inv_perm] (padding reads 0), dh = g_z · blockdiag(Rᵀ), dR = Σ hᵀ g_z.
+    if cfg.backward_loop is not None:   # one pass: g gathered once for both
+        dh, dr = _rotate_loop(g, r, cfg=cfg.backward_loop, interpret=interpret, src=inv_perm, transpose_r=True,
+                              a=h, chunk=chunk)
+        return dh, None, None, dr.astype(r.dtype)
     out = _rotate(g, r, cfg=cfg.backward, interpret=interpret, src=inv_perm, transpose_r=True,
                   save=cfg.save_gathered, chunk=chunk)
     if cfg.save_gathered:

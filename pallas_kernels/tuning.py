@@ -8,7 +8,9 @@ reasoned guesses, not measurements.
 
 Keys: ``(kernel, block_size)`` with kernel one of "rotate_fwd" (gather → rotate, and rotate →
 scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens) — each also as
-"<kernel>/chunked", the tiles for chunked index vectors (``--sweep --sweep-chunk C``) — "cayley" (and
+"<kernel>/chunked", the tiles for chunked index vectors (``--sweep --sweep-chunk C``) — "loop_fwd/chunked"
+and "loop_bwd/chunked" (the token-loop kernel, ``LoopConfig``, for the forward rotations and for the
+backward rotations with dR folded in; used for chunked vectors only, and only when present), "cayley" (and
 "cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the
 matching config dataclass in ``pallas_kernels._common``.
 """
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig,
-                                    check_block_size, fit_cayley, fit_reduce, fit_rotate, supports_chunk)
+from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig,
+                                    check_block_size, fit_cayley, fit_loop, fit_reduce, fit_rotate, supports_chunk)
 
 # Measured defaults. Empty until a sweep has been run on the H100 (see the module docstring).
 # NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, 2026-11-23, python benchmarks/layer_bench.py --sweep
@@ -70,6 +72,16 @@ def _lookup(kernel: str, block_size: int, default):
 CHUNKED_SAVE_GATHERED = False
 
 
+# Whether chunked index vectors use the token-loop kernels where TABLE has tiles for them ("loop_fwd/chunked",
+# "loop_bwd/chunked"); benchmarks switch it off to time the separate rotation and reduction kernels.
+CHUNKED_LOOPS = True
+
+
+def _loop_lookup(kernel: str, block_size: int) -> LoopConfig | None:
+    entry = TABLE.get((kernel, block_size))
+    return None if entry is None else fit_loop(LoopConfig(**entry), block_size)
+
+
 def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
     """The default configuration of the fused permutation + block-diagonal kernels for this K (and for
     index vectors chunked in runs of ``chunk``, see ``pallas_kernels.block_matmul``)."""
@@ -80,11 +92,14 @@ def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
         cfg = _lookup(kernel, block_size, default)
         return _lookup(f"{kernel}/chunked", block_size, cfg) if chunked else cfg
 
+    loops = chunked and CHUNKED_LOOPS
     cfg = BlockMatmulConfig(
         forward=lookup("rotate_fwd", _rotate_heuristic(block_size)),
         backward=lookup("rotate_bwd", _rotate_heuristic(block_size)),
         reduce=lookup("reduce", _reduce_heuristic(block_size)),
-        save_gathered=CHUNKED_SAVE_GATHERED if chunked else True)
+        save_gathered=CHUNKED_SAVE_GATHERED if chunked else True,
+        forward_loop=_loop_lookup("loop_fwd/chunked", block_size) if loops else None,
+        backward_loop=_loop_lookup("loop_bwd/chunked", block_size) if loops else None)
     return cfg.validate(block_size)
 
 

@@ -1,12 +1,14 @@
 """Fused permutation + block-diagonal kernels: forward and VJP against the jnp reference and float64."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import BlockMatmulConfig, ReduceConfig, RotateConfig
+from pallas_kernels import BlockMatmulConfig, LoopConfig, ReduceConfig, RotateConfig
 from poetjax.testing import assert_close
 
 from _modes import MODES, input_perm, output_perm
@@ -218,6 +220,57 @@ def test_chunked_kernels_match_reference(t, n, m, k, c, save, interpret):
         h, p_out, r, inv_perm=inv, interpret=interpret, config=cfg, chunk=c), h, r, key=kh))(h, r_out)
     want = _vjp(lambda h, r: pk.block_matmul_permuted_reference(h, p_out, r), h, r_out, key=kh)
     _check(got, want, jnp.float32, f"chunked block_matmul_permuted K={k} c={c}")
+
+
+def _loop_config(k, c, hoist):
+    """Token-loop kernels forward and backward (dR folded in), small tiles and 3 token chunks so that several
+    programs share each block and stage 2 sums partials; pieces narrower than the block."""
+    tile = min(32, k & -k)
+    loop = LoopConfig(block_t=16, block_n=tile, block_p=min(16, tile), num_chunks=3, hoist_r=hoist, num_warps=4)
+    base = pk.tuning.block_matmul_config(k, c)
+    return dataclasses.replace(base, forward_loop=loop, backward_loop=loop)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("hoist", [False, True])
+@pytest.mark.parametrize("t,n,m,k,c", CHUNK_CASES + [(37, 100, 90, 32, 1)])
+def test_loop_kernels_match_reference(t, n, m, k, c, hoist, interpret):
+    """The token-loop kernels (forward rotations; backward rotations with dR in the same pass), chunked and
+    (c = 1) column by column, forward and VJP against the jnp reference."""
+    if c == 1:
+        rng = np.random.default_rng(t)
+        nb_in, nb_out = -(-n // k), -(-m // k)
+        p_in = jnp.asarray(input_perm(rng, n, nb_in * k))
+        p_out, inv = map(jnp.asarray, output_perm(rng, m, nb_out * k))
+    else:
+        p_in, p_out, inv = map(jnp.asarray, _chunked_perms(n, m, k, c))
+    cfg = _loop_config(k, c, hoist)
+    x, r_in, kg, kh = _inputs(t, n, k, jnp.float32, seed=c + 7)
+    got = jax.jit(lambda x, r: _vjp(lambda x, r: pk.permuted_block_matmul(
+        x, p_in, r, interpret=interpret, config=cfg, chunk=c), x, r, key=kg))(x, r_in)
+    want = _vjp(lambda x, r: pk.permuted_block_matmul_reference(x, p_in, r), x, r_in, key=kg)
+    _check(got, want, jnp.float32, f"loop permuted_block_matmul K={k} c={c}")
+    nb = inv.shape[0] // k
+    h, r_out, _, _ = _inputs(t, nb * k, k, jnp.float32, seed=c + 8)
+    got = jax.jit(lambda h, r: _vjp(lambda h, r: pk.block_matmul_permuted(
+        h, p_out, r, inv_perm=inv, interpret=interpret, config=cfg, chunk=c), h, r, key=kh))(h, r_out)
+    want = _vjp(lambda h, r: pk.block_matmul_permuted_reference(h, p_out, r), h, r_out, key=kh)
+    _check(got, want, jnp.float32, f"loop block_matmul_permuted K={k} c={c}")
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_loop_backward_alone_matches_reference(interpret):
+    """Only the backward on the loop kernel: the forward's residual must then be x, not the gathered copy."""
+    t, n, m, k, c = 33, 512, 512, 256, 64
+    p_in, _, _ = map(jnp.asarray, _chunked_perms(n, m, k, c))
+    base = _loop_config(k, c, False)
+    for save in (True, False):
+        cfg = dataclasses.replace(base, forward_loop=None, save_gathered=save)
+        x, r_in, kg, _ = _inputs(t, n, k, jnp.float32, seed=3)
+        got = jax.jit(lambda x, r: _vjp(lambda x, r: pk.permuted_block_matmul(
+            x, p_in, r, interpret=interpret, config=cfg, chunk=c), x, r, key=kg))(x, r_in)
+        want = _vjp(lambda x, r: pk.permuted_block_matmul_reference(x, p_in, r), x, r_in, key=kg)
+        _check(got, want, jnp.float32, f"loop backward only, save_gathered={save}")
 
 
 def test_chunk_tile():

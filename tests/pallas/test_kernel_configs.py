@@ -1,9 +1,11 @@
 """Kernel configurations: validation messages, heuristics, the tuning table, token chunking."""
 
+import dataclasses
+
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import BlockMatmulConfig, CayleyConfig, ReduceConfig, RotateConfig
+from pallas_kernels import BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig
 from pallas_kernels import tuning
 
 
@@ -18,7 +20,8 @@ def test_default_configs_are_valid_for_supported_block_sizes(k):
 
 
 def test_tuning_table_entries_are_valid_configs():
-    kinds = {"rotate_fwd": RotateConfig, "rotate_bwd": RotateConfig, "reduce": ReduceConfig, "cayley": CayleyConfig}
+    kinds = {"rotate_fwd": RotateConfig, "rotate_bwd": RotateConfig, "reduce": ReduceConfig, "cayley": CayleyConfig,
+             "loop_fwd": LoopConfig, "loop_bwd": LoopConfig}
     for (kernel, k), fields in tuning.TABLE.items():
         kinds[kernel.split("/")[0]](**fields).validate(k)   # "<kernel>/chunked", "cayley/<precision>"
 
@@ -41,6 +44,18 @@ def test_chunked_index_vectors_get_their_own_tiles(monkeypatch):
     assert tuning.block_matmul_config(64, 8) == plain   # runs narrower than a tile: the plain kernels
 
 
+def test_loop_kernels_only_for_chunked_vectors_with_table_entries(monkeypatch):
+    monkeypatch.delitem(tuning.TABLE, ("loop_fwd/chunked", 64), raising=False)
+    monkeypatch.setitem(tuning.TABLE, ("loop_bwd/chunked", 64), {"block_t": 32, "block_n": 128, "block_p": 16})
+    cfg = tuning.block_matmul_config(64, 32)
+    assert cfg.forward_loop is None                                   # no entry: the separate kernels
+    assert cfg.backward_loop == LoopConfig(block_t=32, block_n=64, block_p=16)   # block_n fitted to K
+    assert tuning.block_matmul_config(64).backward_loop is None       # unchunked vectors never
+    assert tuning.block_matmul_config(64, 8).backward_loop is None    # nor runs narrower than a tile
+    monkeypatch.setattr(tuning, "CHUNKED_LOOPS", False)
+    assert tuning.block_matmul_config(64, 32).backward_loop is None
+
+
 @pytest.mark.parametrize("k", [0, 8, 20, 24, 250])
 def test_unsupported_block_sizes(k):
     assert not pk.supports_block_size(k)
@@ -61,6 +76,16 @@ def test_validation_messages_quote_values():
         CayleyConfig(num_stages=0).validate(64)
     with pytest.raises(ValueError, match=r"save_gathered=1 must be a bool"):
         BlockMatmulConfig(save_gathered=1).validate(64)
+    with pytest.raises(ValueError, match=r"LoopConfig.block_p=128 does not divide block_size=64"):
+        LoopConfig(block_p=128).validate(64)
+    with pytest.raises(ValueError, match=r"LoopConfig.waves=0 must be an int ≥ 1"):
+        LoopConfig(waves=0).validate(64)
+    with pytest.raises(ValueError, match=r"LoopConfig.hoist_r=1 must be a bool"):
+        LoopConfig(hoist_r=1).validate(64)
+    with pytest.raises(ValueError, match=r"LoopConfig.block_n=64 does not divide block_size=32"):
+        dataclasses.replace(tuning.block_matmul_config(32), backward_loop=LoopConfig(block_n=64, block_p=16)).validate(32)
+    with pytest.raises(TypeError, match=r"forward_loop must be a LoopConfig or None, got RotateConfig"):
+        BlockMatmulConfig(forward_loop=RotateConfig()).validate(64)
 
 
 def test_token_chunks():
@@ -71,3 +96,11 @@ def test_token_chunks():
     assert cfg.chunks(100, 1, 64) == 2                # never more chunks than token tiles
     assert ReduceConfig(num_chunks=8).chunks(16384, 1, 64) == 8
     assert ReduceConfig(num_chunks=8).chunks(100, 1, 64) == 2
+
+
+def test_loop_token_chunks():
+    cfg = LoopConfig(block_t=64, block_n=64)
+    assert cfg.chunks(16384, 16, 256) == 5               # 64 programs per chunk: ⌈2·132 / 64⌉
+    assert LoopConfig(block_t=64, block_n=64, waves=4).chunks(16384, 16, 256) == 9
+    assert cfg.chunks(100, 16, 256) == 2                 # never more chunks than token tiles
+    assert LoopConfig(num_chunks=3).chunks(16384, 16, 256) == 3

@@ -72,6 +72,26 @@ def test_chunked_block_matmul_kernels_lower_to_triton(k, chunk, save):
         assert name in txt, name
 
 
+@pytest.mark.parametrize("k,chunk", [(256, 64), (64, 16), (96, 48)])
+def test_loop_block_matmul_kernels_lower_to_triton(k, chunk):
+    """With token-loop configs, each side is two kernels: the forward rotation and the backward rotation that
+    also writes the dR partials (no separate reduction)."""
+    nb, t = 3, 1000
+    d = nb * k
+    perm = jnp.arange(d, dtype=jnp.int32)
+    loop = pk.LoopConfig(block_t=64, block_n=min(64, k & -k), block_p=min(64, k & -k))
+    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), forward_loop=loop, backward_loop=loop)
+    for f, names in (
+            (lambda x, r: pk.permuted_block_matmul(x, perm, r, chunk=chunk, config=cfg),
+             ("gather_rotate_loop_chunked", "rotate_loop_t_scatter_reduce_chunked")),
+            (lambda h, r: pk.block_matmul_permuted(h, perm, r, inv_perm=perm, chunk=chunk, config=cfg),
+             ("rotate_loop_scatter_chunked", "gather_rotate_loop_t_reduce_chunked"))):
+        txt = lower_for_gpu(_fwd_bwd(f), S((t, d), jnp.bfloat16), S((nb, k, k), jnp.float32), S((t, d), jnp.bfloat16))
+        assert _count(txt) == 2
+        for name in names:
+            assert name + '"' in txt, name
+
+
 @pytest.mark.parametrize("k,precision", [(16, None), (128, None), (256, None), (512, None), (256, "bf16"),
                                          (64, "bf16")])
 def test_cayley_kernels_lower_to_triton(k, precision):
