@@ -14,7 +14,8 @@
 #         profile_chunk (the 4096² layer on the chunked kernels, by source location), sweep_chunk (tiles of the
 #         chunked kernels, then the headline layers with the winners), loop_tests (native tests of the token-loop
 #         kernels), sweep_loop (their tiles against the separate kernels, then layers with and without them),
-#         profile_loop (the 4096² layer on them, by source), e2e1b_loop (Llama-1B, AdamW vs POET-X fast, c=64).
+#         loop_layers (layers with and without them, headline and Llama-1B shapes), profile_loop (the 4096² layer on
+#         them, by source), e2e1b_loop (Llama-1B, AdamW vs POET-X fast, c=64).
 # LOOP_TUNING: a --sweep JSON-lines file whose winners profile_loop and e2e1b_loop use (e.g. $OUT/sweep_loop.jsonl).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
@@ -123,6 +124,10 @@ for stage in ${1//,/ }; do
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256,8192x2048x5632x256 \
               --cayley-precision bf16 --out "$OUT/sweep_loop.jsonl"
             grep -E "chunked|replaces|x dense|MISMATCH|FAILED" "$OUT/sweep_loop.log" | head -80 ;;
+    loop_layers) run loop_layers 200 python benchmarks/layer_bench.py --perm-chunk 64 --impls pallas_n,pallas \
+              --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256,8192x2048x5632x256,8192x5632x2048x256 \
+              --cayley-precision bf16 --no-cayley --out "$OUT/layers.jsonl"
+            grep -E "x dense|MISMATCH|FAILED" "$OUT/loop_layers.log" | head -40 ;;
     profile_loop) XLA_FLAGS=--xla_gpu_enable_command_buffer= run profile_loop 150 python benchmarks/layer_bench.py \
               --cases 16384x4096x4096x256 --impls pallas --perm-chunk 64 --cayley-precision bf16 --no-cayley \
               ${LOOP_TUNING:+--tuning $LOOP_TUNING} --profile runs/lprof --out "$OUT/layers.jsonl"

@@ -39,6 +39,12 @@ TABLE: dict[tuple[str, int], dict] = {
                                   'num_stages': 3},  # 0.275 ms
     ('reduce/chunked', 256): {'block_t': 32, 'block_m': 64, 'block_n': 64, 'num_chunks': 0, 'num_warps': 4,
                               'num_stages': 3},  # 0.123 ms
+    # NVIDIA H200, jax 0.11.2, 2026-12-02, layer_bench.py --sweep --sweep-chunk 64 --sweep-kernels loop_fwd,loop_bwd
+    # (T=16384, width 4096, bf16): the two backward rotations with dR folded in, 0.478 ms against 0.497 ms for the
+    # separate rotations + reductions at their table tiles. No "loop_fwd/chunked": its best, 0.321 ms, lost to the
+    # separate forward rotations' 0.256 ms.
+    ('loop_bwd/chunked', 256): {'block_t': 64, 'block_n': 64, 'block_p': 64, 'num_chunks': 0, 'waves': 2,
+                                'hoist_r': False, 'num_warps': 4, 'num_stages': 3},  # 0.478 ms
 }
 
 
