@@ -58,7 +58,8 @@ def test_chunked_block_matmul_kernels_lower_to_triton(k, chunk, save):
     nb, t = 3, 1000
     d = nb * k
     perm = jnp.arange(d, dtype=jnp.int32)  # chunked for every chunk; values otherwise do not matter
-    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), save_gathered=save)
+    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), save_gathered=save, forward_loop=None,
+                              backward_loop=None)   # the separate kernels (the loop ones: the next test)
     reduce = "block_grad_partials" + ("" if save else "_chunked")
     f = _fwd_bwd(lambda x, r: pk.permuted_block_matmul(x, perm, r, chunk=chunk, config=cfg))
     txt = lower_for_gpu(f, S((t, d), jnp.bfloat16), S((nb, k, k), jnp.float32), S((t, d), jnp.bfloat16))
