@@ -48,6 +48,13 @@ parallel, so no program may accumulate into memory that another writes (JAX_NOTE
 (a kernel) gives every program one (block_m × block_n) tile of one block and one chunk of tokens, over
 which it loops, accumulating in float32 registers; stage 2 sums the few chunk partials in XLA.
 
+A second rotation kernel, the token loop (``LoopConfig``; ``BlockMatmulConfig.forward_loop`` /
+``backward_loop``), gives each program block_n columns of one block and a chunk of tokens to loop over. Its
+backward form also loads the second dR operand at the output's columns (x re-gathered at perm, or h) and
+accumulates that program's (block_n × K) slice of dR[j] from the same loads. Per chunk the partials go to
+their own slot, and XLA sums them as in stage 2 above, so each side makes one backward pass instead of a
+rotation and a reduction.
+
 Accumulation is float32; activations are stored in the input dtype; dR is float32 until it is cast to
 R's dtype.
 """
