@@ -466,12 +466,16 @@ def run_sweep(rec: Recorder, args):
 
         interpret = pk.default_interpret()
 
-        def rotate(idx, **static):
-            def build(cfg):
-                def fn(x, r, p):
-                    return bmk._rotate(x, r, cfg=cfg, interpret=interpret, chunk=chunk, **{idx: p}, **static)
-                return [(compile_fn(fn, x, r, perm)[0], (x, r, perm))]
-            return build
+        def pass_of(kernel):   # builder of one pass of a rotation kernel, x read or written through perm
+            def one(idx, **static):
+                def build(cfg):
+                    def fn(x, r, p):
+                        return kernel(x, r, cfg=cfg, interpret=interpret, chunk=chunk, **{idx: p}, **static)
+                    return [(compile_fn(fn, x, r, perm)[0], (x, r, perm))]
+                return build
+            return one
+
+        rotate, loop = pass_of(bmk._rotate), pass_of(bmk._rotate_loop)
 
         def both(b1, b2):
             return lambda cfg: b1(cfg) + b2(cfg)
@@ -491,13 +495,6 @@ def run_sweep(rec: Recorder, args):
             def fn(a, b):
                 return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret)
             return [(compile_fn(fn, x, x)[0], (x, x))]
-
-        def loop(idx, **static):
-            def build(cfg):
-                def fn(x, r, p):
-                    return bmk._rotate_loop(x, r, cfg=cfg, interpret=interpret, chunk=chunk, **{idx: p}, **static)
-                return [(compile_fn(fn, x, r, perm)[0], (x, r, perm))]
-            return build
 
         # the token-loop kernel: the forward pair, and the backward pair with dR folded in (the second dR
         # operand is x in both, re-gathered at perm where the output is scattered, as the layers run them)

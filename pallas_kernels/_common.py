@@ -109,6 +109,15 @@ class RotateConfig:
         return self.block_n or max_tile(block_size, block_size)
 
 
+def token_chunks(num_tokens: int, block_t: int, num_chunks: int, per_chunk: int, waves: int) -> int:
+    """How many token chunks a two-stage reduction splits into: num_chunks when given, else enough for about
+    ``waves`` programs per SM with per_chunk programs per chunk; never more than the token tiles."""
+    tiles = max(1, -(-num_tokens // block_t))
+    if num_chunks:
+        return min(num_chunks, tiles)
+    return max(1, min(tiles, -(-waves * NUM_SMS // per_chunk)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ReduceConfig:
     """Tiles of the two-stage token reduction dR[j] = Σ_t a[t, j-block]ᵀ · b[t, j-block].
@@ -136,11 +145,8 @@ class ReduceConfig:
         return self
 
     def chunks(self, num_tokens: int, num_blocks: int, block_size: int) -> int:
-        tiles = max(1, -(-num_tokens // self.block_t))
-        if self.num_chunks:
-            return min(self.num_chunks, tiles)
         per_chunk = num_blocks * (block_size // self.block_m) * (block_size // self.block_n)
-        return max(1, min(tiles, -(-2 * NUM_SMS // per_chunk)))
+        return token_chunks(num_tokens, self.block_t, self.num_chunks, per_chunk, waves=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,11 +185,8 @@ class LoopConfig:
         return self
 
     def chunks(self, num_tokens: int, num_blocks: int, block_size: int) -> int:
-        tiles = max(1, -(-num_tokens // self.block_t))
-        if self.num_chunks:
-            return min(self.num_chunks, tiles)
-        per_chunk = num_blocks * (block_size // self.block_n)
-        return max(1, min(tiles, -(-self.waves * NUM_SMS // per_chunk)))
+        return token_chunks(num_tokens, self.block_t, self.num_chunks, num_blocks * (block_size // self.block_n),
+                            self.waves)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -209,17 +209,23 @@ def test_chunked_kernels_match_reference(t, n, m, k, c, save, interpret):
     p_in, p_out, inv = map(jnp.asarray, _chunked_perms(n, m, k, c))
     cfg = pk.tuning.block_matmul_config(k)
     cfg = BlockMatmulConfig(cfg.forward, cfg.backward, cfg.reduce, save_gathered=save)
-    x, r_in, kg, kh = _inputs(t, n, k, jnp.float32, seed=c)
+    _check_both_sides(t, n, k, c, p_in, p_out, inv, cfg, interpret, seed=c, what="chunked")
+
+
+def _check_both_sides(t, n, k, c, p_in, p_out, inv, cfg, interpret, seed, what):
+    """permuted_block_matmul (input side, x of width n) and block_matmul_permuted (output side), told chunk=c
+    and run with cfg: forward and VJP against the jnp reference."""
+    x, r_in, kg, kh = _inputs(t, n, k, jnp.float32, seed=seed)
     got = jax.jit(lambda x, r: _vjp(lambda x, r: pk.permuted_block_matmul(
         x, p_in, r, interpret=interpret, config=cfg, chunk=c), x, r, key=kg))(x, r_in)
     want = _vjp(lambda x, r: pk.permuted_block_matmul_reference(x, p_in, r), x, r_in, key=kg)
-    _check(got, want, jnp.float32, f"chunked permuted_block_matmul K={k} c={c}")
+    _check(got, want, jnp.float32, f"{what} permuted_block_matmul K={k} c={c}")
     nb = inv.shape[0] // k
-    h, r_out, _, _ = _inputs(t, nb * k, k, jnp.float32, seed=c + 1)
+    h, r_out, _, _ = _inputs(t, nb * k, k, jnp.float32, seed=seed + 1)
     got = jax.jit(lambda h, r: _vjp(lambda h, r: pk.block_matmul_permuted(
         h, p_out, r, inv_perm=inv, interpret=interpret, config=cfg, chunk=c), h, r, key=kh))(h, r_out)
     want = _vjp(lambda h, r: pk.block_matmul_permuted_reference(h, p_out, r), h, r_out, key=kh)
-    _check(got, want, jnp.float32, f"chunked block_matmul_permuted K={k} c={c}")
+    _check(got, want, jnp.float32, f"{what} block_matmul_permuted K={k} c={c}")
 
 
 def _loop_config(k, c, hoist):
@@ -244,18 +250,7 @@ def test_loop_kernels_match_reference(t, n, m, k, c, hoist, interpret):
         p_out, inv = map(jnp.asarray, output_perm(rng, m, nb_out * k))
     else:
         p_in, p_out, inv = map(jnp.asarray, _chunked_perms(n, m, k, c))
-    cfg = _loop_config(k, c, hoist)
-    x, r_in, kg, kh = _inputs(t, n, k, jnp.float32, seed=c + 7)
-    got = jax.jit(lambda x, r: _vjp(lambda x, r: pk.permuted_block_matmul(
-        x, p_in, r, interpret=interpret, config=cfg, chunk=c), x, r, key=kg))(x, r_in)
-    want = _vjp(lambda x, r: pk.permuted_block_matmul_reference(x, p_in, r), x, r_in, key=kg)
-    _check(got, want, jnp.float32, f"loop permuted_block_matmul K={k} c={c}")
-    nb = inv.shape[0] // k
-    h, r_out, _, _ = _inputs(t, nb * k, k, jnp.float32, seed=c + 8)
-    got = jax.jit(lambda h, r: _vjp(lambda h, r: pk.block_matmul_permuted(
-        h, p_out, r, inv_perm=inv, interpret=interpret, config=cfg, chunk=c), h, r, key=kh))(h, r_out)
-    want = _vjp(lambda h, r: pk.block_matmul_permuted_reference(h, p_out, r), h, r_out, key=kh)
-    _check(got, want, jnp.float32, f"loop block_matmul_permuted K={k} c={c}")
+    _check_both_sides(t, n, k, c, p_in, p_out, inv, _loop_config(k, c, hoist), interpret, seed=c + 7, what="loop")
 
 
 @pytest.mark.parametrize("interpret", MODES)
