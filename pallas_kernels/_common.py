@@ -17,6 +17,7 @@ import jax
 import jax.experimental.pallas.triton as plt
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 # Streaming multiprocessors of an H100 SXM: used only to size grids (how many token chunks the
 # two-stage reductions split into); any GPU works with any value.
@@ -230,6 +231,29 @@ class BlockMatmulConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightConfig:
+    """Tiles of the rotated-weight kernel, W_eff = P_in · blockdiag(R_in) · W_s · blockdiag(R_out) · P_out.
+
+    A program owns block_m rows of one (input block i, output block j) tile of the K×K grid: it forms the
+    (block_m × K) float32 rows of R_in[i] · W_s[i, j] in block_k-deep steps, rounds them to W_s's dtype, and
+    multiplies them by R_out[j] in block_n-wide column tiles, each stored straight to its permuted rows and
+    columns of W_eff.
+    """
+
+    block_m: int = 64
+    block_k: int = 32
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def validate(self, block_size: int | None = None) -> "WeightConfig":
+        for name in ("block_m", "block_k", "block_n"):
+            _check_tile("WeightConfig", name, getattr(self, name), block_size)
+        _check_launch("WeightConfig", self.num_warps, self.num_stages)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class CayleyConfig:
     """Tiles of the Cayley–Neumann kernels: every K×K product is tiled in square block_m × block_m tiles
     (square so that a program can also write the transposed tile of a symmetric or skew result),
@@ -274,6 +298,11 @@ def fit_reduce(cfg: ReduceConfig, block_size: int) -> ReduceConfig:
                                block_n=max_tile(block_size, cfg.block_n))
 
 
+def fit_weight(cfg: WeightConfig, block_size: int) -> WeightConfig:
+    return dataclasses.replace(cfg, block_m=max_tile(block_size, cfg.block_m),
+                               block_k=max_tile(block_size, cfg.block_k), block_n=max_tile(block_size, cfg.block_n))
+
+
 def fit_cayley(cfg: CayleyConfig, block_size: int) -> CayleyConfig:
     return dataclasses.replace(cfg, block_m=max_tile(block_size, cfg.block_m),
                                block_k=max_tile(block_size, cfg.block_k))
@@ -308,6 +337,52 @@ def dot(a, b, dims, precision, interpret: bool):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         precision = lax.Precision.HIGHEST
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+# dimension numbers of in-kernel products
+NT = (((1,), (0,)), ((), ()))    # a @ b
+NN_T = (((1,), (1,)), ((), ()))  # a @ bᵀ
+TN = (((0,), (0,)), ((), ()))    # aᵀ @ b
+
+
+def tile_cols(idx_ref, start, size, run):
+    """The columns idx[start : start + size] of one tile. run = 0: one load per column, shape (size,).
+    run = w > 0 (a chunked vector, runs of w consecutive values at multiples of w): one load per run —
+    shape (size,) when the tile lies in one run, else (size // w, w), each row a contiguous range."""
+    if not run:
+        return idx_ref[pl.ds(start, size)]
+    w = min(run, size)
+    if w == size:
+        return pl.multiple_of(idx_ref[start], w) + jnp.arange(size)
+    starts = pl.multiple_of(idx_ref[pl.ds(start, size // w, stride=w)], w)
+    return starts[:, None] + jnp.arange(w)[None, :]
+
+
+def tile_mask(row_ok, cols, width):
+    """row_ok (bt, 1) and cols < width, broadcast to the tile's index shape ((bt, size) or (bt, q, w))."""
+    if cols.ndim == 1:
+        ok = row_ok if width is None else row_ok & (cols < width)[None, :]
+        return jnp.broadcast_to(ok, (row_ok.shape[0], cols.shape[0]))
+    ok = row_ok[:, :, None] if width is None else row_ok[:, :, None] & (cols < width)[None]
+    return jnp.broadcast_to(ok, (row_ok.shape[0], *cols.shape))
+
+
+def load_tile(ref, rows, row_ok, cols, width=None):
+    """ref[rows, cols] as a (bt, size) tile, 0 where a row is past T or a column index ≥ width."""
+    mask = tile_mask(row_ok, cols, width)
+    if cols.ndim == 1:
+        return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+    tile = plt.load(ref.at[rows[:, None, None], cols[None]], mask=mask, other=0)
+    return tile.reshape(rows.shape[0], cols.size)
+
+
+def store_tile(ref, rows, row_ok, cols, value, width=None):
+    """ref[rows, cols] = value (bt, size), skipping rows past T and column indices ≥ width."""
+    mask = tile_mask(row_ok, cols, width)
+    if cols.ndim == 1:
+        plt.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
+    else:
+        plt.store(ref.at[rows[:, None, None], cols[None]], value.reshape(rows.shape[0], *cols.shape), mask=mask)
 
 
 def check_index_vector(name: str, idx, length: int | None = None) -> None:

@@ -70,13 +70,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (BlockMatmulConfig, LoopConfig, ReduceConfig, RotateConfig, check_block_size,
-                                    check_index_vector, chunk_tile, compiler_params, dot, dot_precision)
-from pallas_kernels.tuning import block_matmul_config
+from pallas_kernels._common import (NN_T, NT, TN, BlockMatmulConfig, LoopConfig, ReduceConfig, RotateConfig,
+                                    check_block_size, check_index_vector, chunk_tile, compiler_params, dot,
+                                    dot_precision, load_tile, store_tile, tile_cols)
+from pallas_kernels.tuning import block_matmul_config, gram_config
 
-_NT = (((1,), (0,)), ((), ()))   # a @ b
-_NN_T = (((1,), (1,)), ((), ()))  # a @ bᵀ
-_TN = (((0,), (0,)), ((), ()))   # aᵀ @ b
 
 # Precision of float32 data on the GPU (bf16/f16 use the native MMA; interpret mode is exact).
 _F32_PRECISION = "tf32x3"
@@ -117,46 +115,6 @@ def _split_refs(refs, *present):
     return [next(it) if p else None for p in present]
 
 
-def _tile_cols(idx_ref, start, size, run):
-    """The columns idx[start : start + size] of one tile. run = 0: one load per column, shape (size,).
-    run = w > 0 (a chunked vector, runs of w consecutive values at multiples of w): one load per run —
-    shape (size,) when the tile lies in one run, else (size // w, w), each row a contiguous range."""
-    if not run:
-        return idx_ref[pl.ds(start, size)]
-    w = min(run, size)
-    if w == size:
-        return pl.multiple_of(idx_ref[start], w) + jnp.arange(size)
-    starts = pl.multiple_of(idx_ref[pl.ds(start, size // w, stride=w)], w)
-    return starts[:, None] + jnp.arange(w)[None, :]
-
-
-def _tile_mask(row_ok, cols, width):
-    """row_ok (bt, 1) and cols < width, broadcast to the tile's index shape ((bt, size) or (bt, q, w))."""
-    if cols.ndim == 1:
-        ok = row_ok if width is None else row_ok & (cols < width)[None, :]
-        return jnp.broadcast_to(ok, (row_ok.shape[0], cols.shape[0]))
-    ok = row_ok[:, :, None] if width is None else row_ok[:, :, None] & (cols < width)[None]
-    return jnp.broadcast_to(ok, (row_ok.shape[0], *cols.shape))
-
-
-def _load_tile(ref, rows, row_ok, cols, width=None):
-    """ref[rows, cols] as a (bt, size) tile, 0 where a row is past T or a column index ≥ width."""
-    mask = _tile_mask(row_ok, cols, width)
-    if cols.ndim == 1:
-        return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
-    tile = plt.load(ref.at[rows[:, None, None], cols[None]], mask=mask, other=0)
-    return tile.reshape(rows.shape[0], cols.size)
-
-
-def _store_tile(ref, rows, row_ok, cols, value, width=None):
-    """ref[rows, cols] = value (bt, size), skipping rows past T and column indices ≥ width."""
-    mask = _tile_mask(row_ok, cols, width)
-    if cols.ndim == 1:
-        plt.store(ref.at[rows[:, None], cols[None, :]], value, mask=mask)
-    else:
-        plt.store(ref.at[rows[:, None, None], cols[None]], value.reshape(rows.shape[0], *cols.shape), mask=mask)
-
-
 def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k, bt, bk, bn, run, precision,
                    interpret):
     x_ref, src_ref, r_ref, dst_ref, o_ref, u_ref = _split_refs(refs, True, gather, True, scatter, True, save)
@@ -169,30 +127,30 @@ def _rotate_kernel(*refs, gather, scatter, save, transpose_r, t, w_in, w_out, k,
         base = j * k + s * bk
         cols = base + jnp.arange(bk)
         if gather:
-            xt = _load_tile(x_ref, rows, row_ok, _tile_cols(src_ref, base, bk, run), w_in)
+            xt = load_tile(x_ref, rows, row_ok, tile_cols(src_ref, base, bk, run), w_in)
         else:
-            xt = _load_tile(x_ref, rows, row_ok, cols)
+            xt = load_tile(x_ref, rows, row_ok, cols)
         if save:
             def _save():
-                _store_tile(u_ref, rows, row_ok, cols, xt)
+                store_tile(u_ref, rows, row_ok, cols, xt)
             if k == bn:   # one column tile: every program saves its own rows
                 _save()
             else:         # several column tiles load the same x tile; the first one saves it
                 pl.when(n == 0)(_save)
         if transpose_r:   # the (block_k × block_n) tile of R[j]ᵀ is the transposed (block_n × block_k) tile of R[j]
             rt = r_ref[j, pl.ds(n * bn, bn), pl.ds(s * bk, bk)]
-            dims = _NN_T
+            dims = NN_T
         else:
             rt = r_ref[j, pl.ds(s * bk, bk), pl.ds(n * bn, bn)]
-            dims = _NT
+            dims = NT
         return acc + dot(xt, rt, dims, precision, interpret)
 
     acc = lax.fori_loop(0, k // bk, body, jnp.zeros((bt, bn), jnp.float32))
     start = j * k + n * bn
     if scatter:
-        _store_tile(o_ref, rows, row_ok, _tile_cols(dst_ref, start, bn, run), acc.astype(o_ref.dtype), w_out)
+        store_tile(o_ref, rows, row_ok, tile_cols(dst_ref, start, bn, run), acc.astype(o_ref.dtype), w_out)
     else:
-        _store_tile(o_ref, rows, row_ok, start + jnp.arange(bn), acc.astype(o_ref.dtype))
+        store_tile(o_ref, rows, row_ok, start + jnp.arange(bn), acc.astype(o_ref.dtype))
 
 
 def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_out=None,
@@ -230,11 +188,11 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
     n, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start = j * k + n * bn
     if scatter:
-        out_cols, out_w = _tile_cols(dst_ref, start, bn, run), w_out
+        out_cols, out_w = tile_cols(dst_ref, start, bn, run), w_out
     else:
         out_cols, out_w = start + jnp.arange(bn), None
     pieces = k // bp
-    in_cols = [_tile_cols(src_ref, j * k + p * bp, bp, run) if gather else j * k + p * bp + jnp.arange(bp)
+    in_cols = [tile_cols(src_ref, j * k + p * bp, bp, run) if gather else j * k + p * bp + jnp.arange(bp)
                for p in range(pieces)]
 
     def r_piece(p):   # the (bp × bn) piece of R[j] (or of R[j]ᵀ, read as the (bn × bp) piece of R[j])
@@ -242,7 +200,7 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
             return r_ref[j, pl.ds(n * bn, bn), pl.ds(p * bp, bp)]
         return r_ref[j, pl.ds(p * bp, bp), pl.ds(n * bn, bn)]
 
-    dims = _NN_T if transpose_r else _NT
+    dims = NN_T if transpose_r else NT
     hoisted = [r_piece(p) for p in range(pieces)] if hoist_r else None
 
     def body(s, drs):
@@ -251,14 +209,14 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
         acc = jnp.zeros((bt, bn), jnp.float32)
         loaded = []
         for p in range(pieces):
-            fp = _load_tile(f_ref, rows, row_ok, in_cols[p], w_in if gather else None)
+            fp = load_tile(f_ref, rows, row_ok, in_cols[p], w_in if gather else None)
             loaded.append(fp)
             acc = acc + dot(fp, hoisted[p] if hoist_r else r_piece(p), dims, precision, interpret)
-        _store_tile(o_ref, rows, row_ok, out_cols, acc.astype(o_ref.dtype), out_w)
+        store_tile(o_ref, rows, row_ok, out_cols, acc.astype(o_ref.dtype), out_w)
         if not reduce:
             return drs
-        at = _load_tile(a_ref, rows, row_ok, out_cols, out_w)
-        return tuple(d + dot(at, fp, _TN, precision, interpret) for d, fp in zip(drs, loaded))
+        at = load_tile(a_ref, rows, row_ok, out_cols, out_w)
+        return tuple(d + dot(at, fp, TN, precision, interpret) for d, fp in zip(drs, loaded))
 
     init = tuple(jnp.zeros((bn, bp), jnp.float32) for _ in range(pieces)) if reduce else ()
     drs = lax.fori_loop(0, tiles, body, init)
@@ -307,7 +265,7 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
     def columns(idx_ref, start, size, width):
         if idx_ref is None:
             return start + jnp.arange(size), None
-        return _tile_cols(idx_ref, start, size, run), width
+        return tile_cols(idx_ref, start, size, run), width
 
     ia, wa = columns(pa_ref, j * k + m * bm, bm, w_a)
     ib, wb = columns(pb_ref, j * k + n * bn, bn, w_b)
@@ -315,9 +273,9 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
     def body(s, acc):
         rows = (c * tiles + s) * bt + jnp.arange(bt)
         row_ok = (rows < t)[:, None]
-        at = _load_tile(a_ref, rows, row_ok, ia, wa)
-        btile = _load_tile(b_ref, rows, row_ok, ib, wb)
-        return acc + dot(at, btile, _TN, precision, interpret)
+        at = load_tile(a_ref, rows, row_ok, ia, wa)
+        btile = load_tile(b_ref, rows, row_ok, ib, wb)
+        return acc + dot(at, btile, TN, precision, interpret)
 
     acc = lax.fori_loop(0, tiles, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[c, j, pl.ds(m * bm, bm), pl.ds(n * bn, bn)] = acc
@@ -524,3 +482,68 @@ def block_matmul_permuted(h, perm, r, *, inv_perm=None, interpret: bool = False,
         return jnp.zeros((*lead, m), h.dtype) + 0 * jnp.sum(r).astype(h.dtype)
     y = _rotate_gather(h2, perm.astype(jnp.int32), inv_perm.astype(jnp.int32), r, cfg, bool(interpret), chunk)
     return y.reshape(*lead, m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block Gram: G[j] = Σ_t a[t, idx_j]ᵀ · b[t, idx_j], both operands read through one index vector
+# ----------------------------------------------------------------------------------------------
+
+def block_gram_reference(a, b, idx, block_size: int):
+    """(B, K, K) float32 with G[j] = a[:, idx_j]ᵀ · b[:, idx_j], idx_j = idx[j·K:(j+1)·K] (indices ≥ the
+    width read 0): products of the inputs' dtype summed in float32, as the kernel computes them."""
+    t = a.shape[0]
+    nb = idx.shape[0] // block_size
+    ga = jnp.take(a, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size).astype(jnp.float32)
+    gb = jnp.take(b, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size).astype(jnp.float32)
+    return jnp.einsum("tbi,tbj->bij", ga, gb, precision=lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _block_gram(a, b, idx, block_size, cfg, interpret, chunk):
+    nb = idx.shape[0] // block_size
+    return _reduce(a, b, nb, block_size, cfg=cfg, interpret=interpret, pa=idx, pb=idx, chunk=chunk)
+
+
+def _block_gram_fwd(a, b, idx, block_size, cfg, interpret, chunk):
+    return _block_gram(a, b, idx, block_size, cfg, interpret, chunk), (a, b, idx)
+
+
+def _block_gram_bwd(block_size, cfg, interpret, chunk, res, dg):
+    # Only higher-order derivatives reach this (the POET layers use G inside their own backward pass): the
+    # reference's VJP in XLA, da[:, idx_j] = b[:, idx_j] · dG[j]ᵀ and db[:, idx_j] = a[:, idx_j] · dG[j].
+    a, b, idx = res
+    _, vjp = jax.vjp(lambda a, b: block_gram_reference(a, b, idx, block_size), a, b)
+    da, db = vjp(dg)
+    return da.astype(a.dtype), db.astype(b.dtype), None
+
+
+_block_gram.defvjp(_block_gram_fwd, _block_gram_bwd)
+
+
+def block_gram(a, b, idx, block_size: int, *, interpret: bool = False, config: ReduceConfig | None = None,
+               chunk: int = 1):
+    """G (B, K, K) float32, G[j] = a[:, idx_j]ᵀ · b[:, idx_j] with idx_j = idx[j·K:(j+1)·K].
+
+    a, b: (T, W) float of one dtype (T tokens; leading dims flattened by the caller); idx: (B·K,) int32
+    column indices, values ≥ W reading 0 (the padding of ``poetjax.perms``). The gathers happen in the
+    loads of the two-stage token reduction (the ``_reduce`` kernel, float32 accumulation); nothing of
+    activation size is written. ``chunk``: idx is ``chunk``-chunked, so tiles load contiguous runs.
+    Differentiable in a and b (the reference's VJP).
+    """
+    check_block_size(block_size)
+    if a.ndim != 2 or a.shape != b.shape or a.dtype != b.dtype or not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"a and b must be floating (T, W) arrays of one shape and dtype, got "
+                         f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+    check_index_vector("idx", idx)
+    if idx.shape[0] % block_size:
+        raise ValueError(f"idx has length {idx.shape[0]}, not a multiple of block_size={block_size}")
+    check_chunked_index("idx", idx, chunk, a.shape[1])
+    if config is None:
+        config = gram_config(block_size, chunk)
+    elif not isinstance(config, ReduceConfig):
+        raise TypeError(f"config must be a ReduceConfig, got {type(config).__name__}")
+    config = config.validate(block_size)
+    if a.shape[0] == 0:
+        nb = idx.shape[0] // block_size
+        return jnp.zeros((nb, block_size, block_size), jnp.float32)
+    return _block_gram(a, b, idx.astype(jnp.int32), block_size, config, bool(interpret), chunk)

@@ -202,9 +202,7 @@ def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST)
         raise ValueError(f"num_terms must be an int >= 0, got num_terms={num_terms!r}")
 
     def _mm(a, b):
-        if precision == "bf16":
-            return bf16_matmul(a, b)
-        return jnp.matmul(a, b, precision=precision)
+        return block_product(a, b, precision)
 
     eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
     if num_terms == 3:
@@ -215,6 +213,35 @@ def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST)
     for _ in range(num_terms):  # Horner: S = I + Q·S  ⇒  S = Σ_{i=0..k} Qⁱ
         s = eye + _mm(q_BxKxK, s)
     return s + _mm(q_BxKxK, s)
+
+
+def block_product(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
+    """a @ b for float32 (..., K, K) blocks at a value of ``CAYLEY_PRECISIONS`` (a lax precision, or "bf16":
+    operands rounded to bfloat16, float32 sums, ``bf16_matmul``)."""
+    if isinstance(precision, str) and precision == "bf16":
+        return bf16_matmul(a, b)
+    return jnp.matmul(a, b, precision=precision)
+
+
+def inverse_transpose(r_BxKxK: jax.Array, steps: int = 1, *, precision=HIGHEST) -> jax.Array:
+    """Z ≈ R⁻ᵀ for nearly orthogonal (..., K, K) blocks R (float32), by Newton–Schulz from Z₀ = R.
+
+    A step is Z ← Z − Z·E with E = RᵀZ − I; the new error is −E², so every step squares it (Z₀ = R starts
+    from E = RᵀR − I, which is 0 for an orthogonal R and 2‖Q‖⁴-small for the Cayley–Neumann map, see
+    ``neumann_orthogonality_bound``). E is formed as (Z − I) + (R − I)ᵀ + (R − I)ᵀ(Z − I): its one product
+    is of small matrices, so ``precision`` (a value of ``CAYLEY_PRECISIONS``) rounds only that small term,
+    never the identity parts that cancel. ``steps`` = 0 returns R.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got steps={steps!r}")
+    eye = jnp.eye(r_BxKxK.shape[-1], dtype=r_BxKxK.dtype)
+    d_t = jnp.swapaxes(r_BxKxK, -1, -2) - eye
+    z = r_BxKxK
+    for _ in range(steps):
+        dz = z - eye
+        e = dz + d_t + block_product(d_t, dz, precision)
+        z = z - block_product(z, e, precision)
+    return z
 
 
 def cayley_exact(q_BxKxK: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ CAYLEY_PRECISIONS = ("highest", "default", "bf16")
 IMPLS = ("auto", "xla", "pallas")
 LAYOUTS = ("auto", "tokens", "features")
 CAYLEY_SCOPES = ("auto", "linear", "block", "model")
-COMPUTES = ("auto", "activations", "weight")
+COMPUTES = ("auto", "activations", "weight", "gram")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 
 
@@ -47,9 +47,14 @@ class POETConfig:
                     below R's own bf16 rounding while ‖Q‖₂ ≲ 0.5). Merges and effective kernels always
                     use "highest".
     compute:        "activations" (POET-X: rotate the activations, never form W_eff), "weight" (form W_eff
-                    from the blocks each step, then one dense matmul: cheaper when a layer sees many more
-                    tokens than its width) or "auto" (by the layer's token count and shape at trace time,
-                    ``poetjax.ops.resolve_compute``). Never changes the math.
+                    from the blocks each step, then one dense matmul, differentiated through both), "gram"
+                    (form W_eff, one dense matmul; the backward pass takes dR from block Gram reductions of
+                    (x, dx) and (y, dy): two dense matmuls per layer and no rotation pass over activations) or
+                    "auto" (by the layer's token count and shape at trace time, ``poetjax.ops.resolve_compute``).
+                    Never changes the function.
+    gram_newton:    Newton–Schulz steps toward R⁻ᵀ in the "gram" backward pass (dR_in = G·R⁻ᵀ; 0 uses R,
+                    exact only for an orthogonal R). Each step squares the error of the Cayley–Neumann R's
+                    ‖RᵀR − I‖ (``poetjax.cayley.inverse_transpose``); its products run at ``cayley_precision``.
     cayley_scope:   how many POET layers share one Cayley–Neumann map per step (``poetjax.layers``;
                     never changes the math): "linear" (each layer maps its own blocks, both sides at once),
                     "block" (one map for all projections of a transformer block, computed inside the block,
@@ -114,6 +119,7 @@ class POETConfig:
     compute: str = "activations"
     quant_group_size: int = 256
     perm_chunk: int = 1
+    gram_newton: int = 1
 
     def __post_init__(self):
         if isinstance(self.block_size, float) and self.variant == "fs":
@@ -158,6 +164,11 @@ class POETConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got layout={self.layout!r}")
         if self.compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}, got compute={self.compute!r}")
+        if isinstance(self.gram_newton, bool) or not isinstance(self.gram_newton, int) or self.gram_newton < 0:
+            raise ValueError(f"gram_newton must be an int >= 0, got gram_newton={self.gram_newton!r}")
+        if self.compute == "gram" and self.variant == "fs":
+            raise ValueError("compute='gram' is not available for variant='fs': POET-FS rotates one index subset "
+                             "per side through its own layer (poetjax.fs); use compute='auto' or 'activations'")
         if self.cayley_scope not in CAYLEY_SCOPES:
             raise ValueError(f"cayley_scope must be one of {CAYLEY_SCOPES}, got cayley_scope={self.cayley_scope!r}")
         if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)

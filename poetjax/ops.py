@@ -35,6 +35,7 @@ matmul kernel — so no layer keeps a float copy of its base weight as a residua
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from poetjax.cayley import HIGHEST
+from poetjax.cayley import CAYLEY_PRECISIONS, HIGHEST, block_product, inverse_transpose
 from poetjax.config import COMPUTES, IMPLS, LAYOUTS
 from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
 from poetjax.quant import QuantizedWeight, dequantize, quantized_matmul
@@ -183,37 +184,114 @@ def _poet_w_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precis
 _poet_w_mem_body = jax.checkpoint(_poet_w_body, policy=jax.checkpoint_policies.nothing_saveable,
                                   static_argnums=(5,))
 
-# compute="auto" forms W_eff in the mem flavour once the layer sees at least this many tokens per unit of its
-# wider side (T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M)); the fast flavour keeps rotating activations. See
-# resolve_compute for the measurements behind both.
-WEIGHT_TOKENS_PER_WIDTH = 1
+class GramPlan(NamedTuple):
+    """Static choices of the block-Gram layer (``compute="gram"``): hashable, so a ``custom_vjp`` argument."""
+
+    mem: bool               # recompute W_eff and y in the backward pass instead of keeping them
+    newton: int             # Newton–Schulz steps toward R⁻ᵀ (``cayley.inverse_transpose``)
+    block_precision: object  # products of K×K blocks (a value of ``cayley.CAYLEY_PRECISIONS``)
+    precision: object       # the dense matmuls' lax precision
+    interpret: bool | None  # None: XLA; else the Pallas kernels (in the interpreter when True)
+    chunk: int              # perm_chunk (the kernels read and write contiguous runs)
+
+
+def block_gram(a_TxD: jax.Array, b_TxD: jax.Array, idx: jax.Array, block_size: int, interpret=None,
+               chunk: int = 1) -> jax.Array:
+    """G (B, K, K) float32, G[j] = a[:, idx_j]ᵀ · b[:, idx_j] (idx_j = idx[j·K:(j+1)·K], indices ≥ D read 0):
+    XLA gathers + one batched product (interpret None), else ``pallas_kernels.block_gram`` (gathers in its
+    loads)."""
+    if interpret is not None:
+        return pk.block_gram(a_TxD, b_TxD, idx, block_size, interpret=interpret, chunk=chunk)
+    t = a_TxD.shape[0]
+    nb = idx.shape[0] // block_size
+    ga = jnp.take(a_TxD, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size)
+    gb = jnp.take(b_TxD, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size)
+    acc = jnp.promote_types(a_TxD.dtype, jnp.float32)  # float32 sums (float64 inputs stay float64)
+    return jnp.einsum("tbi,tbj->bij", ga, gb, preferred_element_type=acc, precision=HIGHEST)
+
+
+def _gram_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, dtype, plan: GramPlan):
+    """W_eff (N, M) in ``dtype``: XLA block products + permutations, or the one-pass rotated-weight kernel."""
+    if isinstance(w0_NpxMp, QuantizedWeight):
+        w0_NpxMp = dequantize(w0_NpxMp, dtype)
+    if plan.interpret is None:
+        return weight_from_blocks(w0_NpxMp, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms,
+                                  plan.precision)
+    n, m = perms.perm_in_inv.shape[0], perms.perm_out.shape[0]
+    return pk.rotated_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms.perm_in, perms.perm_out_inv, n, m,
+                             interpret=plan.interpret, chunk=plan.chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gram_linear(x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, plan: GramPlan):
+    return _gram_linear_fwd(x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, plan)[0]
+
+
+def _gram_linear_fwd(x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, plan):
+    w = _gram_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, x_TxN.dtype, plan)
+    y = jnp.matmul(x_TxN, w, precision=plan.precision)
+    if plan.mem:
+        return y, (x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms)
+    return y, (x_TxN, y, w, r_in_IxKxK, r_out_OxKxK, perms)
+
+
+def _gram_linear_bwd(plan, res, dy_TxM):
+    if plan.mem:
+        x, w0, r_in, r_out, perms = res
+        w = _gram_weight(w0, r_in, r_out, perms, x.dtype, plan)
+        y = jnp.matmul(x, w, precision=plan.precision)
+    else:
+        x, y, w, r_in, r_out, perms = res
+    dy = dy_TxM.astype(x.dtype)
+    dx = jnp.matmul(dy, w.T, precision=plan.precision)
+    k = r_in.shape[-1]
+    # u = x[:, perm_in], du = dx[:, perm_in]: du_i = g_i·R_in[i]ᵀ (g: the cotangent of u·blockdiag(R_in)), so
+    # dR_in[i] = u_iᵀ g_i = (u_iᵀ du_i)·R_in[i]⁻ᵀ. z = y[:, perm_out_inv] = h·blockdiag(R_out), so
+    # dR_out[j] = h_jᵀ dz_j = R_out[j]⁻ᵀ·(z_jᵀ dz_j). R as the forward used it (rounded to x's dtype).
+    g_in = block_gram(x, dx, perms.perm_in, k, plan.interpret, plan.chunk)
+    g_out = block_gram(y, dy, perms.perm_out_inv, k, plan.interpret, plan.chunk)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    z_in = inverse_transpose(r_in.astype(x.dtype).astype(acc), plan.newton, precision=plan.block_precision)
+    z_out = inverse_transpose(r_out.astype(x.dtype).astype(acc), plan.newton, precision=plan.block_precision)
+    dr_in = block_product(g_in, z_in, plan.block_precision)
+    dr_out = block_product(z_out, g_out, plan.block_precision)
+    return dx, None, dr_in.astype(r_in.dtype), dr_out.astype(r_out.dtype), None
+
+
+_gram_linear.defvjp(_gram_linear_fwd, _gram_linear_bwd)
+
+
+def _poet_gram(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, plan: GramPlan):
+    """compute="gram": y = x · W_eff, one dense matmul; the backward is dx = dy · W_effᵀ (one dense matmul)
+    plus two block Gram reductions (no dW matmul, nothing activation-sized written; see ``_gram_linear_bwd``)."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    y = _gram_linear(x.reshape(-1, n), w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, plan)
+    return y.reshape(*lead, y.shape[-1])
+
+
+# compute="auto" runs the block-Gram layer once T · (N + M) ≥ GRAM_TOKENS · N · M, i.e. once the activations it
+# reads in its backward pass outweigh the weight-sized work it adds (see resolve_compute).
+GRAM_TOKENS = 1.0
 
 
 def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "fast") -> str:
-    """"activations" or "weight" for a layer of N → M features applied to ``tokens`` tokens.
+    """"activations", "weight" or "gram" for a layer of N → M features applied to ``tokens`` tokens.
 
     "activations": POET-X, input-centric: rotate the activations, never form W_eff (no dW matmul; passes
-    over (T, N) and (T, M) arrays). "weight": POET's weight-centric form: W_eff from the blocks, then a
-    dense matmul (passes over the (N, M) weight, plus the dW matmul: three dense matmuls like a dense
-    layer instead of two). The two compute the same function (the same products, rounded to the compute
-    dtype at different places: W_eff instead of the rotated activations).
+    over (T, N) and (T, M) arrays). "weight": form W_eff from the blocks, then a dense matmul, and
+    differentiate through both (three dense matmuls like a dense layer). "gram": form W_eff, then one dense
+    matmul; the backward pass is dx = dy · W_effᵀ and two block Gram reductions over (x, dx) and (y, dy)
+    that give dR directly (two dense matmuls, no activation-sized rotation pass; ``_gram_linear_bwd``).
+    All three compute the same function.
 
-    "auto" (decided at trace time from the static shapes): "weight" for the mem flavour when
-    T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M), else "activations". Measured on the H200 (BENCHMARKS.md run
-    7, fwd+bwd, b=256): mem/weight ÷ mem/activations = 0.82 (T=16384, 4096²), 0.94 (16384, 4096→11008),
-    0.81 / 0.93 / 0.86 (T=8192: 2048², 2048→5632, 5632→2048), 1.80 / 2.61 (T=1024: 4096², 4096→14336):
-    the mem flavour recomputes the whole rotated forward on activations, but only W_eff on weights. In
-    the fast flavour "weight" won only at T=8192, 2048² (0.90) and lost by 1.07–1.27 at the other T ≥ N
-    shapes, so "auto" keeps POET-X there. Under data parallelism "weight" all-reduces a W_eff-sized
-    gradient per layer (POET-X reduces only the generators'): keep "activations" there.
+    "auto" (decided at trace time from the static shapes): "gram" when T · (N + M) ≥ GRAM_TOKENS · N · M,
+    else "activations". The rule and its measurements: BENCHMARKS.md.
     """
     if compute not in COMPUTES:
         raise ValueError(f"compute must be one of {COMPUTES}, got compute={compute!r}")
     if compute != "auto":
         return compute
-    if variant == "mem" and tokens >= WEIGHT_TOKENS_PER_WIDTH * max(n, m):
-        return "weight"
-    return "activations"
+    return "gram" if tokens * (n + m) >= GRAM_TOKENS * n * m else "activations"
 
 
 # What layout="auto" resolves to, per implementation (see resolve_layout).
@@ -247,7 +325,8 @@ def resolve_layout(layout: str, impl: str, perm_chunk: int = 1) -> str:
 
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                   perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla",
-                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1) -> jax.Array:
+                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1, gram_newton: int = 1,
+                  cayley_precision: str = "highest") -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
     W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first; the
@@ -259,7 +338,9 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     (POET-X), "weight" (form W_eff, then one dense matmul) or "auto" (see ``resolve_compute``).
     ``perm_chunk``: the permutations move runs of this many coordinates (``poetjax.perms``; the layer's
     ``POETConfig.perm_chunk``); the token-major Pallas kernels then index one run per tile. Other paths
-    ignore it (they are correct for any permutation).
+    ignore it (they are correct for any permutation). ``gram_newton`` and ``cayley_precision``: the
+    Newton–Schulz steps toward R⁻ᵀ and the precision of the K×K products in the "gram" backward pass
+    (``POETConfig.gram_newton``, ``POETConfig.cayley_precision``).
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
@@ -271,7 +352,16 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     impl = resolve_impl(impl, r_in_IxKxK.shape[-1], quantized=isinstance(w0_NpxMp, QuantizedWeight))
     layout = resolve_layout(layout, impl, perm_chunk)
     tokens = math.prod(x.shape[:-1])
-    if resolve_compute(compute, tokens, x.shape[-1], perms.perm_out.shape[0], variant) == "weight":
+    compute = resolve_compute(compute, tokens, x.shape[-1], perms.perm_out.shape[0], variant)
+    if compute == "gram":
+        if cayley_precision not in CAYLEY_PRECISIONS:
+            raise ValueError(f"cayley_precision must be one of {tuple(CAYLEY_PRECISIONS)}, "
+                             f"got cayley_precision={cayley_precision!r}")
+        plan = GramPlan(mem=variant == "mem", newton=gram_newton, block_precision=CAYLEY_PRECISIONS[cayley_precision],
+                        precision=precision, interpret=pk.default_interpret() if impl == "pallas" else None,
+                        chunk=perm_chunk)
+        return _poet_gram(x, w0, r_in_IxKxK, r_out_OxKxK, perms, plan)
+    if compute == "weight":
         body = _poet_w_body if variant == "fast" else _poet_w_mem_body
         return body(x, w0, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms, precision)
     if layout == "features":
