@@ -47,6 +47,17 @@ def _first_difference(saved: list, now: list) -> str:
     return "leaf order differs"
 
 
+def committed_steps(directory: str) -> list[int]:
+    """The complete checkpoint steps in ``directory`` (ascending; [] when it does not exist), without
+    creating anything: orbax writes a step under a temporary name and renames it to the step number
+    when it is complete."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
 class Checkpointer:
     """Save/restore ``TrainState`` + JSON meta under ``directory`` (created if missing)."""
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from poetjax.config import CAYLEY_MAPS, INIT_SCHEMES, VARIANTS, POETConfig
+from poetjax.data.sources import ENCODING_ERRORS
 from poetjax.models.llama import LlamaConfig
 
 OPTIMIZERS = ("poet", "adamw", "muon")
@@ -53,6 +54,8 @@ class DataConfig:
     valid_fraction: share of the text held out for validation when the source has no valid split.
     cache_dir:      where prepared shards are cached, keyed by content and tokenizer settings.
     max_chars:      read at most this many characters per split (0 = all); for quick experiments.
+    encoding_errors: bytes of a local text file that are not UTF-8: "strict" stops with an error naming the
+                    file and the byte offset, "replace" reads each as U+FFFD (part of the cache key).
     tfds_*:         the TFDS data_dir, split names and text feature of a ``tfds:`` source.
     """
 
@@ -63,6 +66,7 @@ class DataConfig:
     valid_fraction: float = 0.1
     cache_dir: str = "data/cache"
     max_chars: int = 0
+    encoding_errors: str = "strict"
     tfds_data_dir: str = ""
     tfds_train_split: str = "train"
     tfds_valid_split: str = "validation"
@@ -75,6 +79,8 @@ class DataConfig:
         _check(self.seq_len > 0, f"seq_len must be > 0, got seq_len={self.seq_len!r}")
         _check(0.0 < self.valid_fraction < 1.0, f"valid_fraction must be in (0, 1), got {self.valid_fraction!r}")
         _check(self.max_chars >= 0, f"max_chars must be >= 0, got max_chars={self.max_chars!r}")
+        _check(self.encoding_errors in ENCODING_ERRORS,
+               f"encoding_errors must be one of {ENCODING_ERRORS}, got encoding_errors={self.encoding_errors!r}")
 
 
 @dataclasses.dataclass(frozen=True)

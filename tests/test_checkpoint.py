@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from poetjax.checkpoint import Checkpointer, CheckpointError
-from poetjax.train.loop import run
+from poetjax.train.loop import check_resume_compatible, run
 
 from _runs import RESUME, state_like, tiny
 
@@ -84,3 +84,15 @@ def test_state_signature_mismatch_names_the_leaf(tmp_path):
     restored, meta = ck.restore(7, state)
     jax.tree.map(np.testing.assert_array_equal, restored, state)
     assert meta["data_position"] == 7 and restored["b"].dtype == jnp.int32
+
+
+def test_a_config_key_newer_than_the_checkpoint_counts_as_its_default(run_copy, data_cache):
+    """A checkpoint written before a config field existed resumes while the field keeps its default (the
+    behaviour of the code that wrote it), and is refused once the field is set to something else."""
+    cfg = _cfg(run_copy, data_cache)
+    meta = Checkpointer(_ckdir(run_copy)).read_meta(30)
+    data_meta = {"fingerprint": meta["data"]["fingerprint"], "vocab_size": meta["data"]["vocab_size"]}
+    del meta["config"]["data"]["encoding_errors"]
+    assert check_resume_compatible(meta, cfg, data_meta, "old") == []
+    with pytest.raises(CheckpointError, match=r"data.encoding_errors: 'strict' \(checkpoint\) vs 'replace'"):
+        check_resume_compatible(meta, _cfg(run_copy, data_cache, "data.encoding_errors=replace"), data_meta, "old")

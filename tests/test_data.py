@@ -176,6 +176,41 @@ def test_missing_and_empty_sources_are_clear_errors(tmp_path, data_cache):
         next(eval_windows(np.arange(30), 2, 64))
 
 
+def test_non_utf8_bytes_are_named_with_their_offset_or_replaced(tmp_path, data_cache):
+    # A 2-byte character across the decoder's 1 MiB read blocks is fine; the bad byte lies beyond them.
+    good = ("xy" + "word é " * 200_000).encode()
+    assert good[(1 << 20) - 1:(1 << 20) + 1] == "é".encode()
+    bad_at = len(good) + len(b"lorem\n")
+    data = good + b"lorem\n\xff" + b"ipsum\n" * 10
+    (tmp_path / "plain.txt").write_bytes(data)
+    with lzma.open(tmp_path / "packed.txt.xz", "wb") as f:
+        f.write(data)
+    for name, where in (("plain.txt", ""), ("packed.txt.xz", " of its decompressed text")):
+        with pytest.raises(DataError) as e:  # while the source measures its text, before any tokenizing
+            open_source(str(tmp_path / name))
+        assert str(e.value) == (f"data file {str(tmp_path / name)!r} is not UTF-8 text: byte 0xff at byte offset "
+                                f"{bad_at}{where}; fix the file, or set data.encoding_errors=replace to read "
+                                f"undecodable bytes as U+FFFD")
+    replaced = open_source(str(tmp_path / "plain.txt"), encoding_errors="replace")
+    text = "".join(replaced.splits["train"]()) + "".join(replaced.splits["valid"]())
+    assert text == data.decode("utf-8", "replace") and text.count("\ufffd") == 1
+    # the option is part of the cache key: the same clean text prepared both ways gives two folders
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "clean" / "a.txt").write_text("some clean words\n" * 300)
+    strict = prepare(str(tmp_path / "clean"), vocab_size=300, cache_dir=data_cache, log=lambda s: None)
+    other = prepare(str(tmp_path / "clean"), vocab_size=300, cache_dir=data_cache, encoding_errors="replace",
+                    log=lambda s: None)
+    assert strict.folder != other.folder
+
+
+def test_uncreatable_data_cache_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "c.txt").write_text("some words\n" * 100)
+    cache = str(tmp_path / "file" / "cache")
+    with pytest.raises(DataError, match=rf"data.cache_dir={cache!r}: cannot create .* to prepare the token shards"):
+        prepare(str(tmp_path / "c.txt"), vocab_size=300, cache_dir=cache)
+
+
 def test_batch_sampler_is_a_function_of_seed_and_position():
     n, b, ln = 10_000, 4, 32
     tokens = np.arange(n)  # a token's value is its position, so each window shows where it came from

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poetjax.checkpoint import Checkpointer
+from poetjax.checkpoint import Checkpointer, committed_steps
 from poetjax.run_config import load_config
 from poetjax.train import steps as core
 from poetjax.train.cli import main as cli_main
@@ -68,15 +69,53 @@ def test_stop_and_resume_gives_bit_identical_losses(uninterrupted, tmp_path, dat
     assert [r["step"] for r in split_rows] == list(range(1, 31))
 
 
+def _train_command(tmp_path, data_cache, name, *overrides):
+    """(argv, env) of train.py on the resume setting in a subprocess, sharing the session's XLA cache."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"out_dir={tmp_path}",
+            f"data.cache_dir={data_cache}", "logging.plot=false", "logging.progress=lines", f"name={name}",
+            *RESUME, *overrides]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONPATH=ROOT)
+    return args, env
+
+
+def _start(args, env, log_path):
+    """The command running, its stderr going to ``log_path`` (a file: a pipe nobody reads could fill)."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _wait_for_step(proc, run_dir, step, timeout=300):
+    """Block until the run has logged the loss of ``step`` (its metrics file, one line per step here)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and any(r.get("step", 0) >= step for r in read_jsonl(path) if "loss" in r):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never reached step {step} (return code {proc.poll()})")
+
+
+def _rerun_matches_the_uninterrupted_run(args, env, run_dir, from_step, uninterrupted, tmp_path, data_cache):
+    """The shared check of the kill and signal tests: the same command again resumes from ``from_step`` and
+    finishes the run, with the losses of every step and the final state bit-identical to the uninterrupted
+    run's."""
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from checkpoint step {from_step}" in done.stderr
+    rows = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
+    assert rows == uninterrupted.losses
+    like = state_like(tiny(tmp_path, data_cache, *RESUME))
+    s_full, _ = Checkpointer(uninterrupted.checkpoint_dir).restore(30, like)
+    s_here, _ = Checkpointer(os.path.join(run_dir, "checkpoints")).restore(30, like)
+    jax.tree.map(np.testing.assert_array_equal, s_full, s_here)
+
+
 def test_sigkill_and_resume_matches_the_uninterrupted_run(uninterrupted, tmp_path, data_cache):
     """A real kill: the process dies at an arbitrary point (possibly mid-checkpoint) and the same command
     resumes from the newest complete checkpoint. A checkpoint every step keeps the run slow enough to be
     killed half way; checkpoints do not change the numbers."""
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"out_dir={tmp_path}",
-            f"data.cache_dir={data_cache}", "logging.plot=false", "logging.progress=lines", "name=killed",
-            *RESUME, "checkpoint.interval=1"]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONPATH=ROOT)
+    args, env = _train_command(tmp_path, data_cache, "killed", "checkpoint.interval=1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckdir = os.path.join(tmp_path, "killed", "checkpoints")
     deadline = time.time() + 300
@@ -89,11 +128,50 @@ def test_sigkill_and_resume_matches_the_uninterrupted_run(uninterrupted, tmp_pat
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     killed_at = Checkpointer(ckdir).latest_step()
     assert killed_at is not None and 12 <= killed_at < 30
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resumed from checkpoint step {killed_at}" in done.stderr
-    rows = {r["step"]: r["loss"] for r in read_jsonl(os.path.join(tmp_path, "killed", "metrics.jsonl")) if "loss" in r}
-    assert rows == uninterrupted.losses
+    _rerun_matches_the_uninterrupted_run(args, env, os.path.join(tmp_path, "killed"), killed_at, uninterrupted,
+                                         tmp_path, data_cache)
+
+
+@pytest.mark.parametrize("sig,extra", [(signal.SIGTERM, []), (signal.SIGINT, ["checkpoint.async_save=true"])],
+                         ids=["SIGTERM", "SIGINT-async-save"])
+def test_a_signal_stops_with_a_checkpoint_and_the_rerun_matches_the_uninterrupted_run(sig, extra, uninterrupted,
+                                                                                      tmp_path, data_cache):
+    """Preemption (SIGTERM) or Ctrl-C (SIGINT) mid-run, with no interval checkpoint due before the end: the
+    run finishes the step in flight, checkpoints it (an async save is complete before the process exits),
+    names it and exits with 128 + the signal number."""
+    args, env = _train_command(tmp_path, data_cache, "stopped", "checkpoint.interval=100", *extra)
+    run_dir, log = os.path.join(tmp_path, "stopped"), tmp_path / "stopped.log"
+    proc = _start(args, env, log)
+    _wait_for_step(proc, run_dir, 3)
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    ckdir = os.path.join(run_dir, "checkpoints")
+    steps = committed_steps(ckdir)
+    assert len(steps) == 1 and 3 <= steps[0] < 30, (steps, err[-2000:])
+    assert f"{sig.name}: stopping after the step in flight" in err
+    assert f"stopped by {sig.name} after step {steps[0]}: wrote checkpoint step {steps[0]} to " \
+           f"{os.path.join(ckdir, str(steps[0]))}" in err
+    _rerun_matches_the_uninterrupted_run(args, env, run_dir, steps[0], uninterrupted, tmp_path, data_cache)
+
+
+def test_a_second_signal_exits_at_once_without_a_checkpoint(tmp_path, data_cache):
+    """Two signals reach the training loop together (held back by SIGSTOP until SIGCONT): the second ends the
+    process before the first one's checkpoint can be written."""
+    args, env = _train_command(tmp_path, data_cache, "twice", "checkpoint.interval=100")
+    run_dir, log = os.path.join(tmp_path, "twice"), tmp_path / "twice.log"
+    proc = _start(args, env, log)
+    _wait_for_step(proc, run_dir, 3)
+    for sig in (signal.SIGSTOP, signal.SIGINT, signal.SIGTERM):
+        os.kill(proc.pid, sig)
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.wait(timeout=60)
+    waited, err = time.time() - t0, log.read_text()
+    assert proc.returncode in (130, 143) and waited < 5, (proc.returncode, waited, err[-2000:])
+    assert "exiting at once, without a checkpoint" in err and "stopped by" not in err
+    assert committed_steps(os.path.join(run_dir, "checkpoints")) == []
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
@@ -152,10 +230,87 @@ def test_bad_inputs_stop_the_run_before_training(tmp_path, data_cache):
     assert not os.path.exists(os.path.join(tmp_path, "tiny", "checkpoints", "0"))
 
 
+def _one_line_error(capsys, args) -> str:
+    """The CLI's stderr for ``args``, checked to be exit status 1 and a single "error: ..." line."""
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_non_utf8_data_is_named_with_its_offset_and_replace_trains_on_it(tmp_path, data_cache, capsys):
+    with open(os.path.join(ROOT, "data", "tinyshakespeare", "train.txt"), "rb") as f:
+        text = f.read(60_000)  # ASCII: the only bytes that are not UTF-8 are the ones put in below
+    rng = np.random.default_rng(0)
+    cuts = sorted(rng.choice(len(text), 40, replace=False))
+    noise = [rng.integers(128, 256, 3, dtype=np.uint8).tobytes() for _ in cuts]  # never valid UTF-8 starts
+    parts, last = [], 0
+    for c, n in zip(cuts, noise):
+        parts += [text[last:c], b"\xff" + n]
+        last = c
+    data = b"".join(parts) + text[last:]
+    path = tmp_path / "binaryish.txt"
+    path.write_bytes(data)
+    args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
+            "logging.progress=none", f"data.source={path}", "train.steps=10", "train.eval_interval=0",
+            "checkpoint.interval=0", "logging.diagnostics_interval=0"]
+    err = _one_line_error(capsys, args)
+    assert f"data file {str(path)!r} is not UTF-8 text: byte 0xff at byte offset {cuts[0]};" in err
+    assert "data.encoding_errors=replace" in err
+    assert not os.path.exists(os.path.join(tmp_path, "tiny", "checkpoints", "10"))
+    assert cli_main(args + ["data.encoding_errors=replace"]) == 0
+    losses = [r["loss"] for r in read_jsonl(os.path.join(tmp_path, "tiny", "metrics.jsonl")) if "loss" in r]
+    assert len(losses) >= 2 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_uncreatable_output_paths_are_named_before_anything_is_built(tmp_path, data_cache, capsys, monkeypatch):
+    from poetjax.train import loop
+
+    built = []
+    monkeypatch.setattr(loop, "prepare_from_config", lambda *a, **kw: built.append(1))  # must not be reached
+    (tmp_path / "a_file").write_text("")
+    blocked = str(tmp_path / "a_file" / "sub")
+    base = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.progress=none"]
+    for override, key, path in ((f"out_dir={blocked}", "out_dir", os.path.join(blocked, "tiny")),
+                                (f"checkpoint.dir={blocked}", "checkpoint.dir", blocked),
+                                (f"data.cache_dir={blocked}", "data.cache_dir", blocked)):
+        err = _one_line_error(capsys, base + [override])
+        assert f"error: {key}: cannot create {path!r} (Not a directory)" in err
+    assert not built
+
+
+def test_an_interrupt_outside_the_training_steps_says_what_exists(uninterrupted, tmp_path, data_cache, capsys,
+                                                                   monkeypatch):
+    """A real SIGTERM/SIGINT while the data is prepared: no checkpoint yet means the message says so (and that
+    nothing trained was lost); with one, it names it."""
+    from poetjax.train import loop
+
+    real = loop.prepare_from_config
+
+    def signalled(*a, **kw):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises before this ends
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "prepare_from_config", signalled)
+    shutil.copytree(uninterrupted.run_dir, tmp_path / "full")  # checkpoints 20, 25, 30
+    for sig, name, expected in (
+            (signal.SIGTERM, "fresh", "interrupted (SIGTERM) before training started: no checkpoint exists in {}, "
+                                      "and nothing was trained, so nothing was lost; the same command starts the "
+                                      "run from step 0"),
+            (signal.SIGINT, "full", "interrupted (SIGINT) outside the training steps: checkpoint step 30 in {} holds "
+                                    "all training so far, so nothing trained was lost; the same command resumes "
+                                    "from it")):
+        t0 = time.time()
+        assert cli_main(["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", f"name={name}",
+                         "logging.progress=none", *RESUME]) == 128 + sig
+        assert time.time() - t0 < 5
+        err = capsys.readouterr().err
+        assert err == expected.format(os.path.join(tmp_path, name, "checkpoints")) + "\n"
+
+
 def _tiny_tokenizer(tmp_path, data_cache):
     """The 512-token BPE of the tiny config's corpus, as a user tokenizer file."""
-    import shutil
-
     from poetjax.data import prepare_from_config
 
     data = prepare_from_config(tiny(tmp_path, data_cache).data, 512, log=lambda s: None)

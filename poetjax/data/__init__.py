@@ -19,4 +19,4 @@ def prepare_from_config(data_cfg, model_vocab_size: int, log=print) -> PreparedD
                    cache_dir=data_cfg.cache_dir, valid_fraction=data_cfg.valid_fraction,
                    max_chars=data_cfg.max_chars, tfds_data_dir=data_cfg.tfds_data_dir,
                    tfds_train_split=data_cfg.tfds_train_split, tfds_valid_split=data_cfg.tfds_valid_split,
-                   tfds_text_key=data_cfg.tfds_text_key, log=log)
+                   tfds_text_key=data_cfg.tfds_text_key, encoding_errors=data_cfg.encoding_errors, log=log)

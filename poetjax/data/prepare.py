@@ -7,9 +7,10 @@ Cache layout (one folder per source content × tokenizer settings, under ``data.
                  train.bin        uint16 tokens when vocab_size <= 65536, else uint32
                  valid.bin
 
-The key hashes the source's content (or TFDS identity), the tokenizer choice and the vocab size, so a
-changed corpus or setting never reuses stale shards. A folder is built under a temporary name and
-renamed when complete: an interrupted prepare leaves no half-written cache behind.
+The key hashes the source's content (or TFDS identity), the tokenizer choice and the vocab size (and
+``data.encoding_errors`` when it is not ``strict``), so a changed corpus or setting never reuses stale
+shards. A folder is built under a temporary name and renamed when complete: an interrupted prepare
+leaves no half-written cache behind.
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ def _nonempty(split: Callable[[], Iterator[str]]) -> bool:
 def prepare(source: str, *, tokenizer: str = "bpe", vocab_size: int, cache_dir: str = "data/cache",
             valid_fraction: float = 0.1, max_chars: int = 0, tfds_data_dir: str = "",
             tfds_train_split: str = "train", tfds_valid_split: str = "validation", tfds_text_key: str = "text",
-            log: Callable[[str], None] = print) -> PreparedData:
+            encoding_errors: str = "strict", log: Callable[[str], None] = print) -> PreparedData:
     """Tokenize ``source`` into cached memmap shards (reused when already built); see the module doc."""
     src: TextSource = open_source(source, valid_fraction=valid_fraction, max_chars=max_chars,
                                   tfds_data_dir=tfds_data_dir, tfds_train_split=tfds_train_split,
-                                  tfds_valid_split=tfds_valid_split, tfds_text_key=tfds_text_key)
+                                  tfds_valid_split=tfds_valid_split, tfds_text_key=tfds_text_key,
+                                  encoding_errors=encoding_errors)
     if tokenizer == "bpe":
         tok_id = f"bpe:{vocab_size}"
     else:
@@ -120,10 +122,13 @@ def prepare(source: str, *, tokenizer: str = "bpe", vocab_size: int, cache_dir: 
             raise DataError(f"data source {source!r}: the {split} split is empty (no text); check data.source"
                             + (" and data.max_chars" if max_chars else ""))
     t0 = time.time()
-    os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # only our own pid's leftover
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise DataError(f"data.cache_dir={cache_dir!r}: cannot create {tmp!r} to prepare the token shards "
+                        f"({e.strerror}); choose a writable data.cache_dir") from None
     try:
         if tokenizer == "bpe":
             log(f"prepare: training a byte-level BPE (vocab {vocab_size}) on the train split of {src.description}")

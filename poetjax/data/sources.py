@@ -13,6 +13,7 @@ each), so corpora larger than memory can be tokenized. Splits:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import lzma
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 CHUNK_CHARS = 1 << 20
 TEXT_SUFFIXES = (".txt", ".txt.xz", ".text", ".text.xz")
+ENCODING_ERRORS = ("strict", "replace")  # data.encoding_errors: Python's codec error handlers offered
 TRAIN_NAMES = ("train",)
 VALID_NAMES = ("valid", "validation", "val")
 
@@ -52,10 +54,28 @@ def resolve_path(path: str) -> str:
                     f"repository root); set data.source to a text file or folder")
 
 
-def _open_text(path: str):
+def _open_text(path: str, errors: str = "strict"):
     if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return lzma.open(path, "rt", encoding="utf-8", errors=errors)
+    return open(path, encoding="utf-8", errors=errors)
+
+
+def _first_bad_byte(path: str) -> tuple[int, int]:
+    """(offset, value) of the first byte of ``path`` that is not valid UTF-8 (offsets into the decompressed
+    text of a ``.xz`` file); the text decoder's own error only knows a position in its buffer."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with (lzma.open if path.endswith(".xz") else open)(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            held = dec.getstate()[0]  # bytes of a sequence cut by the previous block
+            try:
+                dec.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset - len(held) + e.start
+                return at, (held + block)[e.start]
+            offset += len(block)
+    held = dec.getstate()[0]
+    return offset - len(held), held[0] if held else 0  # a sequence cut by the end of the file
 
 
 def _group(pieces: Iterator[str], max_chars: int = 0) -> Iterator[str]:
@@ -78,15 +98,21 @@ def _group(pieces: Iterator[str], max_chars: int = 0) -> Iterator[str]:
         yield "".join(buf)
 
 
-def _lines(paths: list[str]) -> Iterator[str]:
+def _lines(paths: list[str], errors: str = "strict") -> Iterator[str]:
     for p in paths:
-        with _open_text(p) as f:
-            yield from f
+        with _open_text(p, errors) as f:
+            try:
+                yield from f
+            except UnicodeDecodeError:
+                at, byte = _first_bad_byte(p)
+                raise DataError(f"data file {p!r} is not UTF-8 text: byte 0x{byte:02x} at byte offset {at}"
+                                f"{' of its decompressed text' if p.endswith('.xz') else ''}; fix the file, or set "
+                                f"data.encoding_errors=replace to read undecodable bytes as U+FFFD") from None
 
 
-def _file_chunks(paths: list[str], max_chars: int = 0) -> Iterator[str]:
+def _file_chunks(paths: list[str], max_chars: int = 0, errors: str = "strict") -> Iterator[str]:
     """Whole lines from ``paths`` in order, grouped into chunks of about CHUNK_CHARS characters."""
-    return _group(_lines(paths), max_chars)
+    return _group(_lines(paths, errors), max_chars)
 
 
 def _hash_files(paths: list[str]) -> str:
@@ -114,16 +140,17 @@ def _text_files(folder: str) -> list[str]:
     return out
 
 
-def _split_tail(paths: list[str], valid_fraction: float, max_chars: int) -> dict[str, Callable[[], Iterator[str]]]:
+def _split_tail(paths: list[str], valid_fraction: float, max_chars: int,
+                errors: str = "strict") -> dict[str, Callable[[], Iterator[str]]]:
     """Train = the text before the cut, valid = after; the cut is the first line end after
     (1 − valid_fraction) of the characters."""
-    total = sum(len(c) for c in _file_chunks(paths, max_chars))
+    total = sum(len(c) for c in _file_chunks(paths, max_chars, errors))
     target = int(total * (1.0 - valid_fraction))
 
     def split(which: str) -> Iterator[str]:
         seen = 0
         cut_done = False
-        for chunk in _file_chunks(paths, max_chars):
+        for chunk in _file_chunks(paths, max_chars, errors):
             if cut_done:
                 if which == "valid":
                     yield chunk
@@ -144,7 +171,13 @@ def _split_tail(paths: list[str], valid_fraction: float, max_chars: int) -> dict
     return {"train": lambda: split("train"), "valid": lambda: split("valid")}
 
 
-def local_source(path: str, valid_fraction: float = 0.1, max_chars: int = 0) -> TextSource:
+def local_source(path: str, valid_fraction: float = 0.1, max_chars: int = 0, errors: str = "strict") -> TextSource:
+    """Text files; ``errors`` is the UTF-8 decoding's error handler (``ENCODING_ERRORS``)."""
+    if errors not in ENCODING_ERRORS:
+        raise DataError(f"data.encoding_errors must be one of {ENCODING_ERRORS}, got {errors!r}")
+    # Part of the fingerprint, hence of the cache key, only when not the default: shards and checkpoints
+    # prepared before the option existed (always strict) keep their key.
+    tag = "" if errors == "strict" else f":errors={errors}"
     path = resolve_path(path)
     if os.path.isdir(path):
         files = _text_files(path)
@@ -156,16 +189,17 @@ def local_source(path: str, valid_fraction: float = 0.1, max_chars: int = 0) -> 
         valid = next((by_stem[n] for n in VALID_NAMES if n in by_stem), None)
         if train and valid:
             train, valid = sorted(train)[:1], sorted(valid)[:1]
-            splits = {"train": lambda: _file_chunks(train, max_chars),
-                      "valid": lambda: _file_chunks(valid, max_chars)}
-            return TextSource(f"{path} (train/valid files)", _hash_files(train + valid) + f":{max_chars}", splits)
+            splits = {"train": lambda: _file_chunks(train, max_chars, errors),
+                      "valid": lambda: _file_chunks(valid, max_chars, errors)}
+            return TextSource(f"{path} (train/valid files)", _hash_files(train + valid) + f":{max_chars}{tag}",
+                              splits)
         if not files:
             raise DataError(f"data source folder {path!r} holds no text files ({', '.join(TEXT_SUFFIXES)})")
     else:
         files = [path]
-    fp = _hash_files(files) + f":{valid_fraction}:{max_chars}"
+    fp = _hash_files(files) + f":{valid_fraction}:{max_chars}{tag}"
     return TextSource(f"{path} ({len(files)} file(s), last {valid_fraction:.0%} held out)", fp,
-                      _split_tail(files, valid_fraction, max_chars))
+                      _split_tail(files, valid_fraction, max_chars, errors))
 
 
 def tfds_source(spec: str, data_dir: str = "", train_split: str = "train", valid_split: str = "validation",
@@ -213,8 +247,8 @@ def tfds_source(spec: str, data_dir: str = "", train_split: str = "train", valid
 
 def open_source(source: str, *, valid_fraction: float = 0.1, max_chars: int = 0, tfds_data_dir: str = "",
                 tfds_train_split: str = "train", tfds_valid_split: str = "validation",
-                tfds_text_key: str = "text") -> TextSource:
+                tfds_text_key: str = "text", encoding_errors: str = "strict") -> TextSource:
     if source.startswith("tfds:"):
         return tfds_source(source[len("tfds:"):], tfds_data_dir, tfds_train_split, tfds_valid_split,
                            tfds_text_key, max_chars)
-    return local_source(source, valid_fraction, max_chars)
+    return local_source(source, valid_fraction, max_chars, encoding_errors)

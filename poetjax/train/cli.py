@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from poetjax.run_config import ConfigError, load_config
@@ -32,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Heavy imports after the config is known to be valid: a bad key fails in well under a second.
-    from poetjax.checkpoint import CheckpointError
+    from poetjax.checkpoint import CheckpointError, committed_steps
     from poetjax.data import DataError
-    from poetjax.train.loop import TrainingDiverged, run
+    from poetjax.train.loop import TrainingDiverged, checkpoint_dir, run
+    from poetjax.train.signals import exit_status
 
     try:
         if args.export is not None:
@@ -48,11 +50,25 @@ def main(argv: list[str] | None = None) -> int:
             data = prepare_from_config(cfg.data, cfg.model.vocab_size, log=lambda m: print(m, file=sys.stderr))
             print(data.folder)
             return 0
-        run(cfg)
+        result = run(cfg)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; resume with the same command (from the newest checkpoint)", file=sys.stderr)
-        return 130
-    return 0
+    except KeyboardInterrupt as e:  # outside the training loop (poetjax.train.signals), or before run()
+        print(interrupted_message(getattr(e, "signum", signal.SIGINT), checkpoint_dir(cfg), committed_steps),
+              file=sys.stderr)
+        return exit_status(getattr(e, "signum", signal.SIGINT))
+    # A SIGTERM/SIGINT stop has written its checkpoint; the status says the job is not finished.
+    return exit_status(result.stopped_by) if result.stopped_by is not None else 0
+
+
+def interrupted_message(signum: int, ckpt_dir: str, committed_steps) -> str:
+    """What an interrupt outside the training loop leaves: nothing trained is lost there (the loop
+    checkpoints its last step), so the newest checkpoint on disk, or none, is the whole story."""
+    name = signal.Signals(signum).name
+    steps = committed_steps(ckpt_dir)
+    if not steps:
+        return (f"interrupted ({name}) before training started: no checkpoint exists in {ckpt_dir}, and nothing "
+                f"was trained, so nothing was lost; the same command starts the run from step 0")
+    return (f"interrupted ({name}) outside the training steps: checkpoint step {steps[-1]} in {ckpt_dir} holds "
+            f"all training so far, so nothing trained was lost; the same command resumes from it")

@@ -22,6 +22,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -32,10 +35,11 @@ from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
 from poetjax.diagnostics import diagnostics_record
-from poetjax.run_config import ConfigError, RunConfig, diff
+from poetjax.run_config import ConfigError, RunConfig, diff, from_dict
 from poetjax.train import steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
+from poetjax.train.signals import StopSignals
 
 # Keys that may differ between a checkpoint's config and the resuming config: bookkeeping, where files
 # go, and implementation choices (remat, attention kernel, the device mesh) that compute the same
@@ -53,7 +57,7 @@ class TrainingDiverged(RuntimeError):
 class RunResult:
     run_dir: str
     step: int
-    completed: bool                # False when stopped early by train.stop_after
+    completed: bool                # False when stopped by train.stop_after or a signal (no final evaluation)
     val_loss: float | None
     val_ppl: float | None
     unigram_ppl: float
@@ -61,11 +65,16 @@ class RunResult:
     metrics_path: str
     plot_path: str | None
     checkpoint_dir: str
+    stopped_by: int | None = None  # the SIGTERM/SIGINT that stopped the run (with a checkpoint of `step`)
 
 
 def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: str) -> list[str]:
-    """Raise CheckpointError if the checkpoint was written by a different run; return notes for allowed changes."""
-    diffs = diff(meta.get("config", {}), cfg.to_dict())
+    """Raise CheckpointError if the checkpoint was written by a different run; return notes for allowed changes.
+
+    A key that the checkpoint's config lacks (a field added since) counts as its default, which is how
+    the code that wrote the checkpoint behaved."""
+    saved_cfg = _merge_defaults(from_dict({}).to_dict(), meta.get("config", {}))
+    diffs = diff(saved_cfg, cfg.to_dict())
     bad = [d for d in diffs if not any(d[0] == k or (k.endswith(".") and d[0].startswith(k))
                                        for k in RESUME_FREE_KEYS)]
     if bad:
@@ -78,6 +87,36 @@ def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: 
                               f"data.source={cfg.data.source!r} now gives; nothing was deleted.")
     return [f"note: {k} changed from {a!r} to {b!r} since the checkpoint" for k, a, b in diffs if (k, a, b) not in bad
             and k == "train.steps"]
+
+
+def _merge_defaults(defaults: dict, saved: dict) -> dict:
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _merge_defaults(v, out[k])
+    return out
+
+
+def checkpoint_dir(cfg: RunConfig) -> str:
+    return cfg.checkpoint.dir or os.path.join(cfg.out_dir, cfg.name, "checkpoints")
+
+
+def check_output_paths(cfg: RunConfig) -> None:
+    """ConfigError naming the key and the path when the run directory, the checkpoint directory or the
+    data cache cannot be created, or the first two cannot be written; run before anything is built. (A
+    read-only data cache is fine when it already holds the shards; ``prepare`` says so when it does not.)"""
+    for key, path, write in (("out_dir", os.path.join(cfg.out_dir, cfg.name), True),
+                             ("checkpoint.dir" if cfg.checkpoint.dir else "out_dir", checkpoint_dir(cfg), True),
+                             ("data.cache_dir", cfg.data.cache_dir, False)):
+        try:
+            os.makedirs(path, exist_ok=True)
+            if write:
+                tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot {'write to' if os.path.isdir(path) else 'create'} {path!r} "
+                              f"({e.strerror or type(e).__name__})") from None
 
 
 def _param_summary(state: core.TrainState, cfg: RunConfig) -> str:
@@ -102,11 +141,20 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     On a mesh of several devices (``cfg.mesh``) the steps run sharded (``poetjax.distributed``); in a
     multi-host run every process calls this, each reads its rows of every batch, and only process 0
     prints and writes the metrics, plot and summary (all of them write the checkpoints together).
+
+    The output paths are checked first (``check_output_paths``). A SIGTERM or SIGINT in the loop stops
+    the run after the step in flight with a checkpoint (``RunResult.stopped_by``); outside the loop it
+    raises ``poetjax.train.signals.Interrupted`` (see that module).
     """
     dist.initialize_distributed(cfg.mesh.distributed)  # before anything touches a device
+    check_output_paths(cfg)
+    with StopSignals() as signals:  # SIGTERM/SIGINT: see poetjax.train.signals
+        return _run(cfg, signals, print_fn)
+
+
+def _run(cfg: RunConfig, signals: StopSignals, print_fn) -> RunResult:
     main = jax.process_index() == 0
     run_dir = os.path.join(cfg.out_dir, cfg.name)
-    os.makedirs(run_dir, exist_ok=True)
     progress = Progress(cfg.train.steps, mode=cfg.logging.progress if main else "none")
     say = progress.message if cfg.logging.progress != "none" and main else (lambda s: None)
     print_fn = print_fn if main else (lambda s: None)
@@ -133,18 +181,17 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     say(dist.describe(mesh))
 
     # -- resume and train ----------------------------------------------------------------------------
-    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save)
+    ckpt = Checkpointer(checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
         return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-                      mesh, shardings)
+                      mesh, shardings, signals)
     finally:
         progress.close()
         ckpt.close()
 
 
 def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-           mesh, shardings) -> RunResult:
+           mesh, shardings, signals) -> RunResult:
     """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report."""
     main = jax.process_index() == 0
     ckpt_dir = ckpt.directory
@@ -259,12 +306,16 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     if start >= stop:
         say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
     t_start = time.time()
+    stopped_by = None
+    signals.arm(mesh)
     while step < stop:
         tokens = dist.global_batch(lambda rows: sampler.batch(position, rows), (batch, seq_len + 1), tokens_sharding)
         state, m = train_step(state, tokens)
         position += 1
         step += 1
         pending.append((step, m))
+        if (sig := signals.poll()) is not None:  # stop after this step, with its checkpoint (all processes)
+            stopped_by, stop = sig, step
         first = step == start + 1
         do_eval = bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0 and step < cfg.train.steps
         do_ckpt = (bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0) or step == stop
@@ -294,9 +345,19 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         if do_ckpt:
             save(step)
             watch.lap()
+    signals.disarm()
+    if stopped_by is None:  # a signal after the last step's poll: that step's checkpoint is written too
+        stopped_by = signals.poll_now()
     progress.close()
-    completed = step >= cfg.train.steps
-    result = RunResult(run_dir, step, completed, None, None, unigram, losses, metrics_path, None, ckpt_dir)
+    completed = step >= cfg.train.steps and stopped_by is None  # a stop at the last step skips the final evaluation
+    result = RunResult(run_dir, step, completed, None, None, unigram, losses, metrics_path, None, ckpt_dir,
+                       stopped_by)
+    if stopped_by is not None:
+        ckpt.wait()  # an async save is on disk before we say so
+        if main:
+            print(f"stopped by {signal.Signals(stopped_by).name} after step {step}: wrote checkpoint step {step} "
+                  f"to {os.path.join(ckpt_dir, str(step))}; the same command resumes from it", file=sys.stderr)
+        return result
     if not completed:
         say(f"stopped at step {step} (train.stop_after); resume with the same command")
         return result

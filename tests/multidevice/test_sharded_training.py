@@ -1,10 +1,16 @@
 """The tiny model trained on meshes (8,1), (4,2), (2,4) and on one device: same losses; a checkpoint
-written on (8,1) restores on (2,4) and on one device, and training continues the same way."""
+written on (8,1) restores on (2,4) and on one device, and training continues the same way; a run on two
+processes stopped by SIGTERM writes one checkpoint that resumes on (2,4)."""
 
 import contextlib
 import io
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +18,13 @@ import numpy as np
 import pytest
 
 from poetjax import distributed as dist
-from poetjax.checkpoint import Checkpointer
+from poetjax.checkpoint import Checkpointer, committed_steps
 from poetjax.testing import assert_close
 from poetjax.train.loop import run
+from poetjax.train.monitor import read_jsonl
 from poetjax.train.optimizers import make_optimizer
 
-from _runs import tiny
+from _runs import ROOT, TINY, tiny
 
 MESHES = [(1, 1), (8, 1), (4, 2), (2, 4)]
 STEPS = 50
@@ -106,3 +113,54 @@ def test_checkpoint_from_8x1_restores_on_2x4_and_one_device_and_training_continu
 def _check_layout(x, sharding, mesh):
     assert x.sharding.is_equivalent_to(sharding, x.ndim), (x.sharding, sharding)
     assert x.sharding.mesh.shape == mesh.shape
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_on_another_mesh(runs, tmp_path,
+                                                                                             data_cache):
+    """Two processes of 4 virtual CPU devices each train on one (8,1) mesh (JAX's multi-process runtime on
+    localhost); only process 1 gets SIGTERM. Both must stop after the same step, or the checkpoint they
+    write together would mix steps (or its save would hang): process 0 names the step, both exit 143, one
+    complete checkpoint is on disk, and it resumes on (2,4) in this process to the losses of the
+    uninterrupted (8,1) run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"out_dir={tmp_path}",
+            f"data.cache_dir={data_cache}", "logging.plot=false", "name=mp", *COMMON, f"train.stop_after={STEPS}",
+            "train.log_interval=1", "mesh.data=8"]
+    procs, logs = [], []
+    for rank in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
+                   PYTHONPATH=ROOT)
+        logs.append(tmp_path / f"process{rank}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log))
+    try:
+        metrics = tmp_path / "mp" / "metrics.jsonl"  # process 0's, one line per step
+        deadline = time.time() + 600
+        while not (metrics.exists() and '"step": 3,' in metrics.read_text()):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err = logs[0].read_text()
+    assert codes == [143, 143], (codes, err[-3000:], logs[1].read_text()[-3000:])
+    ckdir = os.path.join(tmp_path, "mp", "checkpoints")
+    (step,) = committed_steps(ckdir)
+    assert 3 <= step < STEPS and f"stopped by SIGTERM after step {step}: wrote checkpoint step {step}" in err
+    assert "mesh (data=8, fsdp=1) over 8 cpu device(s) on 2 processes" in err
+    meta = Checkpointer(ckdir).read_meta(step)
+    assert meta["data_position"] == step and meta["merges"] == step // 10
+
+    res, log = _run(tiny(tmp_path, data_cache, "name=mp", *COMMON, f"train.stop_after={STEPS}", *_mesh_args((2, 4))))
+    assert f"resumed from checkpoint step {step}" in log and res.step == STEPS
+    before = {r["step"]: r["loss"] for r in read_jsonl(str(metrics)) if "loss" in r and r["step"] <= step}
+    losses = {**before, **res.losses}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert_close(np.array([losses[s] for s in range(1, STEPS + 1)]), _losses(runs[(8, 1)], range(1, STEPS + 1)),
+                 jnp.float32, "same", "losses of the stopped two-process run + its resume vs the (8,1) run")
