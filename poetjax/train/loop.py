@@ -32,7 +32,7 @@ from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
 from poetjax.diagnostics import diagnostics_record
-from poetjax.run_config import ConfigError, RunConfig, diff
+from poetjax.run_config import ConfigError, RunConfig, diff_saved
 from poetjax.train import steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
@@ -65,7 +65,7 @@ class RunResult:
 
 def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: str) -> list[str]:
     """Raise CheckpointError if the checkpoint was written by a different run; return notes for allowed changes."""
-    diffs = diff(meta.get("config", {}), cfg.to_dict())
+    diffs = diff_saved(meta.get("config", {}), cfg)
     bad = [d for d in diffs if not any(d[0] == k or (k.endswith(".") and d[0].startswith(k))
                                        for k in RESUME_FREE_KEYS)]
     if bad:
