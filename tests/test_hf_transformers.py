@@ -12,7 +12,8 @@ they are not installed, as on CI). On the GPU machine:
   that transformers shards itself loads in ours.
 
 transformers runs on the CPU in float32; our side computes float32 matmuls at full precision (on a GPU,
-JAX's default would use TF32), so the float32 tolerance applies.
+JAX's default would use TF32, and so would POET's default Cayley products), so the float32 tolerance
+applies.
 """
 
 import json
@@ -55,7 +56,10 @@ def test_trained_run_exported_with_export_hf_loads_and_generates_in_transformers
     from poetjax.train.export import restore_trained
     from poetjax.train.loop import run
 
-    overrides = ["name=hf", "train.steps=40", "logging.diagnostics_interval=0"]
+    # float32-exact POET products on a GPU too (XLA path, no TF32 pass in the Cayley series), so the trained
+    # model and transformers can be held to the float32 tolerance
+    overrides = ["name=hf", "train.steps=40", "logging.diagnostics_interval=0", "optimizer.impl=xla",
+                 "optimizer.cayley_precision=highest"]
     cfg = tiny(tmp_path, data_cache, *overrides)
     run(cfg)
     out = str(tmp_path / "hf_export")
@@ -75,6 +79,7 @@ def test_trained_run_exported_with_export_hf_loads_and_generates_in_transformers
 
     trained = restore_trained(cfg)[0]  # the POET model in the checkpoint, before any export
     assert_close(_theirs(model, ids), _ours(trained, ids), jnp.float32, "value", "transformers vs our trained model")
+    assert_close(_theirs(model, ids), _ours(from_hf(out), ids), jnp.float32, "value", "transformers vs from_hf")
 
     with torch.no_grad():  # greedy (a briefly trained model mostly repeats its likeliest token) and sampled
         generated = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
