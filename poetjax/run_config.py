@@ -298,11 +298,13 @@ class RunConfig:
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if o.name == "poet":
-            smallest = min(m.hidden_size, m.intermediate_size)
+            kv = m.kv_heads * m.head_dim  # k_proj/v_proj's out-dimension
+            smallest = min(m.hidden_size, m.intermediate_size, kv)
             if o.block_size > smallest:
                 raise ConfigError(
                     f"optimizer.block_size={o.block_size} does not fit the model: it must be <= every projection "
-                    f"dimension (model.hidden_size={m.hidden_size}, model.intermediate_size={m.intermediate_size})")
+                    f"dimension (model.hidden_size={m.hidden_size}, model.intermediate_size={m.intermediate_size}"
+                    + (f", key/value width model.num_kv_heads x head dim = {kv})" if kv < m.hidden_size else ")"))
             if self.poet.quantized:  # every projection's padded in-dimension must split into whole groups
                 for what, dim in (("model.hidden_size", m.hidden_size), ("model.intermediate_size", m.intermediate_size)):
                     padded = -(-dim // o.block_size) * o.block_size
@@ -321,6 +323,9 @@ class RunConfig:
                                   f"{self.train.microbatches} = {shards}")
         if self.data.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={self.data.vocab_size} exceeds model.vocab_size={m.vocab_size}")
+        if m.init_from and o.name == "poet" and o.init != "keep":
+            raise ConfigError(f"optimizer.init={o.init!r} would replace the weights of model.init_from="
+                              f"{m.init_from!r}; use optimizer.init=keep to start POET from the loaded model")
 
     @property
     def poet(self) -> POETConfig:
@@ -504,11 +509,53 @@ def from_dict(data: dict, cli_keys: set[str] | None = None) -> RunConfig:
     return _build(RunConfig, data, "", cli_keys or set())
 
 
+def _hf_defaults(data: dict) -> dict:
+    """``data`` with what ``model.init_from=hf:DIR`` implies: the model's shape fields (and max_seq_len) from
+    DIR/config.json, and DIR/tokenizer.json as data.tokenizer, where the config does not set them. A shape
+    field set to another value than the checkpoint's is an error (the weights could not load)."""
+    model = data.get("model")
+    init_from = model.get("init_from") if isinstance(model, dict) else None
+    if not (isinstance(init_from, str) and init_from.startswith("hf:") and init_from != "hf:"):
+        return data  # no checkpoint (a malformed value is reported by LlamaConfig)
+    from poetjax.models import hf
+
+    folder = init_from[3:]
+    try:
+        fields = hf.config_fields(folder)
+    except hf.HFError as e:
+        raise ConfigError(f"model.init_from={init_from!r}: {e}") from None
+    out = _deep_merge(data, {"model": {**fields, **model}})
+    tokenizer_json = os.path.join(folder, "tokenizer.json")
+    if "tokenizer" not in (data.get("data") or {}) and os.path.isfile(tokenizer_json):
+        out = _deep_merge(out, {"data": {"tokenizer": tokenizer_json}})
+    return out
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The run config: dataclass defaults ← YAML file (with its bases) ← ``key=value`` overrides."""
+    """The run config: dataclass defaults ← YAML file (with its bases) ← ``key=value`` overrides; with
+    ``model.init_from=hf:DIR``, the model's shape from DIR/config.json (``_hf_defaults``)."""
     data = load_yaml(path) if path else {}
     cli = parse_overrides(overrides)
-    return from_dict(_deep_merge(data, cli), _dotted_keys(cli))
+    cfg = from_dict(_hf_defaults(_deep_merge(data, cli)), _dotted_keys(cli))
+    if cfg.model.init_from:
+        from poetjax.models import hf
+        from poetjax.models.llama import LlamaConfig
+
+        folder = cfg.model.init_from[3:]
+        bad = hf.shape_diff(cfg.model, LlamaConfig(**hf.config_fields(folder)))
+        if bad:
+            name, ours, theirs = bad[0]
+            raise ConfigError(f"model.{name}={ours!r} does not match the checkpoint of model.init_from="
+                              f"{cfg.model.init_from!r} ({theirs!r} in {os.path.join(folder, hf.CONFIG)}); "
+                              f"leave model.{name} unset to take it from there")
+    return cfg
+
+
+def diff_saved(saved: dict, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``diff`` of a checkpoint's saved config against ``cfg``. A key the saved config lacks was added to
+    the dataclasses after the checkpoint was written, which then computed what its default does, so it
+    counts as its default."""
+    return diff(_deep_merge(RunConfig().to_dict(), saved), cfg.to_dict())
 
 
 def diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -103,7 +103,7 @@ def test_spectrum_stats_on_plain_and_poet_models():
         assert_close(stats_p[k]["singular_values"], stats[k]["singular_values"], jnp.float32)
 
 
-@pytest.mark.parametrize("ext", [".npz"])
+@pytest.mark.parametrize("ext", [".npz", ".safetensors"])
 def test_export_round_trip_logits(tmp_path, ext):
     model = pj.poetize(Tiny(rngs=nnx.Rngs(0)), pj.POETConfig(block_size=8), rngs=nnx.Rngs(1))
     for _, layer in pj.poet_layers(model):

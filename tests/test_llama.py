@@ -1,5 +1,7 @@
 """The LLaMA model: a float64 numpy reference forward, causality, RoPE, poetize(keep), remat, dtypes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +27,14 @@ def _tokens(b=2, t=9, vocab=61, seed=0):
 
 def _reference_logits(model: Llama, tokens: np.ndarray) -> np.ndarray:
     """LLaMA written out in float64 numpy: per-head loops, an explicit causal softmax, and RoPE as a
-    complex rotation of the pairs (x_i, x_{i+E/2}) — a different route from the model's rotate-half."""
+    complex rotation of the pairs (x_i, x_{i+E/2}) — a different route from the model's rotate-half.
+    Query head h reads key/value head h // (H/G) (grouped-query attention); a tied model's output layer
+    is the embedding table."""
     cfg = model.cfg
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     e = cfg.head_dim
+    group = cfg.num_heads // cfg.kv_heads
+    out_kernel = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
 
     def rms(x, g):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps) * g
@@ -48,10 +54,10 @@ def _reference_logits(model: Llama, tokens: np.ndarray) -> np.ndarray:
             h = rms(x, lp["input_norm"]["scale"])
             att = np.zeros_like(x)
             for hd in range(cfg.num_heads):
-                sl = slice(hd * e, (hd + 1) * e)
+                sl, kv = slice(hd * e, (hd + 1) * e), slice(hd // group * e, (hd // group + 1) * e)
                 q = rope((h @ lp["attn"]["q_proj"]["kernel"])[:, sl], pos)
-                k = rope((h @ lp["attn"]["k_proj"]["kernel"])[:, sl], pos)
-                v = (h @ lp["attn"]["v_proj"]["kernel"])[:, sl]
+                k = rope((h @ lp["attn"]["k_proj"]["kernel"])[:, kv], pos)
+                v = (h @ lp["attn"]["v_proj"]["kernel"])[:, kv]
                 for ti in range(t):
                     s = np.array([q[ti] @ k[si] for si in range(ti + 1)]) / np.sqrt(e)
                     w = np.exp(s - s.max())
@@ -60,12 +66,20 @@ def _reference_logits(model: Llama, tokens: np.ndarray) -> np.ndarray:
             h = rms(x, lp["post_attn_norm"]["scale"])
             g = h @ lp["mlp"]["gate_proj"]["kernel"]
             x = x + ((g / (1 + np.exp(-g))) * (h @ lp["mlp"]["up_proj"]["kernel"])) @ lp["mlp"]["down_proj"]["kernel"]
-        out.append(rms(x, p["norm"]["scale"]) @ p["lm_head"]["kernel"])
+        out.append(rms(x, p["norm"]["scale"]) @ out_kernel)
     return np.stack(out)
 
 
-def test_forward_matches_float64_reference():
-    model = Llama(CFG, rngs=nnx.Rngs(0))
+# grouped-query attention (2 query heads per key/value head, or 4: multi-query) and a tied output layer
+GQA_TIED = {"gqa": dict(num_kv_heads=2), "mqa": dict(num_kv_heads=1), "tied": dict(tie_embeddings=True),
+            "gqa_tied": dict(num_kv_heads=2, tie_embeddings=True)}
+
+
+@pytest.mark.parametrize("variant", ["mha", *GQA_TIED])
+def test_forward_matches_float64_reference(variant):
+    cfg = dataclasses.replace(CFG, **GQA_TIED.get(variant, {}))
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    assert count_params(model) == llama_param_formula(cfg)
     # non-trivial norm gains so they are exercised too
     for path, var in nnx.iter_graph(model):
         if path and path[-1] == "scale":
@@ -116,15 +130,16 @@ def test_rope_depends_only_on_relative_position():
     np.testing.assert_array_equal(np.asarray(apply_rope(q, cos[:1], sin[:1])), np.asarray(q))  # position 0: identity
 
 
-@pytest.mark.parametrize("block_size", [16, 32])  # 32 divides neither 48 nor 80: ragged last blocks
-def test_poetize_keep_leaves_logits_unchanged(block_size):
-    model = Llama(CFG, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("block_size,variant", [(16, "mha"), (32, "mha"), (16, "gqa_tied")])  # 32 divides neither 48 nor 80
+def test_poetize_keep_leaves_logits_unchanged(block_size, variant):
+    cfg = dataclasses.replace(CFG, **GQA_TIED.get(variant, {}))
+    model = Llama(cfg, rngs=nnx.Rngs(0))
     tokens = _tokens()
     before = _logits(model, tokens)
     pj.poetize(model, pj.POETConfig(block_size=block_size, init="keep"), rngs=nnx.Rngs(1))
     converted = [p for p, _ in pj.poet_layers(model)]
     assert len(converted) == 7 * CFG.num_layers and not any("lm_head" in map(str, p) for p in converted)
-    assert isinstance(model.lm_head, nnx.Linear)
+    assert isinstance(model.lm_head, nnx.Linear) if not cfg.tie_embeddings else not hasattr(model, "lm_head")
     assert_close(_logits(model, tokens), before, jnp.float32, "same", "logits after poetize(keep)")
 
 
@@ -160,5 +175,9 @@ def test_config_validation_names_the_field():
         LlamaConfig(hidden_size=48, num_heads=5)
     with pytest.raises(ValueError, match="remat"):
         LlamaConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
+        LlamaConfig(hidden_size=48, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="init_from='runs/x'"):
+        LlamaConfig(init_from="runs/x")
     with pytest.raises(ValueError, match="max_seq_len=32"):
         Llama(CFG, rngs=nnx.Rngs(0))(_tokens(t=33))

@@ -1,18 +1,24 @@
 """LLaMA in Flax NNX, the reference's model family (POET spec §11).
 
-Shape legend: B batch, T sequence, D hidden, H heads, E = D/H head dim, F intermediate, V vocab.
+Shape legend: B batch, T sequence, D hidden, H heads, G key/value heads, E = D/H head dim,
+F intermediate, V vocab.
 
     x = embed(tokens)                                       (B, T, D)
     for each layer:
-        x = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))   causal MHA
+        x = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))   causal attention
         x = x + down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))                       SwiGLU
-    logits = lm_head(norm(x))                               (B, T, V), untied from the embedding
+    logits = lm_head(norm(x))                               (B, T, V); norm(x) · embedᵀ when tied
+
+Attention has H query heads and G = ``num_kv_heads`` key/value heads (H/G query heads share one; G = H
+is multi-head attention, G < H grouped-query attention): q_proj is D → H·E, k_proj and v_proj D → G·E.
+With ``tie_embeddings`` there is no lm_head: the output layer is the embedding table, transposed.
 
 RMSNorm(x) = x / sqrt(mean(x²) + eps) · g, computed in float32 (eps 1e-6). RoPE is the HF LLaMA form
 ("rotate half": the head dim is split into two halves that form the (real, imaginary) pairs). Every
 weight is N(0, init_std²) (0.02), norms start at 1. Every projection is an ``nnx.Linear`` named
 q_proj … down_proj, so ``poetjax.poetize`` converts them, while ``lm_head`` (excluded by name) and the
-embedding stay ordinary parameters.
+embedding stay ordinary parameters. These are the numerics of Hugging Face's ``LlamaForCausalLM``;
+``from_hf`` loads its checkpoints (``poetjax.models.hf``).
 
 ``dtype`` is the compute dtype (bf16 on GPU), ``param_dtype`` the storage dtype; logits come out in
 the compute dtype and the loss casts them to float32. ``remat`` wraps each layer in ``nnx.remat`` with
@@ -60,6 +66,12 @@ class LlamaConfig:
                  head dim it supports, else xla).
     scan_layers: store the layers stacked (one Block with a leading layer axis) and run them with
                  ``lax.scan``: one layer is compiled instead of ``num_layers`` (see the module docstring).
+    num_kv_heads: key/value heads G; 0 means num_heads (multi-head attention), fewer is grouped-query
+                 attention (num_heads must be a multiple of it).
+    tie_embeddings: compute the logits with the embedding table (no lm_head).
+    init_from:   "" (weights drawn from the run's seed) or "hf:DIR", a Hugging Face LLaMA checkpoint whose
+                 weights the run starts from (``from_hf``); a run config then takes the shape fields from
+                 DIR/config.json (``poetjax.run_config.load_config``).
     """
 
     vocab_size: int = 2048
@@ -76,6 +88,9 @@ class LlamaConfig:
     remat: str = "none"
     attention: str = "auto"
     scan_layers: bool = False
+    num_kv_heads: int = 0
+    tie_embeddings: bool = False
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_layers", "max_seq_len"):
@@ -94,18 +109,33 @@ class LlamaConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got remat={self.remat!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got attention={self.attention!r}")
-        if not isinstance(self.scan_layers, bool):
-            raise ValueError(f"scan_layers must be true or false, got scan_layers={self.scan_layers!r}")
+        for name in ("scan_layers", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {name}={getattr(self, name)!r}")
+        if isinstance(self.num_kv_heads, bool) or not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 0:
+            raise ValueError(f"num_kv_heads must be an int >= 0 (0 = num_heads), got num_kv_heads={self.num_kv_heads!r}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if (self.init_from and not self.init_from.startswith("hf:")) or self.init_from == "hf:":
+            raise ValueError(f"init_from must be '' or 'hf:DIR' (a Hugging Face checkpoint folder), got "
+                             f"init_from={self.init_from!r}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """G, the number of key/value heads (``num_kv_heads``, or num_heads when that is 0)."""
+        return self.num_kv_heads or self.num_heads
+
 
 def llama_param_formula(cfg: LlamaConfig) -> int:
-    """Parameters of the plain model: V·D (embed) + L·(4D² + 3·D·F + 2D) + D (final norm) + D·V (lm_head)."""
+    """Parameters of the plain model: V·D (embed) + L·(2D² + 2·D·G·E + 3·D·F + 2D) + D (final norm) + D·V
+    (lm_head, absent when tied)."""
     v, d, f, n = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    return v * d + n * (4 * d * d + 3 * d * f + 2 * d) + d + d * v
+    kv = cfg.kv_heads * cfg.head_dim
+    return v * d + n * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d + (0 if cfg.tie_embeddings else d * v)
 
 
 def count_params(model: nnx.Module, kind=nnx.Param) -> int:
@@ -162,21 +192,23 @@ def _attention_impl(cfg: LlamaConfig) -> str:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        d = cfg.hidden_size
+        d, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
         self.q_proj = _linear(d, d, cfg, rngs)
-        self.k_proj = _linear(d, d, cfg, rngs)
-        self.v_proj = _linear(d, d, cfg, rngs)
+        self.k_proj = _linear(d, kv, cfg, rngs)
+        self.v_proj = _linear(d, kv, cfg, rngs)
         self.o_proj = _linear(d, d, cfg, rngs)
         self.num_heads = cfg.num_heads
+        self.kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.impl = _attention_impl(cfg)
 
     def __call__(self, x_BxTxD, cos_TxE, sin_TxE):
         b, t, _ = x_BxTxD.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
-        q = apply_rope(split(self.q_proj(x_BxTxD)), cos_TxE, sin_TxE)
-        k = apply_rope(split(self.k_proj(x_BxTxD)), cos_TxE, sin_TxE)
-        v = split(self.v_proj(x_BxTxD))
+        split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)
+        q = apply_rope(split(self.q_proj(x_BxTxD), self.num_heads), cos_TxE, sin_TxE)       # (B, T, H, E)
+        k = apply_rope(split(self.k_proj(x_BxTxD), self.kv_heads), cos_TxE, sin_TxE)        # (B, T, G, E)
+        v = split(self.v_proj(x_BxTxD), self.kv_heads)
+        # G < H: query head h reads key/value head h // (H/G), as in HF's repeat_kv
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -233,7 +265,8 @@ class Llama(nnx.Module):
         else:
             self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         return self.forward_embeddings(self.embed(tokens_BxT))
@@ -265,7 +298,20 @@ class Llama(nnx.Module):
                 rots = None if rotations is None else {
                     path.partition("/")[2]: r for path, r in rotations.items() if path.partition("/")[0] == str(i)}
                 x = run(block, x, cos, sin, rots)
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(self.norm(x))
         return self.lm_head(self.norm(x))
+
+
+def from_hf(path: str, **overrides) -> Llama:
+    """A Llama with the weights of the Hugging Face LLaMA checkpoint in folder ``path`` (``config.json`` and
+    ``model.safetensors`` or a sharded index). Its shape comes from config.json; ``overrides`` set the
+    other LlamaConfig fields (dtype, param_dtype, scan_layers, max_seq_len, …). Unsupported checkpoints
+    (another model_type, rope_scaling, biases, another hidden_act) raise an error naming the field;
+    see ``poetjax.models.hf``."""
+    from poetjax.models.hf import load_llama  # the HF file format lives there
+
+    return load_llama(path, **overrides)
 
 
 def rngs_at(key: jax.Array, count) -> nnx.Rngs:

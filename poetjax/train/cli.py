@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the run's newest checkpoint (or checkpoint.resume_step) as plain LLaMA weights "
                          "(.npz or .safetensors; POET rotations merged) to PATH (default "
                          "<run dir>/export_step<N>.npz) and exit")
+    ap.add_argument("--export-hf", nargs="?", const="", metavar="DIR",
+                    help="write the run's newest checkpoint (or checkpoint.resume_step) as a Hugging Face "
+                         "LlamaForCausalLM folder with the run's tokenizer (POET rotations merged) to DIR "
+                         "(default <run dir>/hf_step<N>) and exit; transformers loads it as it is")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.lr=1e-3")
     args = ap.parse_args(argv)
     try:
@@ -35,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after the config is known to be valid: a bad key fails in well under a second.
     from poetjax.checkpoint import CheckpointError, committed_steps
     from poetjax.data import DataError
+    from poetjax.models.hf import HFError
     from poetjax.train.loop import TrainingDiverged, checkpoint_dir, run
     from poetjax.train.signals import exit_status
 
     try:
+        if args.export_hf is not None:
+            from poetjax.train.export import export_hf_run
+
+            export_hf_run(cfg, args.export_hf or None)
+            return 0
         if args.export is not None:
             from poetjax.train.export import export_run
 
@@ -51,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(data.folder)
             return 0
         result = run(cfg)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointError, HFError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # outside the training loop (poetjax.train.signals), or before run()

@@ -35,7 +35,7 @@ from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
 from poetjax.diagnostics import diagnostics_record
-from poetjax.run_config import ConfigError, RunConfig, diff, from_dict
+from poetjax.run_config import ConfigError, RunConfig, diff_saved
 from poetjax.train import steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
@@ -71,10 +71,8 @@ class RunResult:
 def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: str) -> list[str]:
     """Raise CheckpointError if the checkpoint was written by a different run; return notes for allowed changes.
 
-    A key that the checkpoint's config lacks (a field added since) counts as its default, which is how
-    the code that wrote the checkpoint behaved."""
-    saved_cfg = _merge_defaults(from_dict({}).to_dict(), meta.get("config", {}))
-    diffs = diff(saved_cfg, cfg.to_dict())
+    A key that the checkpoint's config lacks (a field added since) counts as its default (``diff_saved``)."""
+    diffs = diff_saved(meta.get("config", {}), cfg)
     bad = [d for d in diffs if not any(d[0] == k or (k.endswith(".") and d[0].startswith(k))
                                        for k in RESUME_FREE_KEYS)]
     if bad:
@@ -87,16 +85,6 @@ def check_resume_compatible(meta: dict, cfg: RunConfig, data_meta: dict, where: 
                               f"data.source={cfg.data.source!r} now gives; nothing was deleted.")
     return [f"note: {k} changed from {a!r} to {b!r} since the checkpoint" for k, a, b in diffs if (k, a, b) not in bad
             and k == "train.steps"]
-
-
-def _merge_defaults(defaults: dict, saved: dict) -> dict:
-    out = dict(saved)
-    for k, v in defaults.items():
-        if k not in out:
-            out[k] = v
-        elif isinstance(v, dict) and isinstance(out[k], dict):
-            out[k] = _merge_defaults(v, out[k])
-    return out
 
 
 def checkpoint_dir(cfg: RunConfig) -> str:

@@ -18,6 +18,7 @@ the whole ``TrainState`` is an ordinary pytree: it can be jitted with ``donate_a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,7 +28,8 @@ from flax import nnx
 
 from poetjax.diagnostics import PhaseProbe, model_diagnostics
 from poetjax.merge import merge as merge_model
-from poetjax.models.llama import Llama
+from poetjax.models.hf import SHAPE_FIELDS, shape_diff
+from poetjax.models.llama import Llama, from_hf
 from poetjax.optim import reset_generator_state
 from poetjax.run_config import RunConfig
 from poetjax.surgery import build_poetized, poetize
@@ -58,8 +60,22 @@ def build_model(cfg: RunConfig) -> nnx.Module:
     POET-X mem before this, against ~22 GiB for its training step), and a model whose float weights would
     not fit the device can still be built in its quantized form. Same distribution as converting a built
     float model, other numbers (see ``build_poetized``).
+
+    ``model.init_from=hf:DIR``: the weights of that Hugging Face checkpoint (``from_hf``), converted by
+    ``poetize`` for a POET run, whose ``optimizer.init=keep`` then leaves the loaded function unchanged.
     """
     k_model, k_poet, _ = run_keys(cfg.seed)
+    if cfg.model.init_from:
+        chosen = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.model)
+                  if f.name not in SHAPE_FIELDS}
+        model = from_hf(cfg.model.init_from.removeprefix("hf:"), **chosen)
+        bad = shape_diff(cfg.model, model.cfg)
+        if bad:
+            raise ValueError(f"model.{bad[0][0]}={bad[0][1]!r} does not match the checkpoint of model.init_from="
+                             f"{cfg.model.init_from!r} ({bad[0][2]!r}); leave it unset (load_config fills it in)")
+        if cfg.optimizer.name == "poet":
+            poetize(model, cfg.poet, rngs=nnx.Rngs(params=k_poet))
+        return model
     if cfg.optimizer.name == "poet" and (cfg.poet.quantized or cfg.model.scan_layers):
         return build_poetized(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=k_model)), cfg.poet, key=k_poet)
     model = Llama(cfg.model, rngs=nnx.Rngs(params=k_model))
