@@ -4,10 +4,10 @@
 
 Restores the run's newest checkpoint (take it just before a merge, e.g. ``train.stop_after=199`` with
 ``optimizer.merge_interval=200``, where the generators are largest) and, for every POET layer and side,
-reports ‖Q‖₂, ‖RᵀR − I‖₂ and the relative error ‖Z_n − R⁻ᵀ‖_F / ‖R⁻ᵀ‖_F of the Newton–Schulz correction
-after n = 0 … 3 steps (``poetjax.cayley.inverse_transpose``; float32-exact products, R⁻ᵀ by a float64
-inverse on the host). The block-Gram backward's dR is G·Z_n, so this is the relative error of its dR for
-any G. The maxima over layers are printed last.
+reports ‖Q‖₂, ‖RᵀR − I‖₂ and the relative error ‖Z − R⁻ᵀ‖_F / ‖R⁻ᵀ‖_F of every ``POETConfig.gram_correction``:
+Newton–Schulz after n = 0 … 3 steps (``poetjax.cayley.inverse_transpose``; float32-exact products) and the
+float32 batched solve ("solve"), against a float64 inverse on the host. The block-Gram backward's dR is
+G·Z, so this is the relative error of its dR for any G. The maxima over layers are printed last.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ def side_report(theta, layout, r) -> dict:
         for n in STEPS:
             z = np.asarray(inverse_transpose(r32, n, precision=HIGHEST), np.float64)
             out[f"newton{n}"] = float(np.linalg.norm(z - want) / np.linalg.norm(want))
+        z = np.asarray(jnp.swapaxes(jnp.linalg.solve(r32, jnp.broadcast_to(jnp.eye(r32.shape[-1]), r32.shape)), -1, -2),
+                       np.float64)
+        out["solve"] = float(np.linalg.norm(z - want) / np.linalg.norm(want))
     return out
 
 
@@ -74,7 +77,7 @@ def main(argv=None):
             rec = {"layer": "/".join(map(str, path)), "side": side, **side_report(theta, layout, r)}
             rows.append(rec)
             print(json.dumps(rec), flush=True)
-    keys = ["q_norm", "orth_err"] + [f"newton{n}" for n in STEPS]
+    keys = ["q_norm", "orth_err"] + [f"newton{n}" for n in STEPS] + ["solve"]
     print(f"\nstep {step} of {ckpt_dir}: maxima over {len(rows)} layer sides")
     print("  " + "  ".join(f"{k:>10s}" for k in keys))
     print("  " + "  ".join(f"{max(r[k] for r in rows):10.2e}" for k in keys))

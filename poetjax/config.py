@@ -16,6 +16,7 @@ IMPLS = ("auto", "xla", "pallas")
 LAYOUTS = ("auto", "tokens", "features")
 CAYLEY_SCOPES = ("auto", "linear", "block", "model")
 COMPUTES = ("auto", "activations", "weight", "gram")
+GRAM_CORRECTIONS = ("solve", "newton1", "newton2", "newton3", "none")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 
 
@@ -52,9 +53,13 @@ class POETConfig:
                     (x, dx) and (y, dy): two dense matmuls per layer and no rotation pass over activations) or
                     "auto" (by the layer's token count and shape at trace time, ``poetjax.ops.resolve_compute``).
                     Never changes the function.
-    gram_newton:    Newton–Schulz steps toward R⁻ᵀ in the "gram" backward pass (dR_in = G·R⁻ᵀ; 0 uses R,
-                    exact only for an orthogonal R). Each step squares the error of the Cayley–Neumann R's
-                    ‖RᵀR − I‖ (``poetjax.cayley.inverse_transpose``); its products run at ``cayley_precision``.
+    gram_correction: how the "gram" backward pass applies R⁻ᵀ (dR_in = G·R_in⁻ᵀ, dR_out = R_out⁻ᵀ·G): "solve"
+                    (a batched linear solve with R: exact for any R, the default), "newton1" … "newton3"
+                    (Newton–Schulz steps from R, ``poetjax.cayley.inverse_transpose``: each squares
+                    ‖RᵀR − I‖, so they are exact only while the Cayley–Neumann R stays near orthogonal) or
+                    "none" (R itself: exact only for an orthogonal R, e.g. ``cayley="exact"``). Newton's
+                    products run at ``cayley_precision``. Real runs reach ‖RᵀR − I‖₂ ≈ 0.9 before a merge
+                    (BENCHMARKS.md), where Newton barely converges.
     cayley_scope:   how many POET layers share one Cayley–Neumann map per step (``poetjax.layers``;
                     never changes the math): "linear" (each layer maps its own blocks, both sides at once),
                     "block" (one map for all projections of a transformer block, computed inside the block,
@@ -119,7 +124,7 @@ class POETConfig:
     compute: str = "activations"
     quant_group_size: int = 256
     perm_chunk: int = 1
-    gram_newton: int = 1
+    gram_correction: str = "solve"
 
     def __post_init__(self):
         if isinstance(self.block_size, float) and self.variant == "fs":
@@ -164,8 +169,9 @@ class POETConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got layout={self.layout!r}")
         if self.compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}, got compute={self.compute!r}")
-        if isinstance(self.gram_newton, bool) or not isinstance(self.gram_newton, int) or self.gram_newton < 0:
-            raise ValueError(f"gram_newton must be an int >= 0, got gram_newton={self.gram_newton!r}")
+        if self.gram_correction not in GRAM_CORRECTIONS:
+            raise ValueError(f"gram_correction must be one of {GRAM_CORRECTIONS}, "
+                             f"got gram_correction={self.gram_correction!r}")
         if self.compute == "gram" and self.variant == "fs":
             raise ValueError("compute='gram' is not available for variant='fs': POET-FS rotates one index subset "
                              "per side through its own layer (poetjax.fs); use compute='auto' or 'activations'")

@@ -361,14 +361,14 @@ def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, sharding
     # jitted by core.make_train_step itself, so a wrapper of it (tests poison one step) still sees every call
     return core.make_train_step(graphdef, tx, microbatches=microbatches, lr_schedule=lr_schedule, donate=donate,
                                 in_shardings=(shardings, batch_sharding(mesh)),
-                                out_shardings=(shardings, replicated(mesh)))
+                                out_shardings=(shardings, replicated(mesh)), mesh=mesh)
 
 
 def make_sharded_eval_step(graphdef, shardings, mesh: Mesh):
     """``eval_step(params, frozen, tokens (B, L+1), weights (B,)) -> (Σ NLL, Σ tokens)``, replicated."""
     from poetjax.train import steps as core
 
-    step = core.make_eval_step(graphdef, jit=False)
+    step = core.under_mesh(core.make_eval_step(graphdef, jit=False), mesh)
     return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh),
                                        batch_sharding(mesh, 1)),
                    out_shardings=replicated(mesh))

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from poetjax.cayley import CAYLEY_PRECISIONS, HIGHEST, block_product, inverse_transpose
-from poetjax.config import COMPUTES, IMPLS, LAYOUTS
+from poetjax.config import COMPUTES, GRAM_CORRECTIONS, IMPLS, LAYOUTS
 from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
 from poetjax.quant import QuantizedWeight, dequantize, quantized_matmul
 
@@ -188,7 +188,7 @@ class GramPlan(NamedTuple):
     """Static choices of the block-Gram layer (``compute="gram"``): hashable, so a ``custom_vjp`` argument."""
 
     mem: bool               # recompute W_eff and y in the backward pass instead of keeping them
-    newton: int             # Newton–Schulz steps toward R⁻ᵀ (``cayley.inverse_transpose``)
+    correction: str         # how R⁻ᵀ is applied (``POETConfig.gram_correction``)
     block_precision: object  # products of K×K blocks (a value of ``cayley.CAYLEY_PRECISIONS``)
     precision: object       # the dense matmuls' lax precision
     interpret: bool | None  # None: XLA; else the Pallas kernels (in the interpreter when True)
@@ -210,8 +210,19 @@ def block_gram(a_TxD: jax.Array, b_TxD: jax.Array, idx: jax.Array, block_size: i
     return jnp.einsum("tbi,tbj->bij", ga, gb, preferred_element_type=acc, precision=HIGHEST)
 
 
+def _whole(w):
+    """W_s (or each array of a QuantizedWeight) whole on every device when the trace runs under a mesh
+    (``poetjax.distributed`` traces its steps under theirs): W_eff's permutations move rows and columns
+    across fsdp shards, which XLA would partition as masked gathers plus an all-reduce of a weight-sized
+    array. One all-gather instead, what FSDP does for any weight it uses."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return w
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, jax.sharding.PartitionSpec()), w)
+
+
 def _gram_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, dtype, plan: GramPlan):
     """W_eff (N, M) in ``dtype``: XLA block products + permutations, or the one-pass rotated-weight kernel."""
+    w0_NpxMp = _whole(w0_NpxMp)
     if isinstance(w0_NpxMp, QuantizedWeight):
         w0_NpxMp = dequantize(w0_NpxMp, dtype)
     if plan.interpret is None:
@@ -251,14 +262,25 @@ def _gram_linear_bwd(plan, res, dy_TxM):
     g_in = block_gram(x, dx, perms.perm_in, k, plan.interpret, plan.chunk)
     g_out = block_gram(y, dy, perms.perm_out_inv, k, plan.interpret, plan.chunk)
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    z_in = inverse_transpose(r_in.astype(x.dtype).astype(acc), plan.newton, precision=plan.block_precision)
-    z_out = inverse_transpose(r_out.astype(x.dtype).astype(acc), plan.newton, precision=plan.block_precision)
-    dr_in = block_product(g_in, z_in, plan.block_precision)
-    dr_out = block_product(z_out, g_out, plan.block_precision)
+    dr_in = _times_inverse_t(g_in, r_in.astype(x.dtype).astype(acc), plan, right=True)
+    dr_out = _times_inverse_t(g_out, r_out.astype(x.dtype).astype(acc), plan, right=False)
     return dx, None, dr_in.astype(r_in.dtype), dr_out.astype(r_out.dtype), None
 
 
 _gram_linear.defvjp(_gram_linear_fwd, _gram_linear_bwd)
+
+
+def _times_inverse_t(g_BxKxK, r_BxKxK, plan: GramPlan, *, right: bool):
+    """G·R⁻ᵀ (``right``) or R⁻ᵀ·G for every block, as ``plan.correction`` says: "solve" (R·Xᵀ = Gᵀ, resp.
+    Rᵀ·X = G, by batched LU; exact for any invertible R), "newton<k>" (k Newton–Schulz steps from R,
+    ``cayley.inverse_transpose``) or "none" (R itself)."""
+    if plan.correction == "solve":
+        if right:
+            return jnp.swapaxes(jnp.linalg.solve(r_BxKxK, jnp.swapaxes(g_BxKxK, -1, -2)), -1, -2)
+        return jnp.linalg.solve(jnp.swapaxes(r_BxKxK, -1, -2), g_BxKxK)
+    steps = 0 if plan.correction == "none" else int(plan.correction.removeprefix("newton"))
+    z = inverse_transpose(r_BxKxK, steps, precision=plan.block_precision)
+    return block_product(g_BxKxK, z, plan.block_precision) if right else block_product(z, g_BxKxK, plan.block_precision)
 
 
 def _poet_gram(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, plan: GramPlan):
@@ -325,7 +347,7 @@ def resolve_layout(layout: str, impl: str, perm_chunk: int = 1) -> str:
 
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                   perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla",
-                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1, gram_newton: int = 1,
+                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1, gram_correction: str = "solve",
                   cayley_precision: str = "highest") -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
@@ -338,9 +360,8 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     (POET-X), "weight" (form W_eff, then one dense matmul) or "auto" (see ``resolve_compute``).
     ``perm_chunk``: the permutations move runs of this many coordinates (``poetjax.perms``; the layer's
     ``POETConfig.perm_chunk``); the token-major Pallas kernels then index one run per tile. Other paths
-    ignore it (they are correct for any permutation). ``gram_newton`` and ``cayley_precision``: the
-    Newton–Schulz steps toward R⁻ᵀ and the precision of the K×K products in the "gram" backward pass
-    (``POETConfig.gram_newton``, ``POETConfig.cayley_precision``).
+    ignore it (they are correct for any permutation). ``gram_correction`` and ``cayley_precision``: how
+    the "gram" backward pass applies R⁻ᵀ and the precision of its K×K products (``POETConfig``).
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
@@ -354,10 +375,13 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     tokens = math.prod(x.shape[:-1])
     compute = resolve_compute(compute, tokens, x.shape[-1], perms.perm_out.shape[0], variant)
     if compute == "gram":
+        if gram_correction not in GRAM_CORRECTIONS:
+            raise ValueError(f"gram_correction must be one of {GRAM_CORRECTIONS}, "
+                             f"got gram_correction={gram_correction!r}")
         if cayley_precision not in CAYLEY_PRECISIONS:
             raise ValueError(f"cayley_precision must be one of {tuple(CAYLEY_PRECISIONS)}, "
                              f"got cayley_precision={cayley_precision!r}")
-        plan = GramPlan(mem=variant == "mem", newton=gram_newton, block_precision=CAYLEY_PRECISIONS[cayley_precision],
+        plan = GramPlan(mem=variant == "mem", correction=gram_correction, block_precision=CAYLEY_PRECISIONS[cayley_precision],
                         precision=precision, interpret=pk.default_interpret() if impl == "pallas" else None,
                         chunk=perm_chunk)
         return _poet_gram(x, w0, r_in_IxKxK, r_out_OxKxK, perms, plan)

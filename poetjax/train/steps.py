@@ -117,7 +117,7 @@ def loss_fn(graphdef, params, frozen, tokens_BxL1: jax.Array) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches: int = 1,
                     lr_schedule: Callable | None = None, jit: bool = True, donate: bool = True,
-                    axis_name: str | None = None, in_shardings=None, out_shardings=None):
+                    axis_name: str | None = None, in_shardings=None, out_shardings=None, mesh=None):
     """``train_step(state, tokens (B, L+1) int32) -> (state, metrics)``.
 
     With ``microbatches = m`` the batch is split into m equal chunks whose gradients are averaged (a
@@ -129,7 +129,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
     applies the same update. Not needed under ``jax.jit`` with shardings (``poetjax.distributed``).
 
     ``in_shardings``/``out_shardings``: passed to ``jax.jit`` when given (``poetjax.distributed.
-    make_sharded_train_step``).
+    make_sharded_train_step``). ``mesh``: the step is traced under its abstract mesh (``under_mesh``).
     """
 
     grad_fn = jax.value_and_grad(lambda p, f, t: loss_fn(graphdef, p, f, t))
@@ -161,10 +161,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
+    train_step = under_mesh(train_step, mesh)
     if not jit:
         return train_step
     shard_kw = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
     return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shard_kw)
+
+
+def under_mesh(fn: Callable, mesh) -> Callable:
+    """``fn`` traced under ``mesh``'s abstract mesh (``fn`` itself when ``mesh`` is None), so that layers can
+    state where an array must live (``jax.lax.with_sharding_constraint`` with a PartitionSpec; e.g. the
+    block-Gram layer's whole W0, ``poetjax.ops``)."""
+    if mesh is None:
+        return fn
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 def make_eval_step(graphdef, *, jit: bool = True):
