@@ -291,29 +291,40 @@ def _poet_gram(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, plan: Gr
     return y.reshape(*lead, y.shape[-1])
 
 
-# compute="auto" runs the block-Gram layer once T · (N + M) ≥ GRAM_TOKENS · N · M, i.e. once the activations it
-# reads in its backward pass outweigh the weight-sized work it adds (see resolve_compute).
-GRAM_TOKENS = 1.0
+# compute="auto" forms W_eff in the mem flavour once the layer sees at least this many tokens per unit of its
+# wider side (T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M)); the fast flavour keeps rotating activations. See
+# resolve_compute for the measurements behind both.
+WEIGHT_TOKENS_PER_WIDTH = 1
 
 
 def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "fast") -> str:
     """"activations", "weight" or "gram" for a layer of N → M features applied to ``tokens`` tokens.
 
     "activations": POET-X, input-centric: rotate the activations, never form W_eff (no dW matmul; passes
-    over (T, N) and (T, M) arrays). "weight": form W_eff from the blocks, then a dense matmul, and
-    differentiate through both (three dense matmuls like a dense layer). "gram": form W_eff, then one dense
-    matmul; the backward pass is dx = dy · W_effᵀ and two block Gram reductions over (x, dx) and (y, dy)
-    that give dR directly (two dense matmuls, no activation-sized rotation pass; ``_gram_linear_bwd``).
-    All three compute the same function.
+    over (T, N) and (T, M) arrays). "weight": POET's weight-centric form: W_eff from the blocks, then a
+    dense matmul (passes over the (N, M) weight, plus the dW matmul: three dense matmuls like a dense
+    layer instead of two). "gram": form W_eff, then one dense matmul; the backward pass is dx = dy · W_effᵀ
+    and two block Gram reductions over (x, dx) and (y, dy) that give dR directly (two dense matmuls, no
+    activation-sized rotation pass; ``_gram_linear_bwd``). All compute the same function (the same
+    products, rounded to the compute dtype at different places).
 
-    "auto" (decided at trace time from the static shapes): "gram" when T · (N + M) ≥ GRAM_TOKENS · N · M,
-    else "activations". The rule and its measurements: BENCHMARKS.md.
+    "auto" (decided at trace time from the static shapes): "weight" for the mem flavour when
+    T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M), else "activations". Measured on the H200 (BENCHMARKS.md run
+    7, fwd+bwd, b=256): mem/weight ÷ mem/activations = 0.82 (T=16384, 4096²), 0.94 (16384, 4096→11008),
+    0.81 / 0.93 / 0.86 (T=8192: 2048², 2048→5632, 5632→2048), 1.80 / 2.61 (T=1024: 4096², 4096→14336):
+    the mem flavour recomputes the whole rotated forward on activations, but only W_eff on weights. In
+    the fast flavour "weight" won only at T=8192, 2048² (0.90) and lost by 1.07–1.27 at the other T ≥ N
+    shapes, so "auto" keeps POET-X there. Under data parallelism "weight" all-reduces a W_eff-sized
+    gradient per layer (POET-X reduces only the generators'): keep "activations" there. "auto" never picks
+    "gram" until its layer timings exist (BENCHMARKS.md, "Block-Gram layer").
     """
     if compute not in COMPUTES:
         raise ValueError(f"compute must be one of {COMPUTES}, got compute={compute!r}")
     if compute != "auto":
         return compute
-    return "gram" if tokens * (n + m) >= GRAM_TOKENS * n * m else "activations"
+    if variant == "mem" and tokens >= WEIGHT_TOKENS_PER_WIDTH * max(n, m):
+        return "weight"
+    return "activations"
 
 
 # What layout="auto" resolves to, per implementation (see resolve_layout).

@@ -188,3 +188,42 @@ def test_gram_config_errors():
                           ops.LayerPerms(*(jnp.arange(16, dtype=jnp.int32),) * 4), compute="gram", gram_correction="lu")
     with pytest.raises(ValueError, match="compute='gram' is not available for variant='fs'"):
         pj.POETConfig(variant="fs", compute="gram", block_size=0.5)
+
+
+@pytest.mark.parametrize("scan,remat,scope,variant", [(False, "none", "linear", "fast"),
+                                                      (True, "dots_saveable", "model", "fast"),
+                                                      (True, "full", "block", "mem"),
+                                                      (False, "dots_with_no_batch_dims_saveable", "auto", "mem")])
+def test_gram_llama_matches_activations_under_scan_remat_and_shared_maps(scan, remat, scope, variant):
+    """A whole model: the loss and every gradient of compute="gram" equal POET-X's (activations), with stacked
+    layers under lax.scan, each remat policy and each Cayley scope."""
+    from poetjax.models import Llama, LlamaConfig, stack_layers
+    from poetjax.train.steps import loss_fn, split_model
+
+    from _reference import randomize_generators
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_heads=4, num_layers=2, max_seq_len=16,
+                      remat=remat)
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, cfg.vocab_size)
+    out = {}
+    for compute in ("activations", "gram"):
+        model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
+        pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, cayley_scope=scope, impl="xla", compute=compute,
+                                        cayley_precision="highest"), rngs=nnx.Rngs(params=jax.random.key(1)))
+        randomize_generators(model, 0.1)
+        model = stack_layers(model) if scan else model
+        graphdef, params, frozen = split_model(model)
+        loss, g = jax.value_and_grad(lambda p: loss_fn(graphdef, p, frozen, tokens))(params)
+        out[compute] = (loss, {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(g)[0]})
+    (loss_a, g_a), (loss_g, g_g) = out["activations"], out["gram"]
+    assert_close(loss_g, loss_a, jnp.float32, what="loss")
+    assert g_g.keys() == g_a.keys() and any("theta" in k for k in g_g)
+    for k in g_g:
+        assert_close(g_g[k], g_a[k], jnp.float32, "grad", what=f"grad {k}")
+
+
+def test_auto_compute_never_picks_gram_before_it_is_measured():
+    for variant in ("fast", "mem"):
+        for tokens in (1, 10 ** 3, 10 ** 9):
+            assert ops.resolve_compute("auto", tokens, 4096, 4096, variant) != "gram"
+    assert ops.resolve_compute("gram", 1, 8, 8) == "gram"
