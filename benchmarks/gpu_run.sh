@@ -20,6 +20,8 @@
 #         gram_layers (layers, GRAM_IMPLS/GRAM_VARIANTS/GRAM_CASES), gram_e2e (train_bench, E2E_CONFIG/E2E_BATCH/
 #         E2E_METHODS, c=64, bf16 Cayley), gram_newton (a llama_60m run to just before its first merge, then
 #         benchmarks/gram_newton.py: ‖Q‖, ‖RᵀR − I‖ and the Newton correction's error per step).
+# hf: the transformers round trip of the Hugging Face export/import (tests/test_hf_transformers.py; torch and
+#     transformers are on the GPU box, not on CI).
 # GRAM_TUNING: a --sweep JSON-lines file whose winners gram_layers and gram_e2e use (e.g. $OUT/gram_sweep.jsonl).
 # LOOP_TUNING: a --sweep JSON-lines file whose winners profile_loop and e2e1b_loop use (e.g. $OUT/sweep_loop.jsonl).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
@@ -167,6 +169,8 @@ for stage in ${1//,/ }; do
               train.batch_size=64 logging.diagnostics_interval=0 train.eval_interval=0 checkpoint.interval=0 \
               out_dir=runs/newton name=n60m
            tail -4 "$OUT/gram_newton.log" ;;
+    hf) run hf 200 python -m pytest -q -s -rs tests/test_hf_transformers.py
+        tail -12 "$OUT/hf.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -58,8 +58,8 @@ class POETConfig:
                     (Newton–Schulz steps from R, ``poetjax.cayley.inverse_transpose``: each squares
                     ‖RᵀR − I‖, so they are exact only while the Cayley–Neumann R stays near orthogonal) or
                     "none" (R itself: exact only for an orthogonal R, e.g. ``cayley="exact"``). Newton's
-                    products run at ``cayley_precision``. Real runs reach ‖RᵀR − I‖₂ ≈ 0.9 before a merge
-                    (BENCHMARKS.md), where Newton barely converges.
+                    products run at ``cayley_precision``. Real runs drift far enough from orthogonal before a
+                    merge that Newton barely converges (BENCHMARKS.md, "Block-Gram layer").
     cayley_scope:   how many POET layers share one Cayley–Neumann map per step (``poetjax.layers``;
                     never changes the math): "linear" (each layer maps its own blocks, both sides at once),
                     "block" (one map for all projections of a transformer block, computed inside the block,
