@@ -207,6 +207,8 @@ def block_gram(a_TxD: jax.Array, b_TxD: jax.Array, idx: jax.Array, block_size: i
     ga = jnp.take(a_TxD, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size)
     gb = jnp.take(b_TxD, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size)
     acc = jnp.promote_types(a_TxD.dtype, jnp.float32)  # float32 sums (float64 inputs stay float64)
+    if jax.default_backend() == "cpu":  # its runtime has no bf16 × bf16 → f32 dot; the products are exact in f32
+        ga, gb = ga.astype(acc), gb.astype(acc)
     return jnp.einsum("tbi,tbj->bij", ga, gb, preferred_element_type=acc, precision=HIGHEST)
 
 
