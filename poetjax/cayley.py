@@ -244,10 +244,33 @@ def inverse_transpose(r_BxKxK: jax.Array, steps: int = 1, *, precision=HIGHEST) 
     return z
 
 
+def batched_solve(a_BxKxK: jax.Array, b_BxKxC: jax.Array) -> jax.Array:
+    """X with a·X = b for every block (any leading dims): ``jnp.linalg.solve`` (LU), except on the CPU
+    backend. There two LAPACK triangular solves that XLA runs concurrently (two layers, or two sides of
+    one) can hang the process for good (jaxlib 0.10.2), so the CPU solves by Gauss–Jordan elimination with
+    partial pivoting in plain XLA ops: K steps, each a rank-1 update of the (K, K + C) system."""
+    if jax.default_backend() != "cpu":
+        return jnp.linalg.solve(a_BxKxK, b_BxKxC)
+    lead, k, c = a_BxKxK.shape[:-2], a_BxKxK.shape[-1], b_BxKxC.shape[-1]
+    rows = jnp.arange(k)
+
+    def eliminate(p, m_BxKxKC):
+        col = jnp.where(rows >= p, jnp.abs(m_BxKxKC[:, :, p]), -1.0)            # candidates at or below p
+        q = jnp.argmax(col, axis=-1)
+        swap = jnp.where(rows == p, q[:, None], jnp.where(rows == q[:, None], p, rows))
+        m_BxKxKC = jnp.take_along_axis(m_BxKxKC, swap[:, :, None], axis=1)      # rows p and q exchanged
+        pivot = m_BxKxKC[:, p, :] / m_BxKxKC[:, p, p][:, None]
+        m_BxKxKC = m_BxKxKC - m_BxKxKC[:, :, p][:, :, None] * pivot[:, None, :]  # column p zero everywhere
+        return jnp.where((rows == p)[None, :, None], pivot[:, None, :], m_BxKxKC)
+
+    m = jnp.concatenate([a_BxKxK.reshape(-1, k, k), b_BxKxC.reshape(-1, k, c)], axis=-1)
+    return jax.lax.fori_loop(0, k, eliminate, m)[:, :, k:].reshape(*lead, k, c)
+
+
 def cayley_exact(q_BxKxK: jax.Array) -> jax.Array:
     """R = (I+Q)(I−Q)⁻¹ = (I−Q)⁻¹(I+Q) (the factors commute), by a linear solve."""
     eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
-    return jnp.linalg.solve(eye - q_BxKxK, eye + q_BxKxK)
+    return batched_solve(eye - q_BxKxK, jnp.broadcast_to(eye + q_BxKxK, q_BxKxK.shape))
 
 
 def neumann_orthogonality_bound(q_norm, num_terms: int = 3):

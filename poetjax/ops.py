@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from poetjax.cayley import CAYLEY_PRECISIONS, HIGHEST, block_product, inverse_transpose
+from poetjax.cayley import CAYLEY_PRECISIONS, HIGHEST, batched_solve, block_product, inverse_transpose
 from poetjax.config import COMPUTES, GRAM_CORRECTIONS, IMPLS, LAYOUTS
 from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
 from poetjax.quant import QuantizedWeight, dequantize, quantized_matmul
@@ -278,8 +278,8 @@ def _times_inverse_t(g_BxKxK, r_BxKxK, plan: GramPlan, *, right: bool):
     ``cayley.inverse_transpose``) or "none" (R itself)."""
     if plan.correction == "solve":
         if right:
-            return jnp.swapaxes(jnp.linalg.solve(r_BxKxK, jnp.swapaxes(g_BxKxK, -1, -2)), -1, -2)
-        return jnp.linalg.solve(jnp.swapaxes(r_BxKxK, -1, -2), g_BxKxK)
+            return jnp.swapaxes(batched_solve(r_BxKxK, jnp.swapaxes(g_BxKxK, -1, -2)), -1, -2)
+        return batched_solve(jnp.swapaxes(r_BxKxK, -1, -2), g_BxKxK)
     steps = 0 if plan.correction == "none" else int(plan.correction.removeprefix("newton"))
     z = inverse_transpose(r_BxKxK, steps, precision=plan.block_precision)
     return block_product(g_BxKxK, z, plan.block_precision) if right else block_product(z, g_BxKxK, plan.block_precision)

@@ -76,6 +76,27 @@ def test_exact_cayley_is_orthogonal():
     np.testing.assert_allclose(r @ (np.eye(32) - q), np.eye(32) + q, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_batched_solve_matches_float64_numpy_and_pivots(dtype):
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((2, 3, 24, 24))
+    a[0, 0] = np.eye(24)[rng.permutation(24)]   # zeros on the diagonal: only pivoting solves it
+    b = rng.standard_normal((2, 3, 24, 5))
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jax.jit(cayley.batched_solve)(jnp.asarray(a, dtype), jnp.asarray(b, dtype))
+        assert x.dtype == dtype and x.shape == b.shape
+        assert_close(x, np.linalg.solve(a, b), dtype, "grad", what="batched solve")
+
+
+def test_cpu_solves_run_no_lapack_call():
+    """Two LAPACK triangular solves that XLA runs concurrently can hang a CPU process (jaxlib 0.10.2): the
+    CPU form of the solve is plain XLA ops, so no program of ours holds a LAPACK custom call."""
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8)), jnp.float32)
+    two = lambda q, g: (cayley.batched_solve(q + 3 * jnp.eye(8), g), cayley.cayley_exact(q - jnp.swapaxes(q, 1, 2)))
+    hlo = jax.jit(jax.grad(lambda q: sum(jnp.sum(t) for t in two(q, q)))).lower(q).compile().as_text()
+    assert "custom_call_target=\"lapack" not in hlo
+
+
 def test_neumann_orthogonality_error_within_bound_and_shrinks():
     rng = np.random.default_rng(3)
     k = 32
