@@ -143,8 +143,10 @@ for stage in ${1//,/ }; do
               --steps 5 --timeout 150 ${LOOP_TUNING:+--tuning $LOOP_TUNING} --out "$OUT/e2e.jsonl" \
               --methods "${E2E_METHODS:-adamw,poet_fast+optimizer.perm_chunk=64}" optimizer.cayley_precision=bf16
            tail -8 "$OUT/e2e1b_loop.log" ;;
-    gram_tests) run gram_tests 200 python -m pytest -q -m "gpu or not gpu" tests/pallas/test_gram_kernels.py tests/test_gram.py
-           tail -3 "$OUT/gram_tests.log" ;;
+    gram_tests) run gram_tests 200 python -m pytest -q -m gpu tests/pallas/test_gram_kernels.py
+           tail -3 "$OUT/gram_tests.log"
+           run gram_layer_tests 200 python -m pytest -q tests/test_gram.py
+           tail -3 "$OUT/gram_layer_tests.log" ;;
     gram_sweep) run gram_sweep 200 python benchmarks/layer_bench.py --sweep --sweep-chunk 64 --no-cayley --no-layers \
               --sweep-kernels gram,weight,correction --sweep-cayley-blocks 154,3696 --cayley-precision bf16 \
               --out "$OUT/gram_sweep.jsonl"
