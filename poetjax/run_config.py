@@ -178,6 +178,8 @@ class TrainConfig:
     log_interval:  steps between metric lines (and between host syncs).
     stop_after:    stop (with a checkpoint) once this step is reached, as a preempted job would (0 = run
                    to ``steps``); resuming then continues the same run.
+    compilation_cache: JAX's persistent compilation cache folder: ``auto`` ($POETJAX_COMPILATION_CACHE, else
+                   the user's cache folder, ``poetjax.train.xla_cache``), ``off``, or a folder.
     """
 
     steps: int = 640
@@ -187,6 +189,7 @@ class TrainConfig:
     eval_batches: int = 0
     log_interval: int = 10
     stop_after: int = 0
+    compilation_cache: str = "auto"
 
     def __post_init__(self):
         for f in ("steps", "batch_size", "microbatches", "log_interval"):

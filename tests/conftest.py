@@ -25,13 +25,20 @@ def data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for the session: the training tests compile the same programs in several
-    runs (uninterrupted vs stopped + resumed); later runs load them instead of compiling again."""
-    import jax
+    """A persistent XLA cache for the session, never the user's: the training tests compile the same
+    programs in several runs (uninterrupted vs stopped + resumed); later runs load them instead of
+    compiling again. Through the variable that ``train.compilation_cache=auto`` reads, so runs in this
+    process and in subprocesses (train.py) use it too; the thresholds are the ones a run sets."""
+    from poetjax.train.xla_cache import ENV_VAR, use_compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(tmp_path_factory.mktemp("xla_cache"))
+    use_compilation_cache("auto", warn=print)
     yield
+    if before is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = before
 
 
 @pytest.fixture(scope="session")

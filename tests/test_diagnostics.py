@@ -259,13 +259,15 @@ def test_summarize_and_json_record():
 def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
     from _runs import TINY
 
+    from poetjax import distributed as dist
     from poetjax.run_config import load_config
     from poetjax.train import steps as core
     from poetjax.train.optimizers import make_optimizer
 
     cfg = load_config(TINY, ["model.num_layers=1"])
     tx = make_optimizer(cfg)
-    graphdef, state = core.init_state(core.build_model(cfg), tx, core.run_keys(0)[2])
+    # built as the trainer builds it: on the (one-device) mesh, so the programs' outputs carry its sharding
+    graphdef, state, _ = dist.init_train_state(cfg, tx, dist.mesh_from_config(cfg.mesh))
     diag = core.make_diagnostics_step(graphdef)
     s_ref = core.reference_spectra(diag, state)
     merge = core.make_merge_step(graphdef, donate=False)
@@ -273,8 +275,8 @@ def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
 
     # what training does to the generators, without compiling a train step (the test suite's time)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
-    leaves = [0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype) if "theta" in jax.tree_util.keystr(p)
-              else x for i, (p, x) in enumerate(leaves)]
+    leaves = [jax.device_put(0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype), x.sharding)
+              if "theta" in jax.tree_util.keystr(p) else x for i, (p, x) in enumerate(leaves)]
     state = state._replace(params=jax.tree_util.tree_unflatten(treedef, leaves))
     before = diag(state, s_ref)
     merged = merge(state)

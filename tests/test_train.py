@@ -69,13 +69,32 @@ def test_stop_and_resume_gives_bit_identical_losses(uninterrupted, tmp_path, dat
     assert [r["step"] for r in split_rows] == list(range(1, 31))
 
 
+def test_the_run_logs_where_its_time_went(uninterrupted):
+    """One "timing" record at the end of the run, the same numbers in summary.json: setup phases and each
+    program's first call (compile or cache load, plus one run), all within the time to the first step
+    or the whole run."""
+    from poetjax.train.xla_cache import ENV_VAR
+
+    rows = [r for r in read_jsonl(uninterrupted.metrics_path) if r.get("kind") == "timing"]
+    with open(os.path.join(uninterrupted.run_dir, "summary.json")) as f:
+        timing = json.load(f)["timing"]
+    assert len(rows) == 1 and rows[0] == {"kind": "timing", "step": 30, **timing}
+    phases = ("data_s", "build_s", "first_diagnostics_s", "first_step_s", "first_merge_s", "first_eval_s")
+    assert all(isinstance(timing[k], float) and timing[k] >= 0 for k in phases + ("to_first_step_s", "total_s"))
+    assert timing["build_s"] > 0 and timing["first_step_s"] > 0 and timing["first_merge_s"] > 0
+    before_step = sum(timing[k] for k in ("data_s", "build_s", "first_diagnostics_s", "first_step_s"))
+    assert before_step <= timing["to_first_step_s"] + 0.01 <= timing["total_s"] + 0.01
+    assert timing["first_merge_s"] + timing["first_eval_s"] <= timing["total_s"] - timing["to_first_step_s"]
+    assert timing["compilation_cache"] == os.environ[ENV_VAR]  # the session's cache, never the user's
+
+
 def _train_command(tmp_path, data_cache, name, *overrides):
-    """(argv, env) of train.py on the resume setting in a subprocess, sharing the session's XLA cache."""
+    """(argv, env) of train.py on the resume setting in a subprocess, sharing the session's XLA cache (the
+    environment's POETJAX_COMPILATION_CACHE, set in conftest.py)."""
     args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, f"out_dir={tmp_path}",
             f"data.cache_dir={data_cache}", "logging.plot=false", "logging.progress=lines", f"name={name}",
             *RESUME, *overrides]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     return args, env
 
 

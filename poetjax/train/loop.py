@@ -6,6 +6,14 @@ val_loss, val_ppl; one per ``logging.diagnostics_interval``: "diagnostics", see
 ``poetjax.diagnostics.diagnostics_record``), ``curves.png``, ``summary.json`` and ``checkpoints/<step>/``.
 tokens_per_s and the progress line's rate leave out compilation: the first step's and the first merge's.
 
+Where the time before training goes: one ``{"kind": "timing", ...}`` line at the end of each invocation
+(also ``summary.json``'s "timing") holds, in seconds since ``run`` began or per phase: ``data_s``
+(tokenize or load the shards), ``build_s`` (model, optimizer and state on the devices), ``first_step_s``,
+``first_merge_s``, ``first_eval_s`` and ``first_diagnostics_s`` (each program's first call: compile, or load
+from the compilation cache, plus one run), ``to_first_step_s`` (from ``run``'s start to the first completed
+step) and ``total_s``; a program that did not run is left out. ``compilation_cache`` names the folder of
+JAX's persistent cache (``poetjax.train.xla_cache``), or is null when it is off.
+
 Diagnostics are taken after the optimizer step and before a merge due at the same step, so the
 orthogonality errors and the drift since the last merge show the rotations about to be folded; the
 spectral drift is measured against the spectra of the step-0 model (rebuilt from the seed on resume),
@@ -40,11 +48,13 @@ from poetjax.train import steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 from poetjax.train.signals import StopSignals
+from poetjax.train.xla_cache import use_compilation_cache
 
 # Keys that may differ between a checkpoint's config and the resuming config: bookkeeping, where files
 # go, and implementation choices (remat, attention kernel, the device mesh) that compute the same
 # function. train.steps moves the schedule's horizon, which is reported.
 RESUME_FREE_KEYS = ("name", "out_dir", "train.steps", "train.eval_interval", "train.eval_batches", "data.cache_dir",
+                    "train.compilation_cache",
                     "model.remat", "model.attention", "mesh", "mesh.",
                     "train.log_interval", "train.stop_after", "checkpoint.", "logging.")
 
@@ -134,20 +144,25 @@ def run(cfg: RunConfig, *, print_fn: Callable[[str], None] = print) -> RunResult
     the run after the step in flight with a checkpoint (``RunResult.stopped_by``); outside the loop it
     raises ``poetjax.train.signals.Interrupted`` (see that module).
     """
+    t_run = time.perf_counter()
     dist.initialize_distributed(cfg.mesh.distributed)  # before anything touches a device
     check_output_paths(cfg)
     with StopSignals() as signals:  # SIGTERM/SIGINT: see poetjax.train.signals
-        return _run(cfg, signals, print_fn)
+        return _run(cfg, signals, print_fn, t_run)
 
 
-def _run(cfg: RunConfig, signals: StopSignals, print_fn) -> RunResult:
+def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunResult:
     main = jax.process_index() == 0
+    warn = (lambda s: print(s, file=sys.stderr)) if main else (lambda s: None)
+    # Before anything compiles: jax opens its cache at the first compilation.
+    timing = {"compilation_cache": use_compilation_cache(cfg.train.compilation_cache, warn)}
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     progress = Progress(cfg.train.steps, mode=cfg.logging.progress if main else "none")
     say = progress.message if cfg.logging.progress != "none" and main else (lambda s: None)
     print_fn = print_fn if main else (lambda s: None)
 
     # -- data ------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
     data = prepare_from_config(cfg.data, cfg.model.vocab_size, log=say)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
@@ -157,14 +172,18 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn) -> RunResult:
     sampler = BatchSampler(train_tokens, batch, seq_len, cfg.seed)
     list(eval_windows(valid_tokens, batch, seq_len, max_batches=1))  # fail now if valid is too short
     unigram = unigram_perplexity(train_tokens, valid_tokens, data.vocab_size)
+    timing["data_s"] = time.perf_counter() - t0
     say(f"data: {data.meta['source']}: {train_tokens.size:,} train / {valid_tokens.size:,} valid tokens, "
         f"vocab {data.vocab_size}; unigram perplexity of the valid split {unigram:.2f}")
 
     # -- model, optimizer, state (built in place on the device mesh) ----------------------------------
+    t0 = time.perf_counter()
     tx = make_optimizer(cfg)
     mesh = dist.mesh_from_config(cfg.mesh)
     dist.check_batch(batch, mesh, cfg.train.microbatches)
     graphdef, state, shardings = dist.init_train_state(cfg, tx, mesh)
+    jax.block_until_ready(state)
+    timing["build_s"] = time.perf_counter() - t0
     say(_param_summary(state, cfg))
     say(dist.describe(mesh))
 
@@ -172,15 +191,16 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn) -> RunResult:
     ckpt = Checkpointer(checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
         return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-                      mesh, shardings, signals)
+                      mesh, shardings, signals, t_run, timing)
     finally:
         progress.close()
         ckpt.close()
 
 
 def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-           mesh, shardings, signals) -> RunResult:
-    """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report."""
+           mesh, shardings, signals, t_run, timing) -> RunResult:
+    """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report.
+    ``timing`` (the setup's seconds so far) gains the first calls' and goes into the logs at the end."""
     main = jax.process_index() == 0
     ckpt_dir = ckpt.directory
     valid_tokens = data.tokens("valid")
@@ -195,7 +215,11 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         diag_every = 0
     diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
     # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
+    t0 = time.perf_counter()
     s_ref = core.reference_spectra(diag_step, state) if diag_every else None
+    if diag_every:  # the diagnostics program's first call (this compiles it)
+        jax.block_until_ready(s_ref)
+        timing["first_diagnostics_s"] = time.perf_counter() - t0
     on_disk = ckpt.steps()
     if on_disk:
         if not cfg.checkpoint.resume:
@@ -237,6 +261,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
 
     def evaluate(max_batches: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
         tot = cnt = 0.0
         for toks, w in eval_windows(valid_tokens, batch, seq_len, max_batches):
             toks = dist.global_batch(toks.__getitem__, toks.shape, tokens_sharding)  # this host's rows
@@ -244,6 +269,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
             s, c = eval_step(state.params, state.frozen, toks, w)
             tot, cnt = tot + s, cnt + c
         loss = float(tot) / float(cnt)
+        timing.setdefault("first_eval_s", time.perf_counter() - t0)
         return loss, math.exp(loss)
 
     last_saved = start if resumed else None
@@ -311,7 +337,9 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt or do_diag:
             flush(step, timed=not first)
             if first:
-                say(f"compiled and ran the first step in {time.time() - t_start:.1f}s")
+                timing["first_step_s"] = time.time() - t_start
+                timing["to_first_step_s"] = time.perf_counter() - t_run
+                say(f"compiled and ran the first step in {timing['first_step_s']:.1f}s")
         if do_diag:  # before the merge of this step (see the module doc); not counted in tokens/s
             write_diagnostics(step)
             watch.lap()
@@ -324,7 +352,8 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
                 jax.block_until_ready(state)
                 watch.lap()
                 first_merge = False
-                say(f"compiled and ran the first merge in {time.time() - t_merge:.1f}s (not counted in tokens/s)")
+                timing["first_merge_s"] = time.time() - t_merge
+                say(f"compiled and ran the first merge in {timing['first_merge_s']:.1f}s (not counted in tokens/s)")
         if do_eval:
             vl, vp = evaluate(cfg.train.eval_batches)
             metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})
@@ -337,20 +366,31 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     if stopped_by is None:  # a signal after the last step's poll: that step's checkpoint is written too
         stopped_by = signals.poll_now()
     progress.close()
+
+    def timing_record() -> dict:
+        """The "timing" line of metrics.jsonl (written once, at the end of this invocation)."""
+        timing["total_s"] = time.perf_counter() - t_run
+        rec = {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
+        metrics.write({"kind": "timing", "step": step, **rec})
+        return rec
+
     completed = step >= cfg.train.steps and stopped_by is None  # a stop at the last step skips the final evaluation
     result = RunResult(run_dir, step, completed, None, None, unigram, losses, metrics_path, None, ckpt_dir,
                        stopped_by)
     if stopped_by is not None:
         ckpt.wait()  # an async save is on disk before we say so
+        timing_record()
         if main:
             print(f"stopped by {signal.Signals(stopped_by).name} after step {step}: wrote checkpoint step {step} "
                   f"to {os.path.join(ckpt_dir, str(step))}; the same command resumes from it", file=sys.stderr)
         return result
     if not completed:
+        timing_record()
         say(f"stopped at step {step} (train.stop_after); resume with the same command")
         return result
     vl, vp = evaluate(0)
     metrics.write({"step": step, "val_loss": vl, "val_ppl": vp, "final": True})
+    timings = timing_record()  # before the plot: matplotlib's import is not the run's time
     result.val_loss, result.val_ppl = vl, vp
     if cfg.logging.plot and main:
         title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
@@ -363,7 +403,8 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     if main:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump({"step": step, "val_loss": vl, "val_ppl": vp, "unigram_ppl": unigram,
-                       "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s()}, f, indent=1)
+                       "tokens_seen": step * tokens_per_step, "steps_per_s": progress.steps_per_s(),
+                       "timing": timings}, f, indent=1)
     print_fn(f"final validation perplexity: {vp:.2f} (loss {vl:.4f} nats/token; unigram perplexity "
              f"{unigram:.2f}) after {step} steps -> {run_dir}")
     return result

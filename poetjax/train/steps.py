@@ -226,7 +226,10 @@ def make_diagnostics_step(graphdef, *, num_sv: int = 16, jit: bool = True):
 
 def reference_spectra(diagnostics_step, state: TrainState) -> dict[str, jax.Array]:
     """{path: singular values} of ``state``'s linear layers through the same compiled ``diagnostics_step``
-    (the reference argument only sets shapes here, so no second program is compiled)."""
+    (the reference argument only sets shapes here, so no second program is compiled). The spectra come
+    back as uncommitted arrays, as the placeholder was: the program's outputs carry the mesh's sharding,
+    and passing those as the reference compiled a second program (seconds, at step 0 of a sharded run)."""
     shapes = jax.eval_shape(diagnostics_step, state, None)
     dummy = {k: jnp.ones(v["singular_values"].shape, jnp.float32) for k, v in shapes.items()}
-    return {k: v["singular_values"] for k, v in diagnostics_step(state, dummy).items()}
+    out = jax.device_get({k: v["singular_values"] for k, v in diagnostics_step(state, dummy).items()})
+    return {k: jnp.asarray(v) for k, v in out.items()}
