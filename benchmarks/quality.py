@@ -10,7 +10,8 @@ kernel launches, so sharing it costs little per run (each process gets an equal 
 A row that fails or runs past ``--timeout`` is reported as such and keeps its log and metrics.
 
 After the runs: ``<out>/quality.md`` (the table: final validation perplexity over the whole held-out
-split, tokens seen, wall time, tokens/s), ``<out>/quality_curves.png`` (training loss and validation
+split, tokens seen, wall time, tokens/s, seconds to the first step and of the first merge from the run's
+timing record), ``<out>/quality_curves.png`` (training loss and validation
 perplexity against tokens) and, with ``--spectra``, each run's singular values of every transformer
 weight at step 0 and at the end (``<out>/<row>/spectra.npz``, plotted in ``quality_spectra.png``).
 """
@@ -128,13 +129,17 @@ def summarize(rows: list[str], done: dict, args) -> list[dict]:
             "tokens": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len,
             "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
             "wall_s": status.get("wall_s"), "rc": status.get("rc"), "timed_out": status.get("timed_out", False),
+            "to_first_step_s": summary.get("timing", {}).get("to_first_step_s"),
+            "first_merge_s": summary.get("timing", {}).get("first_merge_s"),
         })
     return table
 
 
 def write_table(table: list[dict], args) -> str:
-    lines = ["| row | overrides | val PPL | steps | tokens | tokens/s (median, shared GPU) | wall s | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | overrides | val PPL | steps | tokens | tokens/s (median, shared GPU) | wall s "
+             "| to first step s | first merge s | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    secs = lambda v: f"{v:.0f}" if v is not None else "—"
     for r in table:
         ppl = f"{r['val_ppl']:.2f}" if r["val_ppl"] else "—"
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "—"
@@ -142,7 +147,7 @@ def write_table(table: list[dict], args) -> str:
         status = ("timed out" if r["timed_out"] else "ok" if r["rc"] == 0 else
                   "collected" if r["rc"] is None else f"exit {r['rc']}")
         lines.append(f"| {r['row']} | `{r['overrides']}` | {ppl} | {r['step']} | {r['tokens']:,} | {tps} | {wall} "
-                     f"| {status} |")
+                     f"| {secs(r['to_first_step_s'])} | {secs(r['first_merge_s'])} | {status} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(text)
