@@ -4,7 +4,6 @@ that loads what the first compiled."""
 import os
 
 import jax
-import pytest
 
 from poetjax.train.loop import run
 from poetjax.train.xla_cache import ENV_VAR, cache_dir, use_compilation_cache

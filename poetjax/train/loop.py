@@ -37,7 +37,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
