@@ -20,6 +20,7 @@
 #         gram_layers (layers, GRAM_IMPLS/GRAM_VARIANTS/GRAM_CASES), gram_e2e (train_bench, E2E_CONFIG/E2E_BATCH/
 #         E2E_METHODS, c=64, bf16 Cayley), gram_newton (a llama_60m run to just before its first merge, then
 #         benchmarks/gram_newton.py: ‖Q‖, ‖RᵀR − I‖ and the Newton correction's error per step).
+# ttr: time to result of the llama_60m quality config (issue 22): POET and AdamW rows alone, then a warm-cache rerun.
 # hf: the transformers round trip of the Hugging Face export/import (tests/test_hf_transformers.py; torch and
 #     transformers are on the GPU box, not on CI).
 # GRAM_TUNING: a --sweep JSON-lines file whose winners gram_layers and gram_e2e use (e.g. $OUT/gram_sweep.jsonl).
@@ -171,6 +172,16 @@ for stage in ${1//,/ }; do
               train.batch_size=64 logging.diagnostics_interval=0 train.eval_interval=0 checkpoint.interval=0 \
               out_dir=runs/newton name=n60m
            tail -4 "$OUT/gram_newton.log" ;;
+    ttr) # time to result (issue 22): the llama_60m quality config alone on the GPU, POET then AdamW, each on a
+         # fresh compilation cache, then the POET run again on its now warm cache up to its first step.
+         # Needs .gutenberg and its prepared shards (data/cache/gutenberg-*) carried.
+         Q="python train.py --config configs/quality/gutenberg_60m.yaml out_dir=runs/ttr"
+         P="optimizer.name=poet optimizer.block_size=256 optimizer.poet_lr=1e-3"
+         rm -rf runs/ttr
+         run ttr_poet ${TTR_LIMIT:-260} $Q $P train.compilation_cache=runs/ttr/cache_poet name=poet
+         run ttr_adamw ${TTR_LIMIT:-260} $Q optimizer.name=adamw optimizer.lr=1e-3 train.compilation_cache=runs/ttr/cache_adamw name=adamw
+         run ttr_warm 90 $Q $P train.compilation_cache=runs/ttr/cache_poet name=poet_warm train.stop_after=1
+         python benchmarks/ttr_report.py runs/ttr/poet runs/ttr/adamw runs/ttr/poet_warm | tee "$OUT/ttr.txt" ;;
     hf) run hf 200 python -m pytest -q -s -rs tests/test_hf_transformers.py
         tail -12 "$OUT/hf.log" ;;
     *) echo "unknown stage $stage" ;;

@@ -33,7 +33,7 @@ from poetjax import fs, ops
 from poetjax.layers import POETLinear
 from poetjax.perms import permute
 from poetjax.models.llama import layer_view
-from poetjax.surgery import iter_modules
+from poetjax.surgery import fold_in_each, iter_modules, map_layers
 
 
 def path_name(path) -> str:
@@ -108,15 +108,21 @@ def blocks_orthogonality_error(r_BxKxK: jax.Array, dim: int) -> jax.Array:
     return jnp.sqrt(jnp.sum(err ** 2)) / jnp.sqrt(jnp.float32(dim))
 
 
+def _orthogonality_error(layer: POETLinear) -> tuple[jax.Array, jax.Array]:
+    r_in, r_out = layer.rotation_blocks()
+    return (blocks_orthogonality_error(r_in, layer.in_features), blocks_orthogonality_error(r_out, layer.out_features))
+
+
+def _poet_layers(model: nnx.Module) -> tuple[list[str], list[POETLinear]]:
+    """Paths and layers of the POET layers of the per-layer view of ``model``."""
+    items = list(iter_modules(layer_view(model), POETLinear))
+    return [path_name(p) for p, _ in items], [layer for _, layer in items]
+
+
 def orthogonality_errors(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{path: (e_in, e_out)} of every POET layer's current rotations (exactly 0 right after a merge)."""
-    model = layer_view(model)
-    out = {}
-    for path, layer in iter_modules(model, POETLinear):
-        r_in, r_out = layer.rotation_blocks()
-        out[path_name(path)] = (blocks_orthogonality_error(r_in, layer.in_features),
-                                blocks_orthogonality_error(r_out, layer.out_features))
-    return out
+    names, layers = _poet_layers(model)
+    return dict(zip(names, map_layers(_orthogonality_error, layers)))
 
 
 def _rotate_permuted(layer: POETLinear, u: jax.Array, r: jax.Array) -> jax.Array:
@@ -161,38 +167,49 @@ class PhaseProbe:
 
     @staticmethod
     def init(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
-        probes = {}
         # only shapes are read: an abstract per-layer view (a real one would copy every stacked array,
         # W0 included, e.g. 37 GiB of uint8 codes for a 34B POET-XQ model)
         view = nnx.eval_shape(lambda: layer_view(model))
+        by_shape: dict[tuple[int, int], list[tuple[int, str]]] = {}
         for i, (path, layer) in enumerate(iter_modules(view, POETLinear)):
-            k_in, k_out = jax.random.split(jax.random.fold_in(key, i))
-            v_in = jax.random.normal(k_in, (layer.in_features,), jnp.float32)
-            v_out = jax.random.normal(k_out, (layer.out_features,), jnp.float32)
-            v_in, v_out = v_in / jnp.linalg.norm(v_in), v_out / jnp.linalg.norm(v_out)
-            # w starts as a copy, not the same array: a donated state must not hold one buffer twice
-            probes[path_name(path)] = ProbeState(v_in, v_in.copy(), v_out, v_out.copy())
+            by_shape.setdefault((layer.in_features, layer.out_features), []).append((i, path_name(path)))
+
+        def draw(k, n_in, n_out):
+            k_in, k_out = jax.random.split(k)
+            v_in = jax.random.normal(k_in, (n_in,), jnp.float32)
+            v_out = jax.random.normal(k_out, (n_out,), jnp.float32)
+            return v_in / jnp.linalg.norm(v_in), v_out / jnp.linalg.norm(v_out)
+
+        probes = {}
+        for (n_in, n_out), members in by_shape.items():  # one draw per shape (vmapped: the same numbers)
+            keys = fold_in_each(key, [i for i, _ in members])
+            v_in, v_out = jax.vmap(lambda k: draw(k, n_in, n_out))(keys)
+            for j, (_, name) in enumerate(members):
+                # w starts as a copy, not the same array: a donated state must not hold one buffer twice
+                probes[name] = ProbeState(v_in[j], v_in[j].copy(), v_out[j], v_out[j].copy())
         return probes
 
     @staticmethod
     def advance(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, ProbeState]:
         """Fold the current rotations into the carried probe images (call right before a merge)."""
-        out = {}
-        for path, layer in iter_modules(layer_view(model), POETLinear):
-            p = probes[path_name(path)]
-            out[path_name(path)] = p._replace(w_in=rotate_input_side(layer, p.w_in, transpose=True),
-                                              w_out=rotate_output_side(layer, p.w_out))
-        return out
+        names, layers = _poet_layers(model)
+
+        def one(layer, p):
+            return p._replace(w_in=rotate_input_side(layer, p.w_in, transpose=True),
+                              w_out=rotate_output_side(layer, p.w_out))
+
+        return dict(zip(names, map_layers(one, layers, [probes[n] for n in names])))
 
     @staticmethod
     def cosines(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
-        out = {}
-        for path, layer in iter_modules(layer_view(model), POETLinear):
-            p = probes[path_name(path)]
+        names, layers = _poet_layers(model)
+
+        def one(layer, p):
             cos_in = jnp.dot(rotate_input_side(layer, p.v_in), p.w_in)   # v·R_cur·(R_total vᵀ)
             cos_out = jnp.dot(rotate_output_side(layer, p.w_out), p.v_out)  # (v·P_total·P_cur)·vᵀ
-            out[path_name(path)] = (cos_in, cos_out)
-        return out
+            return cos_in, cos_out
+
+        return dict(zip(names, map_layers(one, layers, [probes[n] for n in names])))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -249,15 +266,18 @@ def model_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None
     * POET layers with ``probes`` (``PhaseProbe.init``): "cos_in", "cos_out" (``PhaseProbe.cosines``).
     """
     model = layer_view(model)  # per-layer paths and kernels also for stacked layers (scan_layers)
-    kernels, bases, poet = {}, {}, {}
+    kernels, bases, poet = {}, {}, []
     for path, node in nnx.iter_graph(model):
         name = path_name(path)
         if isinstance(node, POETLinear):
-            kernels[name] = node.effective_kernel()
-            bases[name] = base_kernel(node)
-            poet[name] = node
+            kernels[name] = None  # filled below, keeping graph order
+            poet.append(name)
         elif isinstance(node, nnx.Linear):
             kernels[name] = node.kernel[...].astype(jnp.float32)
+    if poet:
+        _, layers = _poet_layers(model)
+        for name, (k, b) in zip(poet, map_layers(lambda lay: (lay.effective_kernel(), base_kernel(lay)), layers)):
+            kernels[name], bases[name] = k, b
     spectra = _batched_singular_values(kernels)
     base_spectra = _batched_singular_values(bases)
     orth = orthogonality_errors(model) if poet else {}

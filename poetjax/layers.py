@@ -107,11 +107,11 @@ class POETLinear(nnx.Module):
                 if init:
                     setattr(self, name, FrozenWeight(value))
                 else:
-                    getattr(self, name)[...] = value
+                    getattr(self, name).set_value(value)
         elif init:
             self.w0 = FrozenWeight(w_NpxMp.astype(self.param_dtype))
         else:
-            self.w0[...] = w_NpxMp.astype(self.w0[...].dtype)
+            self.w0.set_value(w_NpxMp.astype(self.w0[...].dtype))
 
     @property
     def base(self) -> jax.Array | quant.QuantizedWeight:
@@ -144,7 +144,7 @@ class POETLinear(nnx.Module):
             if init:
                 setattr(self, name, Permutation(value))
             else:
-                getattr(self, name)[...] = value
+                getattr(self, name).set_value(value)
 
     @property
     def perms(self) -> ops.LayerPerms:
@@ -213,8 +213,8 @@ class POETLinear(nnx.Module):
         perms = self._draw_perms(key)
         self._store_base(ops.store_base_weight(kernel, perms))
         self._set_perms(perms)
-        self.theta_in[...] = jnp.zeros_like(self.theta_in[...])
-        self.theta_out[...] = jnp.zeros_like(self.theta_out[...])
+        self.theta_in.set_value(jnp.zeros_like(self.theta_in[...]))
+        self.theta_out.set_value(jnp.zeros_like(self.theta_out[...]))
 
     @property
     def num_generator_params(self) -> int:

@@ -8,17 +8,18 @@ permutations without any broadcast (spec §12.15).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from poetjax.layers import POETLinear
 from poetjax.optim import reset_generator_state
-from poetjax.surgery import poet_layers, stacked_depth, view_order
+from poetjax.surgery import fold_in_each, poet_layers, stacked_depth, view_order
 
 
-def _merge_stacked(layer: POETLinear, keys_L: jax.Array) -> None:
-    """``merge_and_reinit`` of every slice of a stacked layer, one slice at a time (a ``fori_loop`` that
-    updates the stacked buffers in place), so only one slice's float kernel exists at once."""
-    graphdef, state = nnx.split(layer)
+def _merge_slices(graphdef, state_L, keys_L: jax.Array):
+    """``merge_and_reinit`` of every slice of the layer state ``state_L`` (arrays stacked along a leading
+    axis), one slice at a time (a ``fori_loop`` that updates the stacked buffers in place), so only one
+    slice's float kernel exists at once and the program holds one copy of the merge, not one per slice."""
 
     def body(l, st):
         one = nnx.merge(graphdef, jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, l, 0, keepdims=False), st))
@@ -26,7 +27,7 @@ def _merge_stacked(layer: POETLinear, keys_L: jax.Array) -> None:
         new = nnx.state(one)
         return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x.astype(s.dtype), l, 0), st, new)
 
-    nnx.update(layer, jax.lax.fori_loop(0, keys_L.shape[0], body, state))
+    return jax.lax.fori_loop(0, keys_L.shape[0], body, state_L)
 
 
 def merge(model: nnx.Module, key: jax.Array) -> None:
@@ -34,16 +35,28 @@ def merge(model: nnx.Module, key: jax.Array) -> None:
 
     Model only: a training loop must also reset the generators' optimizer state — use
     ``merge_and_reset``. Jittable with ``nnx.jit``; repeated merges never recompile (all values).
+
+    Unstacked layers of one structure (same shapes, dtypes and config, e.g. every q_proj of a model) are
+    stacked and merged by one loop, so the merge program's size grows with the number of distinct layer
+    shapes, not of layers; this costs a transient copy of each such group's W0.
     """
     layers = poet_layers(model)
     if not layers:
         raise ValueError("merge: the model has no POET layers (did you call poetize?)")
     # layer i of the per-layer view gets fold_in(key, i): a stacked model merges like its unstacked twin
+    groups: dict = {}
     for (_, layer), idx in zip(layers, view_order(model, POETLinear, [p for p, _ in layers])):
+        keys = fold_in_each(key, idx)
+        graphdef, state = nnx.split(layer)
         if stacked_depth(layer):
-            _merge_stacked(layer, jax.numpy.stack([jax.random.fold_in(key, i) for i in idx]))
+            nnx.update(layer, _merge_slices(graphdef, state, keys))
         else:
-            layer.merge_and_reinit(jax.random.fold_in(key, idx[0]))
+            groups.setdefault(graphdef, []).append((layer, state, keys))
+    for graphdef, members in groups.items():
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st, _ in members])
+        merged = _merge_slices(graphdef, stacked, jnp.concatenate([k for _, _, k in members]))
+        for i, (layer, _, _) in enumerate(members):
+            nnx.update(layer, jax.tree.map(lambda x: x[i], merged))
 
 
 def merge_and_reset(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> None:

@@ -264,18 +264,24 @@ class LoggingConfig:
                     since step 0, and for POET layers the orthogonality errors, the drift since the last
                     merge and the phase-probe cosines (``poetjax.diagnostics``), plus a summary per
                     projection type. Also written at step 0 of a fresh run. Each record costs one SVD
-                    per weight matrix (and per POET base W0); measured cost in the README ("Diagnostics,
-                    plots and export", ``benchmarks/diag_overhead.py``).
+                    per weight matrix (and per POET base W0).
+    diagnostics_budget: the largest share of the training loop's time the diagnostics may take (0 = no
+                    limit): when a record cost more than this share of the time since the previous one, the
+                    next comes after the smallest multiple of diagnostics_interval that keeps to it. The
+                    run's timing record logs the share it got ("diagnostics_share").
     """
 
     progress: str = "auto"
     plot: bool = True
     diagnostics_interval: int = 100
+    diagnostics_budget: float = 0.03
 
     def __post_init__(self):
         _check(self.progress in PROGRESS_MODES, f"progress must be one of {PROGRESS_MODES}, got {self.progress!r}")
         _check(self.diagnostics_interval >= 0,
                f"diagnostics_interval must be >= 0 (0 = off), got diagnostics_interval={self.diagnostics_interval!r}")
+        _check(0 <= self.diagnostics_budget < 1,
+               f"diagnostics_budget must be in [0, 1) (0 = no limit), got diagnostics_budget={self.diagnostics_budget!r}")
 
 
 @dataclasses.dataclass(frozen=True)

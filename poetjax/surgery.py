@@ -48,6 +48,32 @@ def iter_modules(model: nnx.Module, kind: type) -> Iterator[tuple[tuple, nnx.Mod
             yield tuple(path), node
 
 
+def fold_in_each(key: jax.Array, indices: Sequence[int]) -> jax.Array:
+    """``jnp.stack([jax.random.fold_in(key, i) for i in indices])`` as one vmapped hash, not one per index
+    (each is its own kernel to compile on a GPU)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def map_layers(fn: Callable, modules: Sequence[nnx.Module], *args: Sequence) -> list:
+    """``[fn(modules[i], *(a[i] for a in args)) for i ...]`` with one trace per structure: modules of the same
+    graph (shapes, dtypes, config; e.g. every q_proj of a model) are stacked and mapped under ``jax.vmap``,
+    so a program that visits every layer grows with the number of distinct layer shapes, not of layers.
+    ``fn`` must be pure (changes it makes to its module are dropped); ``args`` are per-module pytrees."""
+    groups: dict = {}
+    for i, m in enumerate(modules):
+        graphdef, state = nnx.split(m)
+        groups.setdefault(graphdef, []).append((i, state))
+    out: list = [None] * len(modules)
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    for graphdef, members in groups.items():
+        idx = [i for i, _ in members]
+        one = lambda state, *a: fn(nnx.merge(graphdef, state), *a)
+        res = jax.vmap(one)(stack([st for _, st in members]), *[stack([a[i] for i in idx]) for a in args])
+        for j, i in enumerate(idx):
+            out[i] = jax.tree.map(lambda x: x[j], res)
+    return out
+
+
 def poet_layers(model: nnx.Module) -> list[tuple[tuple, POETLinear]]:
     return list(iter_modules(model, POETLinear))
 

@@ -269,9 +269,14 @@ def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
     # built as the trainer builds it: on the (one-device) mesh, so the programs' outputs carry its sharding
     graphdef, state, _ = dist.init_train_state(cfg, tx, dist.mesh_from_config(cfg.mesh))
     diag = core.make_diagnostics_step(graphdef)
-    s_ref = core.reference_spectra(diag, state)
+    s_ref, d_ref = core.reference_spectra(diag, state)
     merge = core.make_merge_step(graphdef, donate=False)
     d0 = diag(state, s_ref)
+    # the step-0 record that comes with the reference spectra is the model's diagnostics, drift 0 included
+    for path, d in jax.device_get(d0).items():
+        assert set(d) == set(d_ref[path])
+        for k, v in d.items():
+            np.testing.assert_array_equal(d_ref[path][k], v, err_msg=f"{path} {k}")  # same program, same inputs
 
     # what training does to the generators, without compiling a train step (the test suite's time)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
@@ -302,6 +307,8 @@ def test_diagnostics_interval_is_validated():
 
     with pytest.raises(ConfigError, match=r"diagnostics_interval must be >= 0 .*-5"):
         load_config(None, ["logging.diagnostics_interval=-5"])
+    with pytest.raises(ConfigError, match=r"diagnostics_budget must be in \[0, 1\) .*1.5"):
+        load_config(None, ["logging.diagnostics_budget=1.5"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -86,6 +86,25 @@ def test_the_run_logs_where_its_time_went(uninterrupted):
     assert before_step <= timing["to_first_step_s"] + 0.01 <= timing["total_s"] + 0.01
     assert timing["first_merge_s"] + timing["first_eval_s"] <= timing["total_s"] - timing["to_first_step_s"]
     assert timing["compilation_cache"] == os.environ[ENV_VAR]  # the session's cache, never the user's
+    # merges at steps 10, 20, 30: the first one's seconds and the slowest of the other two
+    assert timing["later_merges"] == 2 and 0 < timing["later_merge_max_s"] <= timing["total_s"]
+    diag_rows = [r for r in read_jsonl(uninterrupted.metrics_path) if "diagnostics" in r and r["step"] > 0]
+    assert timing["diagnostics_calls"] == len(diag_rows) >= 1
+    assert timing["diagnostics_s"] == pytest.approx(sum(r["diagnostics_s"] for r in diag_rows), abs=1e-2)
+    assert 0 < timing["diagnostics_share"] < 1
+
+
+@pytest.mark.parametrize("budget", [0.0, 1e-9])
+def test_diagnostics_stay_within_their_share_of_the_loop(tmp_path, data_cache, budget):
+    """Budget 0: a record every diagnostics_interval steps. A budget no call can keep to: after the first
+    record of the loop the next is pushed past the end of the run."""
+    res = run(tiny(tmp_path, data_cache, "train.steps=12", "logging.diagnostics_interval=2", "train.eval_interval=0",
+                   "checkpoint.interval=0", f"logging.diagnostics_budget={budget}"))
+    rows = read_jsonl(res.metrics_path)
+    steps = [r["step"] for r in rows if "diagnostics" in r]
+    assert steps == ([0, 2, 4, 6, 8, 10, 12] if budget == 0 else [0, 2])
+    timing = [r for r in rows if r.get("kind") == "timing"][0]
+    assert timing["diagnostics_calls"] == len(steps) - 1  # step 0's record comes with the reference spectra
 
 
 def _train_command(tmp_path, data_cache, name, *overrides):
@@ -196,7 +215,8 @@ def test_a_second_signal_exits_at_once_without_a_checkpoint(tmp_path, data_cache
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_baselines_train_the_same_model_from_the_same_script(tmp_path, data_cache, name, capsys, request):
     args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
-            "logging.progress=none", f"optimizer.name={name}", "optimizer.lr=1e-2", "train.steps=40"]
+            "logging.progress=none", f"optimizer.name={name}", "optimizer.lr=1e-2", "train.steps=40",
+            "logging.diagnostics_budget=0"]  # every diagnostics_interval steps, whatever they cost
     assert cli_main(args) == 0
     assert "final validation perplexity" in capsys.readouterr().out
     run_dir = os.path.join(tmp_path, "tiny")

@@ -215,9 +215,8 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
     # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
     t0 = time.perf_counter()
-    s_ref = core.reference_spectra(diag_step, state) if diag_every else None
-    if diag_every:  # the diagnostics program's first call (this compiles it)
-        jax.block_until_ready(s_ref)
+    s_ref, diag0 = core.reference_spectra(diag_step, state) if diag_every else (None, None)
+    if diag_every:  # the diagnostics program's first call (this compiles it); it is also step 0's record
         timing["first_diagnostics_s"] = time.perf_counter() - t0
     on_disk = ckpt.steps()
     if on_disk:
@@ -243,13 +242,30 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     metrics = MetricsLog(metrics_path if main else os.devnull, resume_step=start if resumed else None)
     exclude = tuple(cfg.poet.exclude)  # layers left out of the "all" summary (lm_head: never a POET layer)
 
+    # Diagnostics every diag_every steps, stretched to a multiple of it whenever the last call cost more than
+    # logging.diagnostics_budget of the loop's time since the call before (see LoggingConfig).
+    diag_cost = {"s": 0.0, "calls": 0, "next": (start // diag_every + 1) * diag_every if diag_every else 0,
+                 "since": None}
+
     def write_diagnostics(step: int):
         t0 = time.perf_counter()
         rec = diagnostics_record(diag_step(state, s_ref), exclude)
-        metrics.write({"step": step, "diagnostics": rec, "diagnostics_s": round(time.perf_counter() - t0, 4)})
+        t1 = time.perf_counter()
+        cost = t1 - t0
+        metrics.write({"step": step, "diagnostics": rec, "diagnostics_s": round(cost, 4)})
+        diag_cost["s"] += cost
+        diag_cost["calls"] += 1
+        every = diag_every
+        budget = cfg.logging.diagnostics_budget
+        if budget and diag_cost["since"] is not None:
+            t_prev, s_prev = diag_cost["since"]
+            per_step = (t0 - t_prev) / max(step - s_prev, 1)  # loop seconds per step, this call excluded
+            every = diag_every * max(1, math.ceil(cost / (budget * per_step * diag_every)))
+        diag_cost["next"] = step + every
+        diag_cost["since"] = (t1, step)
 
     if diag_every and not resumed:
-        write_diagnostics(0)
+        metrics.write({"step": 0, "diagnostics": diagnostics_record(diag0, exclude)})
     sched = lr_schedules(cfg)
     train_step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
                                               lr_schedule=sched["lr"])
@@ -316,6 +332,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
 
     step = start
     first_merge = True
+    t_loop = None
     if start >= stop:
         say(f"nothing to train: the checkpoint is at step {start} and the run ends at step {stop}")
     t_start = time.time()
@@ -332,27 +349,35 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         first = step == start + 1
         do_eval = bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0 and step < cfg.train.steps
         do_ckpt = (bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0) or step == stop
-        do_diag = bool(diag_every) and step % diag_every == 0
+        do_diag = bool(diag_every) and step >= diag_cost["next"]
         if first or step % cfg.train.log_interval == 0 or do_eval or do_ckpt or do_diag:
             flush(step, timed=not first)
             if first:
                 timing["first_step_s"] = time.time() - t_start
                 timing["to_first_step_s"] = time.perf_counter() - t_run
+                t_loop = time.perf_counter()  # the loop's own time starts after the first step's compile
+                if diag_every:
+                    diag_cost["since"] = (t_loop, step)
                 say(f"compiled and ran the first step in {timing['first_step_s']:.1f}s")
         if do_diag:  # before the merge of this step (see the module doc); not counted in tokens/s
             write_diagnostics(step)
             watch.lap()
         if poet and step % merge_interval == 0:
-            if first_merge:  # its compilation is not training time: keep it out of tokens/s and the ETA
-                flush(step, timed=True)
-                t_merge = time.time()
+            # Each merge is timed on its own (a sync per merge_interval steps); the first one's compile is not
+            # training time: keep it out of tokens/s and the ETA.
+            flush(step, timed=True)
+            t_merge = time.perf_counter()
             state = merge_step(state)
+            jax.block_until_ready(state)
+            merge_s = time.perf_counter() - t_merge
             if first_merge:
-                jax.block_until_ready(state)
                 watch.lap()
                 first_merge = False
-                timing["first_merge_s"] = time.time() - t_merge
-                say(f"compiled and ran the first merge in {timing['first_merge_s']:.1f}s (not counted in tokens/s)")
+                timing["first_merge_s"] = merge_s
+                say(f"compiled and ran the first merge in {merge_s:.1f}s (not counted in tokens/s)")
+            else:
+                timing["later_merges"] = timing.get("later_merges", 0) + 1
+                timing["later_merge_max_s"] = max(timing.get("later_merge_max_s", 0.0), merge_s)
         if do_eval:
             vl, vp = evaluate(cfg.train.eval_batches)
             metrics.write({"step": step, "val_loss": vl, "val_ppl": vp})
@@ -369,6 +394,11 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     def timing_record() -> dict:
         """The "timing" line of metrics.jsonl (written once, at the end of this invocation)."""
         timing["total_s"] = time.perf_counter() - t_run
+        if diag_cost["calls"] and t_loop is not None:
+            loop_s = time.perf_counter() - t_loop
+            timing["diagnostics_s"] = diag_cost["s"]
+            timing["diagnostics_calls"] = diag_cost["calls"]
+            timing["diagnostics_share"] = diag_cost["s"] / loop_s if loop_s > 0 else 0.0
         rec = {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()}
         metrics.write({"kind": "timing", "step": step, **rec})
         return rec

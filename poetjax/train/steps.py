@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -78,10 +79,30 @@ def build_model(cfg: RunConfig) -> nnx.Module:
         return model
     if cfg.optimizer.name == "poet" and (cfg.poet.quantized or cfg.model.scan_layers):
         return build_poetized(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=k_model)), cfg.poet, key=k_poet)
-    model = Llama(cfg.model, rngs=nnx.Rngs(params=k_model))
-    if cfg.optimizer.name == "poet":
-        poetize(model, cfg.poet, rngs=nnx.Rngs(params=k_poet))
-    return model
+
+    def make():
+        model = Llama(cfg.model, rngs=nnx.Rngs(params=k_model))
+        if cfg.optimizer.name == "poet":
+            poetize(model, cfg.poet, rngs=nnx.Rngs(params=k_poet))
+        return model
+
+    return built_on_host(make)
+
+
+def built_on_host(make: Callable[[], nnx.Module]) -> nnx.Module:
+    """``make()`` run on the host's CPU when the default backend is an accelerator. A model is built op by op,
+    and on a GPU every distinct initializer, permutation and gather is compiled on its own, which the host
+    does many times faster (BENCHMARKS.md, "Time to result"); the arrays, left uncommitted, move to the
+    devices with the state's first placement. Large models are built by ``build_poetized`` on the devices,
+    layer by layer."""
+    if jax.default_backend() == "cpu":
+        return make()
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return make()
+    with jax.default_device(cpu):
+        return make()
 
 
 def split_model(model: nnx.Module):
@@ -224,12 +245,16 @@ def make_diagnostics_step(graphdef, *, num_sv: int = 16, jit: bool = True):
     return jax.jit(diagnostics_step) if jit else diagnostics_step
 
 
-def reference_spectra(diagnostics_step, state: TrainState) -> dict[str, jax.Array]:
-    """{path: singular values} of ``state``'s linear layers through the same compiled ``diagnostics_step``
-    (the reference argument only sets shapes here, so no second program is compiled). The spectra come
-    back as uncommitted arrays, as the placeholder was: the program's outputs carry the mesh's sharding,
-    and passing those as the reference compiled a second program (seconds, at step 0 of a sharded run)."""
+def reference_spectra(diagnostics_step, state: TrainState) -> tuple[dict[str, jax.Array], dict]:
+    """(s_ref, diagnostics) of ``state``: s_ref = {path: singular values} of its linear layers, the reference
+    of later drifts, and the diagnostics of ``state`` itself (its "drift" is 0, the drift from itself), from one
+    call of the same compiled ``diagnostics_step`` (the reference argument only sets shapes here, so no
+    second program is compiled). The spectra come back as uncommitted arrays, as the placeholder was: the
+    program's outputs carry the mesh's sharding, and passing those as the reference compiled a second
+    program (seconds, at step 0 of a sharded run)."""
     shapes = jax.eval_shape(diagnostics_step, state, None)
     dummy = {k: jnp.ones(v["singular_values"].shape, jnp.float32) for k, v in shapes.items()}
-    out = jax.device_get({k: v["singular_values"] for k, v in diagnostics_step(state, dummy).items()})
-    return {k: jnp.asarray(v) for k, v in out.items()}
+    diag = jax.device_get(diagnostics_step(state, dummy))
+    for d in diag.values():
+        d["drift"] = np.zeros_like(d["drift"])
+    return {k: jnp.asarray(v["singular_values"]) for k, v in diag.items()}, diag

@@ -1,0 +1,61 @@
+"""Where the wall-clock of train.py runs went: one row per run directory, from its timing record.
+
+    python benchmarks/ttr_report.py RUN_DIR [RUN_DIR ...]
+
+Columns (seconds unless noted): data, build, first diagnostics call, first step, start to first step,
+first merge, slowest later merge, diagnostics' share of the loop (%), whole run, steps, final validation
+perplexity. The last line gives each run's whole-run time as a ratio to the first completed run named
+"adamw" among the arguments, if there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+COLUMNS = [("data", "data_s"), ("build", "build_s"), ("diag0", "first_diagnostics_s"), ("step1", "first_step_s"),
+           ("to step1", "to_first_step_s"), ("merge1", "first_merge_s"), ("merge max", "later_merge_max_s"),
+           ("diag %", "diagnostics_share"), ("total", "total_s")]
+
+
+def timing_of(run_dir: str) -> tuple[dict, dict]:
+    """(the last timing record, the last final evaluation) of a run directory's metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file (is {run_dir!r} a train.py run directory?)")
+    timing, final = {}, {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") == "timing":
+                timing = rec
+            elif rec.get("final"):
+                final = rec
+    if not timing:
+        raise SystemExit(f"{path}: no timing record (the run did not finish an invocation)")
+    return timing, final
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    rows = [(os.path.basename(os.path.normpath(d)), *timing_of(d)) for d in argv]
+    print(f"{'run':12s}" + "".join(f"{c:>10s}" for c, _ in COLUMNS) + f"{'steps':>7s}{'val ppl':>9s}")
+    for name, t, final in rows:
+        cells = []
+        for _, key in COLUMNS:
+            v = t.get(key)
+            cells.append("-" if v is None else f"{100 * v:.2f}" if key == "diagnostics_share" else f"{v:.1f}")
+        ppl = f"{final['val_ppl']:.2f}" if final else "-"
+        print(f"{name:12s}" + "".join(f"{c:>10s}" for c in cells) + f"{t['step']:>7d}{ppl:>9s}")
+    base = next(((n, t) for n, t, f in rows if n == "adamw" and f), None)
+    if base:
+        ratios = ", ".join(f"{n} {t['total_s'] / base[1]['total_s']:.2f}x" for n, t, f in rows if f)
+        print(f"whole run vs adamw: {ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
