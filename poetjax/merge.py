@@ -46,15 +46,14 @@ def merge(model: nnx.Module, key: jax.Array) -> None:
     # layer i of the per-layer view gets fold_in(key, i): a stacked model merges like its unstacked twin
     groups: dict = {}
     for (_, layer), idx in zip(layers, view_order(model, POETLinear, [p for p, _ in layers])):
-        keys = fold_in_each(key, idx)
         graphdef, state = nnx.split(layer)
         if stacked_depth(layer):
-            nnx.update(layer, _merge_slices(graphdef, state, keys))
+            nnx.update(layer, _merge_slices(graphdef, state, fold_in_each(key, idx)))
         else:
-            groups.setdefault(graphdef, []).append((layer, state, keys))
+            groups.setdefault(graphdef, []).append((layer, state, idx[0]))
     for graphdef, members in groups.items():
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st, _ in members])
-        merged = _merge_slices(graphdef, stacked, jnp.concatenate([k for _, _, k in members]))
+        merged = _merge_slices(graphdef, stacked, fold_in_each(key, [i for _, _, i in members]))
         for i, (layer, _, _) in enumerate(members):
             nnx.update(layer, jax.tree.map(lambda x: x[i], merged))
 
