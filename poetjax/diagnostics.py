@@ -237,17 +237,81 @@ def base_kernel(layer: POETLinear) -> jax.Array:
     return layer.base_weight(jnp.float32)
 
 
-def _batched_singular_values(mats: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Singular values of every matrix, one batched SVD per distinct shape."""
-    by_shape: dict[tuple, list[str]] = {}
-    for name, m in mats.items():
-        by_shape.setdefault(tuple(m.shape), []).append(name)
+def diagnostic_groups(model: nnx.Module) -> dict[str, list[str]]:
+    """{group key: [layer path, ...]}: the linear layers of the per-layer view of ``model`` in groups of one
+    structure (POET layers of one graph, plain ``nnx.Linear`` layers of one kernel shape), in graph order.
+    ``grouped_diagnostics`` returns one stacked array per group and quantity, in this order."""
+    return {key: [name for name, _ in members] for key, members in _layer_groups(layer_view(model)).items()}
+
+
+def _layer_groups(view: nnx.Module) -> dict[str, list[tuple[str, nnx.Module]]]:
+    keys: dict = {}
+    groups: dict[str, list[tuple[str, nnx.Module]]] = {}
+    for path, node in nnx.iter_graph(view):
+        if isinstance(node, POETLinear):
+            ident = ("poet", nnx.graphdef(node))
+        elif isinstance(node, nnx.Linear):
+            ident = ("linear", tuple(node.kernel.shape), node.kernel.dtype)
+        else:
+            continue
+        key = keys.setdefault(ident, f"{ident[0]}{len(keys)}")
+        groups.setdefault(key, []).append((path_name(path), node))
+    return groups
+
+
+def _stack(xs):
+    return jax.tree.map(lambda *a: jnp.stack(a), *xs)
+
+
+def grouped_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None = None,
+                        s_ref: dict[str, jax.Array] | None = None, num_sv: int = 16) -> dict[str, dict[str, jax.Array]]:
+    """``model_diagnostics`` with every quantity stacked over the layers of a ``diagnostic_groups`` group:
+    {group key: {name: (G, ...)}}, and ``s_ref`` likewise {group key: (G, n)}. A jitted program of it has a
+    few outputs per layer shape instead of several per layer (``expand_diagnostics`` splits them on the host)."""
     out = {}
-    for names in by_shape.values():
-        s = singular_values(jnp.stack([mats[n] for n in names]))
-        for i, n in enumerate(names):
-            out[n] = s[i]
+    for key, members in _layer_groups(layer_view(model)).items():
+        layers = [m for _, m in members]
+        if isinstance(layers[0], POETLinear):
+            def one(layer, probe):
+                d = {"kernel": layer.effective_kernel(), "base": base_kernel(layer)}
+                d["orth_in"], d["orth_out"] = _orthogonality_error(layer)
+                if probe is not None:
+                    d["cos_in"] = jnp.dot(rotate_input_side(layer, probe.v_in), probe.w_in)
+                    d["cos_out"] = jnp.dot(rotate_output_side(layer, probe.w_out), probe.v_out)
+                return d
+
+            per = [probes[name] for name, _ in members] if probes else [None] * len(members)
+            if probes:
+                d = map_layers(one, layers, per)
+            else:
+                d = map_layers(lambda layer: one(layer, None), layers)
+            d = _stack(d)
+            kernels, bases = d.pop("kernel"), d.pop("base")
+        else:
+            kernels, bases = jnp.stack([m.kernel[...].astype(jnp.float32) for m in layers]), None
+            d = {}
+        s = singular_values(kernels)  # (G, n): one batched SVD per group
+        n = s.shape[-1]
+        d.update({"singular_values": s, "sv": s[:, sampled_ranks(n, num_sv)], "svd_entropy": svd_entropy(s),
+                  "spectral_norm": s[:, 0]})
+        if s_ref is not None:
+            d["drift"] = _rows_drift(s_ref[key], s)
+        if bases is not None:
+            d["merge_drift"] = _rows_drift(singular_values(bases)[:, :n], s)
+        out[key] = d
     return out
+
+
+def _rows_drift(s_ref_Gxn: jax.Array, s_Gxn: jax.Array) -> jax.Array:
+    """``spectral_drift(..., relative_to="max")`` of every row."""
+    return jax.vmap(lambda a, b: spectral_drift(a, b, relative_to="max"))(s_ref_Gxn, s_Gxn)
+
+
+def expand_diagnostics(grouped: dict[str, dict], groups: dict[str, list[str]]) -> dict[str, dict]:
+    """{path: {name: array}} from ``grouped_diagnostics`` output and the ``diagnostic_groups`` of the model
+    (on host arrays this is plain numpy slicing)."""
+    return {path: {k: v[i] for k, v in grouped[key].items()}
+            for key, paths in groups.items() for i, path in enumerate(paths)}
 
 
 def model_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None = None,
@@ -264,38 +328,12 @@ def model_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None
       (relative to σ_max) of the effective kernel from the current W0 — what the rotations since the last
       merge did to the spectrum (0 for exact Cayley up to rounding, within the Neumann bound otherwise);
     * POET layers with ``probes`` (``PhaseProbe.init``): "cos_in", "cos_out" (``PhaseProbe.cosines``).
+
+    Computed by ``grouped_diagnostics``; a training loop jits that and expands on the host instead.
     """
-    model = layer_view(model)  # per-layer paths and kernels also for stacked layers (scan_layers)
-    kernels, bases, poet = {}, {}, []
-    for path, node in nnx.iter_graph(model):
-        name = path_name(path)
-        if isinstance(node, POETLinear):
-            kernels[name] = None  # filled below, keeping graph order
-            poet.append(name)
-        elif isinstance(node, nnx.Linear):
-            kernels[name] = node.kernel[...].astype(jnp.float32)
-    if poet:
-        _, layers = _poet_layers(model)
-        for name, (k, b) in zip(poet, map_layers(lambda lay: (lay.effective_kernel(), base_kernel(lay)), layers)):
-            kernels[name], bases[name] = k, b
-    spectra = _batched_singular_values(kernels)
-    base_spectra = _batched_singular_values(bases)
-    orth = orthogonality_errors(model) if poet else {}
-    cos = PhaseProbe.cosines(probes, model) if (poet and probes) else {}
-    out = {}
-    for name, s in spectra.items():
-        n = s.shape[-1]
-        d = {"singular_values": s, "sv": s[sampled_ranks(n, num_sv)], "svd_entropy": svd_entropy(s),
-             "spectral_norm": s[0]}
-        if s_ref is not None:
-            d["drift"] = spectral_drift(s_ref[name], s, relative_to="max")
-        if name in poet:
-            d["merge_drift"] = spectral_drift(base_spectra[name][:n], s, relative_to="max")
-            d["orth_in"], d["orth_out"] = orth[name]
-        if name in cos:
-            d["cos_in"], d["cos_out"] = cos[name]
-        out[name] = d
-    return out
+    groups = diagnostic_groups(model)
+    ref = None if s_ref is None else {k: jnp.stack([s_ref[p] for p in paths]) for k, paths in groups.items()}
+    return expand_diagnostics(grouped_diagnostics(model, probes=probes, s_ref=ref, num_sv=num_sv), groups)
 
 
 def group_of(path: str) -> str:

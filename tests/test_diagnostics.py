@@ -286,7 +286,7 @@ def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
     before = diag(state, s_ref)
     merged = merge(state)
     after = diag(merged, s_ref)
-    assert diag._cache_size() == 1  # reference spectra, step 0, before and after the merge: one program
+    assert diag.program._cache_size() == 1  # reference spectra, step 0, before and after the merge: one program
     q = "layers/0/attn/q_proj"
     assert float(d0[q]["drift"]) == 0 and float(d0[q]["cos_in"]) == pytest.approx(1.0, abs=1e-6)
     assert float(before[q]["orth_in"]) > 0 and float(after[q]["orth_in"]) == 0  # rotations folded into W0

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from poetjax.diagnostics import PhaseProbe, model_diagnostics
+from poetjax.diagnostics import PhaseProbe, diagnostic_groups, expand_diagnostics, grouped_diagnostics
 from poetjax.merge import merge as merge_model
 from poetjax.models.hf import SHAPE_FIELDS, shape_diff
 from poetjax.models.llama import Llama, from_hf
@@ -235,26 +235,39 @@ def make_merge_step(graphdef, *, jit: bool = True, donate: bool = True):
 
 def make_diagnostics_step(graphdef, *, num_sv: int = 16, jit: bool = True):
     """``diagnostics_step(state, s_ref) -> {layer path: {name: array}}``: ``model_diagnostics`` of the
-    state's model with the phase probes and ``s_ref`` ({path: (n,)} reference spectra, e.g. step 0's) for
-    the drift. Pure: the state is not changed (nor donated), so it can run between a step and a merge."""
+    state's model with the phase probes and ``s_ref`` (reference spectra stacked by layer group, as
+    ``reference_spectra`` returns them) for the drift. Pure: the state is not changed (nor donated), so it
+    can run between a step and a merge. One compiled program (``diagnostics_step.program``) computes
+    ``grouped_diagnostics``; its few stacked outputs are split per layer on the host."""
+    groups = {}
+
+    def grouped_step(state: TrainState, s_ref):
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        if not groups:
+            groups.update(diagnostic_groups(model))
+        return grouped_diagnostics(model, probes=state.probe, s_ref=s_ref, num_sv=num_sv)
+
+    program = jax.jit(grouped_step) if jit else grouped_step
 
     def diagnostics_step(state: TrainState, s_ref):
-        model = nnx.merge(graphdef, state.params, state.frozen)
-        return model_diagnostics(model, probes=state.probe, s_ref=s_ref, num_sv=num_sv)
+        return expand_diagnostics(jax.device_get(program(state, s_ref)), groups)
 
-    return jax.jit(diagnostics_step) if jit else diagnostics_step
+    diagnostics_step.program, diagnostics_step.groups = program, groups
+    return diagnostics_step
 
 
 def reference_spectra(diagnostics_step, state: TrainState) -> tuple[dict[str, jax.Array], dict]:
-    """(s_ref, diagnostics) of ``state``: s_ref = {path: singular values} of its linear layers, the reference
-    of later drifts, and the diagnostics of ``state`` itself (its "drift" is 0, the drift from itself), from one
-    call of the same compiled ``diagnostics_step`` (the reference argument only sets shapes here, so no
-    second program is compiled). The spectra come back as uncommitted arrays, as the placeholder was: the
-    program's outputs carry the mesh's sharding, and passing those as the reference compiled a second
-    program (seconds, at step 0 of a sharded run)."""
-    shapes = jax.eval_shape(diagnostics_step, state, None)
+    """(s_ref, diagnostics) of ``state``: s_ref = the singular values of its linear layers stacked by layer
+    group, the reference of later drifts, and the diagnostics of ``state`` itself (its "drift" is 0, the
+    drift from itself), from one call of the same compiled program (the reference argument only sets
+    shapes here, so no second program is compiled). The spectra come back as uncommitted arrays, as the
+    placeholder was: the program's outputs carry the mesh's sharding, and passing those as the reference
+    compiled a second program (seconds, at step 0 of a sharded run)."""
+    program = diagnostics_step.program
+    shapes = jax.eval_shape(program, state, None)
     dummy = {k: jnp.ones(v["singular_values"].shape, jnp.float32) for k, v in shapes.items()}
-    diag = jax.device_get(diagnostics_step(state, dummy))
-    for d in diag.values():
+    grouped = jax.device_get(program(state, dummy))
+    for d in grouped.values():
         d["drift"] = np.zeros_like(d["drift"])
-    return {k: jnp.asarray(v["singular_values"]) for k, v in diag.items()}, diag
+    s_ref = {k: jnp.asarray(v["singular_values"]) for k, v in grouped.items()}
+    return s_ref, expand_diagnostics(grouped, diagnostics_step.groups)
