@@ -15,15 +15,10 @@
 #         chunked kernels, then the headline layers with the winners), loop_tests (native tests of the token-loop
 #         kernels), sweep_loop (their tiles against the separate kernels, then layers with and without them),
 #         loop_layers (layers with and without them, headline and Llama-1B shapes), profile_loop (the 4096² layer on
-#         them, by source), e2e1b_loop (Llama-1B, AdamW vs POET-X fast, c=64); block-Gram layer: gram_tests (its kernel
-#         and layer tests, natively), gram_sweep (tiles of its two kernels, with their XLA forms timed beside),
-#         gram_layers (layers, GRAM_IMPLS/GRAM_VARIANTS/GRAM_CASES), gram_e2e (train_bench, E2E_CONFIG/E2E_BATCH/
-#         E2E_METHODS, c=64, bf16 Cayley), gram_newton (a llama_60m run to just before its first merge, then
-#         benchmarks/gram_newton.py: ‖Q‖, ‖RᵀR − I‖ and the Newton correction's error per step).
+#         them, by source), e2e1b_loop (Llama-1B, AdamW vs POET-X fast, c=64).
 # ttr: time to result of the llama_60m quality config (issue 22): POET and AdamW rows alone, then a warm-cache rerun.
 # hf: the transformers round trip of the Hugging Face export/import (tests/test_hf_transformers.py; torch and
 #     transformers are on the GPU box, not on CI).
-# GRAM_TUNING: a --sweep JSON-lines file whose winners gram_layers and gram_e2e use (e.g. $OUT/gram_sweep.jsonl).
 # LOOP_TUNING: a --sweep JSON-lines file whose winners profile_loop and e2e1b_loop use (e.g. $OUT/sweep_loop.jsonl).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
@@ -144,34 +139,6 @@ for stage in ${1//,/ }; do
               --steps 5 --timeout 150 ${LOOP_TUNING:+--tuning $LOOP_TUNING} --out "$OUT/e2e.jsonl" \
               --methods "${E2E_METHODS:-adamw,poet_fast+optimizer.perm_chunk=64}" optimizer.cayley_precision=bf16
            tail -8 "$OUT/e2e1b_loop.log" ;;
-    gram_tests) run gram_tests 200 python -m pytest -q -m gpu tests/pallas/test_gram_kernels.py
-           tail -3 "$OUT/gram_tests.log"
-           run gram_layer_tests 200 python -m pytest -q tests/test_gram.py
-           tail -3 "$OUT/gram_layer_tests.log" ;;
-    gram_sweep) run gram_sweep 200 python benchmarks/layer_bench.py --sweep --sweep-chunk 64 --no-cayley --no-layers \
-              --sweep-kernels gram,weight,correction --sweep-cayley-blocks 154,3696 --cayley-precision bf16 \
-              --out "$OUT/gram_sweep.jsonl"
-           grep -E "gram|weight|correction|TABLE|XLA" "$OUT/gram_sweep.log" | head -60 ;;
-    gram_layers) run gram_layers ${GRAM_LIMIT:-300} python benchmarks/layer_bench.py --perm-chunk 64 --impls ${GRAM_IMPLS:-pallas,gram} \
-              --variants ${GRAM_VARIANTS:-fast,mem} --cayley-precision bf16 --no-cayley \
-              ${GRAM_TUNING:+--tuning $GRAM_TUNING} --out "$OUT/layers.jsonl" \
-              --cases ${GRAM_CASES:-16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256,8192x2048x5632x256,8192x5632x2048x256}
-           grep -E "x dense|MISMATCH|FAILED" "$OUT/gram_layers.log" | head -60 ;;
-    gram_e2e) run gram_e2e ${E2E_LIMIT:-540} python benchmarks/train_bench.py --config ${E2E_CONFIG:-configs/llama_1b.yaml} \
-              --batch ${E2E_BATCH:-8} --seq 1024 --steps 5 --timeout ${E2E_TIMEOUT:-150} ${GRAM_TUNING:+--tuning $GRAM_TUNING} \
-              --out "$OUT/e2e.jsonl" --methods "${E2E_METHODS:-adamw+model.remat=dots_saveable,poet_fast+optimizer.compute=gram+model.remat=dots_saveable}" \
-              optimizer.perm_chunk=64 optimizer.cayley_precision=bf16 ${E2E_OVERRIDES:-}
-           tail -12 "$OUT/gram_e2e.log" ;;
-    gram_newton) run gram_newton_train 150 python train.py --config configs/llama_60m.yaml data.source=data/tinyshakespeare \
-              optimizer.poet_lr=2e-3 optimizer.lr=1e-2 train.steps=1600 train.stop_after=199 schedule.warmup_steps=100 \
-              train.batch_size=64 logging.diagnostics_interval=0 train.eval_interval=0 checkpoint.interval=0 \
-              out_dir=runs/newton name=n60m
-           tail -3 "$OUT/gram_newton_train.log"
-           run gram_newton 120 python benchmarks/gram_newton.py --config configs/llama_60m.yaml data.source=data/tinyshakespeare \
-              optimizer.poet_lr=2e-3 optimizer.lr=1e-2 train.steps=1600 train.stop_after=199 schedule.warmup_steps=100 \
-              train.batch_size=64 logging.diagnostics_interval=0 train.eval_interval=0 checkpoint.interval=0 \
-              out_dir=runs/newton name=n60m
-           tail -4 "$OUT/gram_newton.log" ;;
     ttr) # time to result (issue 22): the llama_60m quality config alone on the GPU, POET then AdamW, each on a
          # fresh compilation cache, then the POET run again on its now warm cache up to its first step.
          # Needs .gutenberg and its prepared shards (data/cache/gutenberg-*) carried.

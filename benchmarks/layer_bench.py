@@ -49,8 +49,8 @@ import numpy as np  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import block_matmul as bmk  # noqa: E402
-from pallas_kernels._common import (CayleyConfig, LoopConfig, ReduceConfig, RotateConfig, WeightConfig,  # noqa: E402
-                                    fit_cayley, fit_loop, fit_reduce, fit_rotate, fit_weight)
+from pallas_kernels._common import (CayleyConfig, LoopConfig, ReduceConfig, RotateConfig, fit_cayley,  # noqa: E402
+                                    fit_loop, fit_reduce, fit_rotate)
 from poetjax import ops  # noqa: E402
 from poetjax.cayley import block_layout, rotation_pair, rotations  # noqa: E402
 from poetjax.perms import input_permutation, output_permutation  # noqa: E402
@@ -149,16 +149,14 @@ def dense_fn(x, w, g):
 # with the gathered operands saved for the dR reductions (pallas_kernels.tuning.CHUNKED_SAVE_GATHERED) and
 # "pallas_n" is "pallas" without the token-loop kernels (separate rotations and dR reductions,
 # pallas_kernels.tuning.CHUNKED_LOOPS); both flags are read at trace time, so they are patched around it.
-# "gram" is the block-Gram layer (``compute="gram"``: W_eff by the rotated-weight kernel, dR from the block-Gram
-# kernel on a GPU); "gram_x" the same equations in XLA (block products, gathers, batched Gram products).
 IMPLS = {"xla": ("xla", "tokens", "activations"), "pallas": ("pallas", "tokens", "activations"),
          "pallas_g": ("pallas", "tokens", "activations"), "pallas_s": ("pallas", "tokens", "activations"),
          "pallas_n": ("pallas", "tokens", "activations"),
          "xla_f": ("xla", "features", "activations"), "pallas_f": ("pallas", "features", "activations"),
-         "weight": ("auto", "auto", "weight"), "gram": ("auto", "auto", "gram"), "gram_x": ("xla", "auto", "gram")}
+         "weight": ("auto", "auto", "weight")}
 
 
-def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1, gram_correction="solve"):
+def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1):
     impl, layout, compute = IMPLS[name]
     chunk = 1 if name == "pallas_g" else perm_chunk
     if impl == "auto":
@@ -174,8 +172,7 @@ def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1, 
             # both sides in one map, as POETLinear does (cayley.rotation_pair)
             r_in, r_out = rotation_pair(th_in, lin, th_out, lout, 3, impl=impl, precision=cayley_precision)
             return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout,
-                                     compute=compute, perm_chunk=chunk, gram_correction=gram_correction,
-                                     cayley_precision=cayley_precision)
+                                     compute=compute, perm_chunk=chunk)
 
         with saving:
             y, vjp = jax.vjp(layer, x, th_in, th_out)
@@ -211,7 +208,7 @@ def run_layer_case(case, rec: Recorder, args, table):
             name = f"{variant}/{impl}"
             try:
                 compiled, temp = compile_fn(poet_fn(d["lin"], d["lout"], variant, impl, args.cayley_precision,
-                                                    args.perm_chunk, args.gram_correction), *poet_args)
+                                                    args.perm_chunk), *poet_args)
                 outs[name] = compiled(*poet_args)
                 check = None
                 other = f"{variant}/{args.impls[0]}"  # the first implementation listed is the reference
@@ -413,36 +410,6 @@ def _reduce_grid(k):
         yield ReduceConfig(block_t=64, block_m=bm, block_n=bm, num_warps=warps, num_stages=stages)
 
 
-def run_correction(rec: Recorder, args, k: int):
-    """The gram backward's G·R⁻ᵀ for both sides of a model's blocks (``POETConfig.gram_correction``), float32."""
-    from poetjax.cayley import CAYLEY_PRECISIONS, cayley_neumann
-
-    for blocks in args.sweep_cayley_blocks:
-        keys = jax.random.split(jax.random.key(blocks), 2)
-        q = 0.3 / np.sqrt(k) * jax.random.normal(keys[0], (blocks, k, k))
-        r = cayley_neumann(q - jnp.swapaxes(q, -1, -2))
-        g = jax.random.normal(keys[1], (blocks, k, k))
-        for correction in ("none", "newton1", "newton2", "solve"):
-            plan = ops.GramPlan(mem=False, correction=correction,
-                                block_precision=CAYLEY_PRECISIONS[args.cayley_precision], precision=None,
-                                interpret=None, chunk=1)
-            fn = lambda g, r: ops._times_inverse_t(g, r, plan, right=True)
-            try:
-                ms = time_ms(compile_fn(fn, g, r)[0], (g, r), args.repeats, args.inner)
-                print(f"  correction {correction:8s} {blocks:6d} blocks: {ms:8.3f} ms", flush=True)
-                rec.add(kind="correction", correction=correction, blocks=blocks, b=k, ms=ms,
-                        precision=args.cayley_precision)
-            except Exception as e:
-                print(f"  correction {correction} failed: {short_error(e)}")
-
-
-def _weight_grid(k):
-    for bm, bk, bn, warps, stages in ((64, 32, 64, 8, 3), (64, 64, 64, 8, 3), (32, 32, 64, 4, 3), (64, 32, 128, 8, 3),
-                                      (128, 32, 64, 8, 3), (32, 64, 128, 4, 3), (64, 32, 64, 4, 3), (64, 64, 128, 8, 2),
-                                      (16, 64, 64, 4, 3), (32, 32, 32, 4, 4)):
-        yield WeightConfig(block_m=bm, block_k=bk, block_n=bn, num_warps=warps, num_stages=stages)
-
-
 def _cayley_grid(k):
     # the product kernels read dense Q/Q²/G/N tiles (contiguous, pipelined): deeper block_k pays
     for bm, bk in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 32), (64, 128), (32, 128)):
@@ -459,8 +426,6 @@ def _fit(cfg, k):
         return fit_reduce(cfg, k)
     if isinstance(cfg, LoopConfig):
         return fit_loop(cfg, k)
-    if isinstance(cfg, WeightConfig):
-        return fit_weight(cfg, k)
     return fit_cayley(cfg, k)
 
 
@@ -558,45 +523,6 @@ def run_sweep(rec: Recorder, args):
             except Exception as e:
                 print(f"  {what} failed: {short_error(e)}")
 
-        # the block Gram: both operands gathered through one index (as the gram layers read x and dx)
-        def build_gram(cfg):
-            def fn(a, b, p):
-                return pk.block_gram(a, b, p, k, interpret=interpret, config=cfg, chunk=chunk)
-            return [(compile_fn(fn, x, x, perm)[0], (x, x, perm))]
-
-        # W_eff of an (width × width) layer in one pass: rows scattered by perm, columns by perm (any index)
-        w_s = (jax.random.normal(keys[3], (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
-        r32 = r.astype(jnp.float32)
-
-        def build_weight(cfg):
-            def fn(w, a, b, p):
-                return pk.rotated_weight(w, a, b, p, p, n, n, interpret=interpret, config=cfg, chunk=chunk)
-            return [(compile_fn(fn, w_s, r32, r32, perm)[0], (w_s, r32, r32, perm))]
-
-        for name, grid, build in (("gram", _reduce_grid(k), build_gram), ("weight", _weight_grid(k), build_weight)):
-            if name in args.sweep_kernels:
-                key = name + (suffix if name == "gram" else "")   # rotated_weight's tiles do not depend on it
-                best = _sweep_one(key, grid, build, args, rec, k)
-                if best:
-                    found[(key, k)] = best
-        # what they replace in XLA (gram_x), timed in the same run
-        perms_xla = ops.LayerPerms(perm, jnp.argsort(perm).astype(jnp.int32), perm, jnp.argsort(perm).astype(jnp.int32))
-        for name, fn, fargs in (
-                ("gram", lambda a, b, p: ops.block_gram(a, b, p, k), (x, x, perm)),
-                ("weight", lambda w, a, b, ps: ops.weight_from_blocks(w, a.astype(w.dtype), b.astype(w.dtype), ps),
-                 (w_s, r32, r32, perms_xla))):
-            if name not in args.sweep_kernels:
-                continue
-            try:
-                ms = time_ms(compile_fn(fn, *fargs)[0], fargs, args.repeats, args.inner)
-                print(f"  {name} in XLA (gram_x): {ms:8.3f} ms", flush=True)
-                rec.add(kind="sweep_baseline", kernel=name + "/xla", b=k, ms=ms)
-            except Exception as e:
-                print(f"  {name} in XLA failed: {short_error(e)}")
-
-        if "correction" in args.sweep_kernels:
-            run_correction(rec, args, k)
-
         def build_cayley(cfg):
             out = []
             for blocks in args.sweep_cayley_blocks:
@@ -679,8 +605,6 @@ def main(argv=None):
     ap.add_argument("--perm-sweep", action="store_true", help="--perms over a grid of TransposeConfig tiles")
     ap.add_argument("--cayley-precision", type=str, default="highest", choices=("highest", "default", "bf16"),
                     help="products of the layers' Cayley–Neumann series (poetjax.cayley.rotations)")
-    ap.add_argument("--gram-correction", default="solve",
-                    help="how the gram implementations apply R⁻ᵀ (POETConfig.gram_correction)")
     ap.add_argument("--perm-chunk", type=int, default=1,
                     help="permutations of runs of this many coordinates (POETConfig.perm_chunk) in the layer cases")
     ap.add_argument("--unsorted-perms", action="store_true",

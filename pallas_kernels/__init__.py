@@ -3,8 +3,6 @@
     cayley_neumann(theta, block_size, num_terms=3)   packed generators → orthogonal blocks (fused skew + series)
     permuted_block_matmul(x, perm, r)                 x[..., perm] · blockdiag(r)   (gather fused into loads)
     block_matmul_permuted(h, perm, r, inv_perm=...)   (h · blockdiag(r))[..., perm] (gather fused into stores)
-    block_gram(a, b, idx, K)                          G[j] = a[:, idx_j]ᵀ · b[:, idx_j]  (gathers fused into loads)
-    rotated_weight(w_s, r_in, r_out, rows, cols, N, M)  P·blockdiag(R_in)·W_s·blockdiag(R_out)·P′ in one pass
     transpose_scatter(x, idx) / gather_transpose(z, idx, C)   permute the features while switching between the
                                                       token-major (T, C) and feature-major (R, T) layouts
 
@@ -13,13 +11,12 @@ flag (Pallas's interpreter: runs anywhere, for tests). Configurations: ``pallas_
 """
 
 from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig,
-                                    WeightConfig, check_block_size, chunk_tile, default_interpret, supports_block_size,
+                                    check_block_size, chunk_tile, default_interpret, supports_block_size,
                                     supports_chunk)
-from pallas_kernels.block_matmul import (block_gram, block_gram_reference, block_matmul_permuted,
-                                         block_matmul_permuted_reference, check_chunked_index, inverse_index, permuted_block_matmul,
+from pallas_kernels.block_matmul import (block_matmul_permuted, block_matmul_permuted_reference,
+                                         check_chunked_index, inverse_index, permuted_block_matmul,
                                          permuted_block_matmul_reference)
 from pallas_kernels.cayley import cayley_neumann, cayley_neumann_reference
-from pallas_kernels.rotated_weight import rotated_weight, rotated_weight_reference
 from pallas_kernels.qmatmul import QMatmulConfig, dequantize_reference, qmatmul, qmatmul_reference
 from pallas_kernels.transpose_perm import (TransposeConfig, gather_transpose, gather_transpose_reference,
                                            transpose_scatter, transpose_scatter_reference)
@@ -32,6 +29,5 @@ __all__ = [
     "default_interpret", "supports_block_size", "supports_chunk", "tuning", "qmatmul", "qmatmul_reference",
     "dequantize_reference", "QMatmulConfig",
     "transpose_scatter", "transpose_scatter_reference", "gather_transpose", "gather_transpose_reference",
-    "TransposeConfig", "block_gram", "block_gram_reference", "rotated_weight", "rotated_weight_reference",
-    "WeightConfig",
+    "TransposeConfig",
 ]

@@ -231,29 +231,6 @@ class BlockMatmulConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightConfig:
-    """Tiles of the rotated-weight kernel, W_eff = P_in · blockdiag(R_in) · W_s · blockdiag(R_out) · P_out.
-
-    A program owns block_m rows of one (input block i, output block j) tile of the K×K grid: it forms the
-    (block_m × K) float32 rows of R_in[i] · W_s[i, j] in block_k-deep steps, rounds them to W_s's dtype, and
-    multiplies them by R_out[j] in block_n-wide column tiles, each stored straight to its permuted rows and
-    columns of W_eff.
-    """
-
-    block_m: int = 64
-    block_k: int = 32
-    block_n: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-
-    def validate(self, block_size: int | None = None) -> "WeightConfig":
-        for name in ("block_m", "block_k", "block_n"):
-            _check_tile("WeightConfig", name, getattr(self, name), block_size)
-        _check_launch("WeightConfig", self.num_warps, self.num_stages)
-        return self
-
-
-@dataclasses.dataclass(frozen=True)
 class CayleyConfig:
     """Tiles of the Cayley–Neumann kernels: every K×K product is tiled in square block_m × block_m tiles
     (square so that a program can also write the transposed tile of a symmetric or skew result),
@@ -296,11 +273,6 @@ def fit_loop(cfg: LoopConfig, block_size: int) -> LoopConfig:
 def fit_reduce(cfg: ReduceConfig, block_size: int) -> ReduceConfig:
     return dataclasses.replace(cfg, block_m=max_tile(block_size, cfg.block_m),
                                block_n=max_tile(block_size, cfg.block_n))
-
-
-def fit_weight(cfg: WeightConfig, block_size: int) -> WeightConfig:
-    return dataclasses.replace(cfg, block_m=max_tile(block_size, cfg.block_m),
-                               block_k=max_tile(block_size, cfg.block_k), block_n=max_tile(block_size, cfg.block_n))
 
 
 def fit_cayley(cfg: CayleyConfig, block_size: int) -> CayleyConfig:

@@ -73,7 +73,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (NN_T, NT, TN, BlockMatmulConfig, LoopConfig, ReduceConfig, RotateConfig,
                                     check_block_size, check_index_vector, chunk_tile, compiler_params, dot,
                                     dot_precision, load_tile, store_tile, tile_cols)
-from pallas_kernels.tuning import block_matmul_config, gram_config
+from pallas_kernels.tuning import block_matmul_config
 
 
 # Precision of float32 data on the GPU (bf16/f16 use the native MMA; interpret mode is exact).
@@ -482,68 +482,3 @@ def block_matmul_permuted(h, perm, r, *, inv_perm=None, interpret: bool = False,
         return jnp.zeros((*lead, m), h.dtype) + 0 * jnp.sum(r).astype(h.dtype)
     y = _rotate_gather(h2, perm.astype(jnp.int32), inv_perm.astype(jnp.int32), r, cfg, bool(interpret), chunk)
     return y.reshape(*lead, m)
-
-
-# ----------------------------------------------------------------------------------------------
-# Block Gram: G[j] = Σ_t a[t, idx_j]ᵀ · b[t, idx_j], both operands read through one index vector
-# ----------------------------------------------------------------------------------------------
-
-def block_gram_reference(a, b, idx, block_size: int):
-    """(B, K, K) float32 with G[j] = a[:, idx_j]ᵀ · b[:, idx_j], idx_j = idx[j·K:(j+1)·K] (indices ≥ the
-    width read 0): products of the inputs' dtype summed in float32, as the kernel computes them."""
-    t = a.shape[0]
-    nb = idx.shape[0] // block_size
-    ga = jnp.take(a, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size).astype(jnp.float32)
-    gb = jnp.take(b, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size).astype(jnp.float32)
-    return jnp.einsum("tbi,tbj->bij", ga, gb, precision=lax.Precision.HIGHEST)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _block_gram(a, b, idx, block_size, cfg, interpret, chunk):
-    nb = idx.shape[0] // block_size
-    return _reduce(a, b, nb, block_size, cfg=cfg, interpret=interpret, pa=idx, pb=idx, chunk=chunk)
-
-
-def _block_gram_fwd(a, b, idx, block_size, cfg, interpret, chunk):
-    return _block_gram(a, b, idx, block_size, cfg, interpret, chunk), (a, b, idx)
-
-
-def _block_gram_bwd(block_size, cfg, interpret, chunk, res, dg):
-    # Only higher-order derivatives reach this (the POET layers use G inside their own backward pass): the
-    # reference's VJP in XLA, da[:, idx_j] = b[:, idx_j] · dG[j]ᵀ and db[:, idx_j] = a[:, idx_j] · dG[j].
-    a, b, idx = res
-    _, vjp = jax.vjp(lambda a, b: block_gram_reference(a, b, idx, block_size), a, b)
-    da, db = vjp(dg)
-    return da.astype(a.dtype), db.astype(b.dtype), None
-
-
-_block_gram.defvjp(_block_gram_fwd, _block_gram_bwd)
-
-
-def block_gram(a, b, idx, block_size: int, *, interpret: bool = False, config: ReduceConfig | None = None,
-               chunk: int = 1):
-    """G (B, K, K) float32, G[j] = a[:, idx_j]ᵀ · b[:, idx_j] with idx_j = idx[j·K:(j+1)·K].
-
-    a, b: (T, W) float of one dtype (T tokens; leading dims flattened by the caller); idx: (B·K,) int32
-    column indices, values ≥ W reading 0 (the padding of ``poetjax.perms``). The gathers happen in the
-    loads of the two-stage token reduction (the ``_reduce`` kernel, float32 accumulation); nothing of
-    activation size is written. ``chunk``: idx is ``chunk``-chunked, so tiles load contiguous runs.
-    Differentiable in a and b (the reference's VJP).
-    """
-    check_block_size(block_size)
-    if a.ndim != 2 or a.shape != b.shape or a.dtype != b.dtype or not jnp.issubdtype(a.dtype, jnp.floating):
-        raise ValueError(f"a and b must be floating (T, W) arrays of one shape and dtype, got "
-                         f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
-    check_index_vector("idx", idx)
-    if idx.shape[0] % block_size:
-        raise ValueError(f"idx has length {idx.shape[0]}, not a multiple of block_size={block_size}")
-    check_chunked_index("idx", idx, chunk, a.shape[1])
-    if config is None:
-        config = gram_config(block_size, chunk)
-    elif not isinstance(config, ReduceConfig):
-        raise TypeError(f"config must be a ReduceConfig, got {type(config).__name__}")
-    config = config.validate(block_size)
-    if a.shape[0] == 0:
-        nb = idx.shape[0] // block_size
-        return jnp.zeros((nb, block_size, block_size), jnp.float32)
-    return _block_gram(a, b, idx.astype(jnp.int32), block_size, config, bool(interpret), chunk)

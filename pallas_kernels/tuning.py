@@ -11,10 +11,8 @@ scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens) 
 "<kernel>/chunked", the tiles for chunked index vectors (``--sweep --sweep-chunk C``) — "loop_fwd/chunked"
 and "loop_bwd/chunked" (the token-loop kernel, ``LoopConfig``, for the forward rotations and for the
 backward rotations with dR folded in; used for chunked vectors only, and only when present), "cayley" (and
-"cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"), "gram" (and "gram/chunked": the
-block Gram of ``block_gram``, both operands gathered; without an entry it takes the "reduce" tiles) and
-"weight" (the rotated-weight kernel); values: the fields of the matching config dataclass in
-``pallas_kernels._common``.
+"cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the
+matching config dataclass in ``pallas_kernels._common``.
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig,
-                                    WeightConfig, check_block_size, fit_cayley, fit_loop, fit_reduce, fit_rotate,
-                                    fit_weight, supports_chunk)
+                                    check_block_size, fit_cayley, fit_loop, fit_reduce, fit_rotate, supports_chunk)
 
 # Measured defaults. Empty until a sweep has been run on the H100 (see the module docstring).
 # NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, 2026-11-23, python benchmarks/layer_bench.py --sweep
@@ -110,23 +107,6 @@ def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
         forward_loop=_loop_lookup("loop_fwd/chunked", block_size) if loops else None,
         backward_loop=_loop_lookup("loop_bwd/chunked", block_size) if loops else None)
     return cfg.validate(block_size)
-
-
-def gram_config(block_size: int, chunk: int = 1) -> ReduceConfig:
-    """Tiles of the block Gram (``pallas_kernels.block_gram``): TABLE "gram" (or "gram/chunked"), else the
-    dR reduction's tiles, which run the same kernel with one operand gathered instead of two."""
-    check_block_size(block_size)
-    suffix = "/chunked" if supports_chunk(chunk) else ""
-    cfg = _lookup("reduce", block_size, _reduce_heuristic(block_size))
-    cfg = _lookup("reduce" + suffix, block_size, cfg)
-    cfg = _lookup("gram", block_size, cfg)
-    return _lookup("gram" + suffix, block_size, cfg).validate(block_size)
-
-
-def weight_config(block_size: int) -> WeightConfig:
-    """Tiles of the rotated-weight kernel (``pallas_kernels.rotated_weight``): TABLE "weight", else a guess."""
-    check_block_size(block_size)
-    return _lookup("weight", block_size, fit_weight(WeightConfig(), block_size)).validate(block_size)
 
 
 def cayley_config(block_size: int, precision: str | None = None) -> CayleyConfig:

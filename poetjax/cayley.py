@@ -223,27 +223,6 @@ def block_product(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
     return jnp.matmul(a, b, precision=precision)
 
 
-def inverse_transpose(r_BxKxK: jax.Array, steps: int = 1, *, precision=HIGHEST) -> jax.Array:
-    """Z ≈ R⁻ᵀ for nearly orthogonal (..., K, K) blocks R (float32), by Newton–Schulz from Z₀ = R.
-
-    A step is Z ← Z − Z·E with E = RᵀZ − I; the new error is −E², so every step squares it (Z₀ = R starts
-    from E = RᵀR − I, which is 0 for an orthogonal R and 2‖Q‖⁴-small for the Cayley–Neumann map, see
-    ``neumann_orthogonality_bound``). E is formed as (Z − I) + (R − I)ᵀ + (R − I)ᵀ(Z − I): its one product
-    is of small matrices, so ``precision`` (a value of ``CAYLEY_PRECISIONS``) rounds only that small term,
-    never the identity parts that cancel. ``steps`` = 0 returns R.
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got steps={steps!r}")
-    eye = jnp.eye(r_BxKxK.shape[-1], dtype=r_BxKxK.dtype)
-    d_t = jnp.swapaxes(r_BxKxK, -1, -2) - eye
-    z = r_BxKxK
-    for _ in range(steps):
-        dz = z - eye
-        e = dz + d_t + block_product(d_t, dz, precision)
-        z = z - block_product(z, e, precision)
-    return z
-
-
 def batched_solve(a_BxKxK: jax.Array, b_BxKxC: jax.Array) -> jax.Array:
     """X with a·X = b for every block (any leading dims): ``jnp.linalg.solve`` (LU), except on the CPU
     backend. There two LAPACK triangular solves that XLA runs concurrently (two layers, or two sides of

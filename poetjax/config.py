@@ -15,8 +15,7 @@ CAYLEY_PRECISIONS = ("highest", "default", "bf16")
 IMPLS = ("auto", "xla", "pallas")
 LAYOUTS = ("auto", "tokens", "features")
 CAYLEY_SCOPES = ("auto", "linear", "block", "model")
-COMPUTES = ("auto", "activations", "weight", "gram")
-GRAM_CORRECTIONS = ("solve", "newton1", "newton2", "newton3", "none")
+COMPUTES = ("auto", "activations", "weight")
 INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 
 
@@ -48,18 +47,9 @@ class POETConfig:
                     below R's own bf16 rounding while ‖Q‖₂ ≲ 0.5). Merges and effective kernels always
                     use "highest".
     compute:        "activations" (POET-X: rotate the activations, never form W_eff), "weight" (form W_eff
-                    from the blocks each step, then one dense matmul, differentiated through both), "gram"
-                    (form W_eff, one dense matmul; the backward pass takes dR from block Gram reductions of
-                    (x, dx) and (y, dy): two dense matmuls per layer and no rotation pass over activations) or
-                    "auto" (by the layer's token count and shape at trace time, ``poetjax.ops.resolve_compute``).
+                    from the blocks each step, then one dense matmul, differentiated through both) or "auto"
+                    (by the layer's token count and shape at trace time, ``poetjax.ops.resolve_compute``).
                     Never changes the function.
-    gram_correction: how the "gram" backward pass applies R⁻ᵀ (dR_in = G·R_in⁻ᵀ, dR_out = R_out⁻ᵀ·G): "solve"
-                    (a batched linear solve with R: exact for any R, the default), "newton1" … "newton3"
-                    (Newton–Schulz steps from R, ``poetjax.cayley.inverse_transpose``: each squares
-                    ‖RᵀR − I‖, so they are exact only while the Cayley–Neumann R stays near orthogonal) or
-                    "none" (R itself: exact only for an orthogonal R, e.g. ``cayley="exact"``). Newton's
-                    products run at ``cayley_precision``. Real runs drift far enough from orthogonal before a
-                    merge that Newton barely converges (BENCHMARKS.md, "Block-Gram layer").
     cayley_scope:   how many POET layers share one Cayley–Neumann map per step (``poetjax.layers``;
                     never changes the math): "linear" (each layer maps its own blocks, both sides at once),
                     "block" (one map for all projections of a transformer block, computed inside the block,
@@ -124,7 +114,6 @@ class POETConfig:
     compute: str = "activations"
     quant_group_size: int = 256
     perm_chunk: int = 1
-    gram_correction: str = "solve"
 
     def __post_init__(self):
         if isinstance(self.block_size, float) and self.variant == "fs":
@@ -169,12 +158,6 @@ class POETConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got layout={self.layout!r}")
         if self.compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}, got compute={self.compute!r}")
-        if self.gram_correction not in GRAM_CORRECTIONS:
-            raise ValueError(f"gram_correction must be one of {GRAM_CORRECTIONS}, "
-                             f"got gram_correction={self.gram_correction!r}")
-        if self.compute == "gram" and self.variant == "fs":
-            raise ValueError("compute='gram' is not available for variant='fs': POET-FS rotates one index subset "
-                             "per side through its own layer (poetjax.fs); use compute='auto' or 'activations'")
         if self.cayley_scope not in CAYLEY_SCOPES:
             raise ValueError(f"cayley_scope must be one of {CAYLEY_SCOPES}, got cayley_scope={self.cayley_scope!r}")
         if (isinstance(self.quant_group_size, bool) or not isinstance(self.quant_group_size, int)

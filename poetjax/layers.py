@@ -188,8 +188,7 @@ class POETLinear(nnx.Module):
             y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
                                   variant=self.config.flavour, precision=self.precision, impl=impl,
                                   layout=self.config.layout, compute=self.config.compute,
-                                  perm_chunk=self.config.perm_chunk, gram_correction=self.config.gram_correction,
-                                  cayley_precision=self.config.cayley_precision)
+                                  perm_chunk=self.config.perm_chunk)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

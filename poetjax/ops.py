@@ -35,7 +35,6 @@ matmul kernel — so no layer keeps a float copy of its base weight as a residua
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -43,8 +42,8 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from poetjax.cayley import CAYLEY_PRECISIONS, HIGHEST, batched_solve, block_product, inverse_transpose
-from poetjax.config import COMPUTES, GRAM_CORRECTIONS, IMPLS, LAYOUTS
+from poetjax.cayley import HIGHEST
+from poetjax.config import COMPUTES, IMPLS, LAYOUTS
 from poetjax.perms import full_input_index, full_output_index, permute, permute_rows
 from poetjax.quant import QuantizedWeight, dequantize, quantized_matmul
 
@@ -184,114 +183,6 @@ def _poet_w_body(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, precis
 _poet_w_mem_body = jax.checkpoint(_poet_w_body, policy=jax.checkpoint_policies.nothing_saveable,
                                   static_argnums=(5,))
 
-class GramPlan(NamedTuple):
-    """Static choices of the block-Gram layer (``compute="gram"``): hashable, so a ``custom_vjp`` argument."""
-
-    mem: bool               # recompute W_eff and y in the backward pass instead of keeping them
-    correction: str         # how R⁻ᵀ is applied (``POETConfig.gram_correction``)
-    block_precision: object  # products of K×K blocks (a value of ``cayley.CAYLEY_PRECISIONS``)
-    precision: object       # the dense matmuls' lax precision
-    interpret: bool | None  # None: XLA; else the Pallas kernels (in the interpreter when True)
-    chunk: int              # perm_chunk (the kernels read and write contiguous runs)
-
-
-def block_gram(a_TxD: jax.Array, b_TxD: jax.Array, idx: jax.Array, block_size: int, interpret=None,
-               chunk: int = 1) -> jax.Array:
-    """G (B, K, K) float32, G[j] = a[:, idx_j]ᵀ · b[:, idx_j] (idx_j = idx[j·K:(j+1)·K], indices ≥ D read 0):
-    XLA gathers + one batched product (interpret None), else ``pallas_kernels.block_gram`` (gathers in its
-    loads)."""
-    if interpret is not None:
-        return pk.block_gram(a_TxD, b_TxD, idx, block_size, interpret=interpret, chunk=chunk)
-    t = a_TxD.shape[0]
-    nb = idx.shape[0] // block_size
-    ga = jnp.take(a_TxD, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size)
-    gb = jnp.take(b_TxD, idx, axis=1, mode="fill", fill_value=0).reshape(t, nb, block_size)
-    acc = jnp.promote_types(a_TxD.dtype, jnp.float32)  # float32 sums (float64 inputs stay float64)
-    if jax.default_backend() == "cpu":  # its runtime has no bf16 × bf16 → f32 dot; the products are exact in f32
-        ga, gb = ga.astype(acc), gb.astype(acc)
-    return jnp.einsum("tbi,tbj->bij", ga, gb, preferred_element_type=acc, precision=HIGHEST)
-
-
-def _whole(w):
-    """W_s (or each array of a QuantizedWeight) whole on every device when the trace runs under a mesh
-    (``poetjax.distributed`` traces its steps under theirs): W_eff's permutations move rows and columns
-    across fsdp shards, which XLA would partition as masked gathers plus an all-reduce of a weight-sized
-    array. One all-gather instead, what FSDP does for any weight it uses."""
-    if jax.sharding.get_abstract_mesh().empty:
-        return w
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, jax.sharding.PartitionSpec()), w)
-
-
-def _gram_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, dtype, plan: GramPlan):
-    """W_eff (N, M) in ``dtype``: XLA block products + permutations, or the one-pass rotated-weight kernel."""
-    w0_NpxMp = _whole(w0_NpxMp)
-    if isinstance(w0_NpxMp, QuantizedWeight):
-        w0_NpxMp = dequantize(w0_NpxMp, dtype)
-    if plan.interpret is None:
-        return weight_from_blocks(w0_NpxMp, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms,
-                                  plan.precision)
-    n, m = perms.perm_in_inv.shape[0], perms.perm_out.shape[0]
-    return pk.rotated_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms.perm_in, perms.perm_out_inv, n, m,
-                             interpret=plan.interpret, chunk=plan.chunk)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gram_linear(x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, plan: GramPlan):
-    return _gram_linear_fwd(x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, plan)[0]
-
-
-def _gram_linear_fwd(x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, plan):
-    w = _gram_weight(w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, x_TxN.dtype, plan)
-    y = jnp.matmul(x_TxN, w, precision=plan.precision)
-    if plan.mem:
-        return y, (x_TxN, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms)
-    return y, (x_TxN, y, w, r_in_IxKxK, r_out_OxKxK, perms)
-
-
-def _gram_linear_bwd(plan, res, dy_TxM):
-    if plan.mem:
-        x, w0, r_in, r_out, perms = res
-        w = _gram_weight(w0, r_in, r_out, perms, x.dtype, plan)
-        y = jnp.matmul(x, w, precision=plan.precision)
-    else:
-        x, y, w, r_in, r_out, perms = res
-    dy = dy_TxM.astype(x.dtype)
-    dx = jnp.matmul(dy, w.T, precision=plan.precision)
-    k = r_in.shape[-1]
-    # u = x[:, perm_in], du = dx[:, perm_in]: du_i = g_i·R_in[i]ᵀ (g: the cotangent of u·blockdiag(R_in)), so
-    # dR_in[i] = u_iᵀ g_i = (u_iᵀ du_i)·R_in[i]⁻ᵀ. z = y[:, perm_out_inv] = h·blockdiag(R_out), so
-    # dR_out[j] = h_jᵀ dz_j = R_out[j]⁻ᵀ·(z_jᵀ dz_j). R as the forward used it (rounded to x's dtype).
-    g_in = block_gram(x, dx, perms.perm_in, k, plan.interpret, plan.chunk)
-    g_out = block_gram(y, dy, perms.perm_out_inv, k, plan.interpret, plan.chunk)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    dr_in = _times_inverse_t(g_in, r_in.astype(x.dtype).astype(acc), plan, right=True)
-    dr_out = _times_inverse_t(g_out, r_out.astype(x.dtype).astype(acc), plan, right=False)
-    return dx, None, dr_in.astype(r_in.dtype), dr_out.astype(r_out.dtype), None
-
-
-_gram_linear.defvjp(_gram_linear_fwd, _gram_linear_bwd)
-
-
-def _times_inverse_t(g_BxKxK, r_BxKxK, plan: GramPlan, *, right: bool):
-    """G·R⁻ᵀ (``right``) or R⁻ᵀ·G for every block, as ``plan.correction`` says: "solve" (R·Xᵀ = Gᵀ, resp.
-    Rᵀ·X = G, by batched LU; exact for any invertible R), "newton<k>" (k Newton–Schulz steps from R,
-    ``cayley.inverse_transpose``) or "none" (R itself)."""
-    if plan.correction == "solve":
-        if right:
-            return jnp.swapaxes(batched_solve(r_BxKxK, jnp.swapaxes(g_BxKxK, -1, -2)), -1, -2)
-        return batched_solve(jnp.swapaxes(r_BxKxK, -1, -2), g_BxKxK)
-    steps = 0 if plan.correction == "none" else int(plan.correction.removeprefix("newton"))
-    z = inverse_transpose(r_BxKxK, steps, precision=plan.block_precision)
-    return block_product(g_BxKxK, z, plan.block_precision) if right else block_product(z, g_BxKxK, plan.block_precision)
-
-
-def _poet_gram(x, w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms: LayerPerms, plan: GramPlan):
-    """compute="gram": y = x · W_eff, one dense matmul; the backward is dx = dy · W_effᵀ (one dense matmul)
-    plus two block Gram reductions (no dW matmul, nothing activation-sized written; see ``_gram_linear_bwd``)."""
-    lead, n = x.shape[:-1], x.shape[-1]
-    y = _gram_linear(x.reshape(-1, n), w0_NpxMp, r_in_IxKxK, r_out_OxKxK, perms, plan)
-    return y.reshape(*lead, y.shape[-1])
-
 
 # compute="auto" forms W_eff in the mem flavour once the layer sees at least this many tokens per unit of its
 # wider side (T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M)); the fast flavour keeps rotating activations. See
@@ -300,15 +191,13 @@ WEIGHT_TOKENS_PER_WIDTH = 1
 
 
 def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "fast") -> str:
-    """"activations", "weight" or "gram" for a layer of N → M features applied to ``tokens`` tokens.
+    """"activations" or "weight" for a layer of N → M features applied to ``tokens`` tokens.
 
     "activations": POET-X, input-centric: rotate the activations, never form W_eff (no dW matmul; passes
     over (T, N) and (T, M) arrays). "weight": POET's weight-centric form: W_eff from the blocks, then a
     dense matmul (passes over the (N, M) weight, plus the dW matmul: three dense matmuls like a dense
-    layer instead of two). "gram": form W_eff, then one dense matmul; the backward pass is dx = dy · W_effᵀ
-    and two block Gram reductions over (x, dx) and (y, dy) that give dR directly (two dense matmuls, no
-    activation-sized rotation pass; ``_gram_linear_bwd``). All compute the same function (the same
-    products, rounded to the compute dtype at different places).
+    layer instead of two). Both compute the same function (the same products, rounded to the compute dtype
+    at different places).
 
     "auto" (decided at trace time from the static shapes): "weight" for the mem flavour when
     T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M), else "activations". Measured on the H200 (BENCHMARKS.md run
@@ -317,8 +206,7 @@ def resolve_compute(compute: str, tokens: int, n: int, m: int, variant: str = "f
     the mem flavour recomputes the whole rotated forward on activations, but only W_eff on weights. In
     the fast flavour "weight" won only at T=8192, 2048² (0.90) and lost by 1.07–1.27 at the other T ≥ N
     shapes, so "auto" keeps POET-X there. Under data parallelism "weight" all-reduces a W_eff-sized
-    gradient per layer (POET-X reduces only the generators'): keep "activations" there. "auto" never picks
-    "gram" until its layer timings exist (BENCHMARKS.md, "Block-Gram layer").
+    gradient per layer (POET-X reduces only the generators'): keep "activations" there.
     """
     if compute not in COMPUTES:
         raise ValueError(f"compute must be one of {COMPUTES}, got compute={compute!r}")
@@ -360,8 +248,7 @@ def resolve_layout(layout: str, impl: str, perm_chunk: int = 1) -> str:
 
 def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                   perms: LayerPerms, *, variant: str = "fast", precision=None, impl: str = "xla",
-                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1, gram_correction: str = "solve",
-                  cayley_precision: str = "highest") -> jax.Array:
+                  layout: str = "auto", compute: str = "activations", perm_chunk: int = 1) -> jax.Array:
     """y (..., M) = x (..., N) · W_eff for the POET-X layer; computed in x's dtype.
 
     W_s and the rotation blocks are cast to x's dtype (the blocks are computed in float32 first; the
@@ -373,8 +260,7 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     (POET-X), "weight" (form W_eff, then one dense matmul) or "auto" (see ``resolve_compute``).
     ``perm_chunk``: the permutations move runs of this many coordinates (``poetjax.perms``; the layer's
     ``POETConfig.perm_chunk``); the token-major Pallas kernels then index one run per tile. Other paths
-    ignore it (they are correct for any permutation). ``gram_correction`` and ``cayley_precision``: how
-    the "gram" backward pass applies R⁻ᵀ and the precision of its K×K products (``POETConfig``).
+    ignore it (they are correct for any permutation).
     """
     if variant not in ("fast", "mem"):
         raise ValueError(f"variant must be 'fast' or 'mem', got variant={variant!r}")
@@ -387,17 +273,6 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     layout = resolve_layout(layout, impl, perm_chunk)
     tokens = math.prod(x.shape[:-1])
     compute = resolve_compute(compute, tokens, x.shape[-1], perms.perm_out.shape[0], variant)
-    if compute == "gram":
-        if gram_correction not in GRAM_CORRECTIONS:
-            raise ValueError(f"gram_correction must be one of {GRAM_CORRECTIONS}, "
-                             f"got gram_correction={gram_correction!r}")
-        if cayley_precision not in CAYLEY_PRECISIONS:
-            raise ValueError(f"cayley_precision must be one of {tuple(CAYLEY_PRECISIONS)}, "
-                             f"got cayley_precision={cayley_precision!r}")
-        plan = GramPlan(mem=variant == "mem", correction=gram_correction, block_precision=CAYLEY_PRECISIONS[cayley_precision],
-                        precision=precision, interpret=pk.default_interpret() if impl == "pallas" else None,
-                        chunk=perm_chunk)
-        return _poet_gram(x, w0, r_in_IxKxK, r_out_OxKxK, perms, plan)
     if compute == "weight":
         body = _poet_w_body if variant == "fast" else _poet_w_mem_body
         return body(x, w0, r_in_IxKxK.astype(dtype), r_out_OxKxK.astype(dtype), perms, precision)

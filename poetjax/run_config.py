@@ -98,7 +98,7 @@ class OptimizerConfig:
     generator_moment_dtype: storage of the generators' Adam moments ("float32" | "bfloat16": half the
                     generators' optimizer state; the update itself is computed in float32 either way).
     clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
-    block_size … poet_scale, impl, layout, compute, cayley_precision, cayley_scope, perm_chunk, gram_correction: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
+    block_size … poet_scale, impl, layout, compute, cayley_precision, cayley_scope, perm_chunk: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
                     fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas"; variant
                     "xq"/"xq_mem" is POET-XQ, with W0 in uint8 groups of quant_group_size).
     """
@@ -127,7 +127,6 @@ class OptimizerConfig:
     compute: str = "activations"
     quant_group_size: int = 256
     perm_chunk: int = 1
-    gram_correction: str = "solve"
     generator_moment_dtype: str = "float32"
 
     def __post_init__(self):
@@ -150,8 +149,7 @@ class OptimizerConfig:
                           init=self.init, init_std=init_std,
                           poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl,
                           layout=self.layout, cayley_scope=self.cayley_scope, compute=self.compute,
-                          quant_group_size=self.quant_group_size, perm_chunk=self.perm_chunk,
-                          gram_correction=self.gram_correction)
+                          quant_group_size=self.quant_group_size, perm_chunk=self.perm_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,17 +30,10 @@ def poly(q, num_terms):
     return jnp.matmul(eye + q, s, precision="highest")
 
 
-def cayley(q):
-    """(I+Q)(I−Q)⁻¹ by an explicit inverse (the exact map; orthogonal for skew Q)."""
-    eye = jnp.eye(q.shape[-1], dtype=q.dtype)
-    return jnp.matmul(eye + q, jnp.linalg.inv(eye - q), precision="highest")
-
-
-def side_matrix(theta, perm, dim, k, num_terms, out_side, exact=False):
+def side_matrix(theta, perm, dim, k, num_terms, out_side):
     nb = theta.shape[0]
     tail = dim - (nb - 1) * k
-    q = skew_scatter(theta, k, tail)
-    g = cayley(q) if exact else poly(q, num_terms)
+    g = poly(skew_scatter(theta, k, tail), num_terms)
     bd = block_diag(*[g[i] for i in range(nb)])
     padded = nb * k
     p = perm[:dim]
@@ -51,11 +44,11 @@ def side_matrix(theta, perm, dim, k, num_terms, out_side, exact=False):
     return jnp.matmul(jnp.matmul(sel, bd, precision="highest"), sel.T, precision="highest")
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def dense_effective(theta_in, theta_out, w0_true, perm_in, perm_out, k, num_terms=3, exact=False):
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def dense_effective(theta_in, theta_out, w0_true, perm_in, perm_out, k, num_terms=3):
     n, m = w0_true.shape
-    r = side_matrix(theta_in, perm_in, n, k, num_terms, False, exact)
-    p = side_matrix(theta_out, perm_out, m, k, num_terms, True, exact)
+    r = side_matrix(theta_in, perm_in, n, k, num_terms, False)
+    p = side_matrix(theta_out, perm_out, m, k, num_terms, True)
     return jnp.matmul(jnp.matmul(r, w0_true, precision="highest"), p, precision="highest")
 
 

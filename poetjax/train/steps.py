@@ -191,8 +191,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
 
 def under_mesh(fn: Callable, mesh) -> Callable:
     """``fn`` traced under ``mesh``'s abstract mesh (``fn`` itself when ``mesh`` is None), so that layers can
-    state where an array must live (``jax.lax.with_sharding_constraint`` with a PartitionSpec; e.g. the
-    block-Gram layer's whole W0, ``poetjax.ops``)."""
+    state where an array must live (``jax.lax.with_sharding_constraint`` with a PartitionSpec)."""
     if mesh is None:
         return fn
 

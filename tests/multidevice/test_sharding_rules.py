@@ -1,7 +1,5 @@
 """The sharding rules on real meshes: W0 split over fsdp and never all-reduced (checked in the compiled
-HLO of the step), everything else where the rules put it, before and after a step and a merge. With
-``compute="gram"`` the layers form W_eff (W0-shaped) every step: only the generators' gradients (via the
-block Grams) are reduced, never anything weight-sized."""
+HLO of the step), everything else where the rules put it, before and after a step and a merge."""
 
 import re
 
@@ -44,9 +42,9 @@ def _split(shape, dim, n):
     return tuple(s // n if d == dim else s for d, s in enumerate(shape))
 
 
-@pytest.fixture(scope="module", params=["activations", "gram"])
-def setup(request):
-    cfg = load_config(TINY, OVERRIDES + [f"optimizer.compute={request.param}"])
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(TINY, OVERRIDES)
     return cfg, make_optimizer(cfg)
 
 

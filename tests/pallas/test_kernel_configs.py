@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig, WeightConfig
+from pallas_kernels import BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig
 from pallas_kernels import tuning
 
 
@@ -17,15 +17,11 @@ def test_default_configs_are_valid_for_supported_block_sizes(k):
     assert k % bm.reduce.block_m == 0 and k % bm.reduce.block_n == 0
     cy = tuning.cayley_config(k)
     assert k % cy.block_m == 0 and k % cy.block_k == 0
-    gr = tuning.gram_config(k)
-    assert k % gr.block_m == 0 and k % gr.block_n == 0
-    wt = tuning.weight_config(k)
-    assert k % wt.block_m == 0 and k % wt.block_k == 0 and k % wt.block_n == 0
 
 
 def test_tuning_table_entries_are_valid_configs():
     kinds = {"rotate_fwd": RotateConfig, "rotate_bwd": RotateConfig, "reduce": ReduceConfig, "cayley": CayleyConfig,
-             "loop_fwd": LoopConfig, "loop_bwd": LoopConfig, "gram": ReduceConfig, "weight": WeightConfig}
+             "loop_fwd": LoopConfig, "loop_bwd": LoopConfig}
     for (kernel, k), fields in tuning.TABLE.items():
         kinds[kernel.split("/")[0]](**fields).validate(k)   # "<kernel>/chunked", "cayley/<precision>"
 
@@ -58,18 +54,6 @@ def test_loop_kernels_only_for_chunked_vectors_with_table_entries(monkeypatch):
     assert tuning.block_matmul_config(64, 8).backward_loop is None    # nor runs narrower than a tile
     monkeypatch.setattr(tuning, "CHUNKED_LOOPS", False)
     assert tuning.block_matmul_config(64, 32).backward_loop is None
-
-
-def test_gram_tiles_fall_back_to_the_reduction_tiles(monkeypatch):
-    """The block Gram runs the dR reduction's kernel: without its own entry it takes that kernel's tiles."""
-    monkeypatch.delitem(tuning.TABLE, ("gram", 64), raising=False)
-    monkeypatch.delitem(tuning.TABLE, ("gram/chunked", 64), raising=False)
-    monkeypatch.setitem(tuning.TABLE, ("reduce", 64), {"block_t": 128})
-    monkeypatch.setitem(tuning.TABLE, ("reduce/chunked", 64), {"block_m": 32})
-    assert tuning.gram_config(64).block_t == 128 and tuning.gram_config(64).block_m == 64
-    assert tuning.gram_config(64, 32).block_m == 32
-    monkeypatch.setitem(tuning.TABLE, ("gram/chunked", 64), {"block_n": 16})
-    assert tuning.gram_config(64, 32).block_n == 16 and tuning.gram_config(64).block_n == 64
 
 
 @pytest.mark.parametrize("k", [0, 8, 20, 24, 250])
