@@ -53,6 +53,7 @@ def measure(config: str, spec: str, n: int, batch_per_device: int, seq: int, ste
     import jax.numpy as jnp
 
     from poetjax import distributed as dist
+    from poetjax.train import sharded
     from poetjax.run_config import load_config
     from poetjax.train.optimizers import make_optimizer
 
@@ -68,8 +69,8 @@ def measure(config: str, spec: str, n: int, batch_per_device: int, seq: int, ste
     mesh = dist.make_mesh(data, fsdp, jax.devices()[:n])
     t0 = time.perf_counter()
     tx = make_optimizer(cfg)
-    graphdef, state, shardings = dist.init_train_state(cfg, tx, mesh)
-    step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh)
+    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh)
+    step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh)
     tokens = jax.device_put(jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.model.vocab_size,
                                                jnp.int32), dist.batch_sharding(mesh))
     build_s = time.perf_counter() - t0

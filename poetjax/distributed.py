@@ -1,4 +1,5 @@
-"""Sharded POET training with jit + ``jax.sharding``: the mesh, the sharding rules, the sharded steps.
+"""Sharded POET training with jit + ``jax.sharding``: the mesh and the sharding rules (the sharded steps
+that use them are ``poetjax.train.sharded``).
 
 The SPMD partitioner is the whole distributed engine: each step is one ``jax.jit`` program whose inputs
 and outputs carry ``NamedSharding``s from the rules below; XLA inserts the collectives. There is no
@@ -38,12 +39,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -295,29 +294,6 @@ def place(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
-def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh):
-    """(graphdef, TrainState laid out on ``mesh``, its shardings) of a fresh run of ``cfg`` (a RunConfig).
-
-    The model is built as on one device (``poetjax.train.steps.build_model``, so every mesh starts from
-    bit-identical weights) and then split over the mesh; the optimizer state is created inside one jit
-    with sharded outputs, so (e.g. AdamW's moments of a large baseline) it never exists whole anywhere.
-    The model itself must fit one device (an 8B model's W0 in bf16 is 16 GB).
-    """
-    from poetjax.train import steps as core
-
-    key = core.run_keys(cfg.seed)[2]
-    graphdef, params, frozen = core.split_model(core.build_model(cfg))
-
-    def make(params, frozen):
-        return core.init_state(nnx.merge(graphdef, params, frozen), tx, key)[1]
-
-    shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
-                                min_shard_size=cfg.mesh.min_shard_size)
-    params, frozen = place(params, shardings.params), place(frozen, shardings.frozen)
-    state = jax.jit(make, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
-    return graphdef, state, shardings
-
-
 def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     """The rows (leading axis) of a global array that this process's devices hold under ``sharding``.
 
@@ -349,47 +325,3 @@ def global_batch(read_rows: Callable[[slice], np.ndarray], global_shape: tuple[i
     return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
 
 
-# ----------------------------------------------------------------------------------------------------
-# sharded steps (the functions of poetjax.train.steps, jitted with shardings)
-
-def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, shardings, mesh: Mesh, *,
-                            microbatches: int = 1, lr_schedule=None, donate: bool = True):
-    """``train_step(state, tokens (B, L+1)) -> (state, metrics)`` with the state laid out as ``shardings``
-    (``state_shardings``), tokens as ``batch_sharding`` and the metrics replicated."""
-    from poetjax.train import steps as core
-
-    # jitted by core.make_train_step itself, so a wrapper of it (tests poison one step) still sees every call
-    return core.make_train_step(graphdef, tx, microbatches=microbatches, lr_schedule=lr_schedule, donate=donate,
-                                in_shardings=(shardings, batch_sharding(mesh)),
-                                out_shardings=(shardings, replicated(mesh)), mesh=mesh)
-
-
-def make_sharded_eval_step(graphdef, shardings, mesh: Mesh):
-    """``eval_step(params, frozen, tokens (B, L+1), weights (B,)) -> (Σ NLL, Σ tokens)``, replicated."""
-    from poetjax.train import steps as core
-
-    step = core.under_mesh(core.make_eval_step(graphdef, jit=False), mesh)
-    return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh),
-                                       batch_sharding(mesh, 1)),
-                   out_shardings=replicated(mesh))
-
-
-def make_sharded_merge_step(graphdef, shardings, mesh: Mesh, *, donate: bool = True):
-    """``merge_step(state) -> state`` with the state laid out as ``shardings``.
-
-    The merge gathers W0 with new permutations along both axes, which is a data-dependent shuffle of a
-    sharded array; it runs on whole (all-gathered) W0s, on every device alike with the same key, and
-    each device keeps its shard of the result. One all-gather of the frozen weights per merge, i.e.
-    the traffic of one forward pass every ``merge_interval`` steps.
-    """
-    from poetjax.train import steps as core
-
-    merge = core.make_merge_step(graphdef, jit=False)
-    whole = jax.tree.map(lambda _: replicated(mesh), shardings.frozen)
-
-    def merge_step(state):
-        state = state._replace(frozen=jax.lax.with_sharding_constraint(state.frozen, whole))
-        return merge(state)
-
-    return jax.jit(merge_step, in_shardings=(shardings,), out_shardings=shardings,
-                   donate_argnums=(0,) if donate else ())

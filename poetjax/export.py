@@ -20,7 +20,7 @@ from poetjax.data.tokenizer import EOS, HFTokenizer, TextTokenizer
 from poetjax.layers import POETLinear
 from poetjax.models import hf
 from poetjax.models.llama import LlamaConfig, layer_view
-from poetjax.surgery import _set_child, iter_modules
+from poetjax.surgery import set_child, iter_modules
 
 
 def _plain_linear(layer: POETLinear) -> nnx.Linear:
@@ -40,7 +40,7 @@ def export_plain(model: nnx.Module) -> nnx.Module:
     if not layers:
         raise ValueError("export_plain: the model has no POET layers")
     for path, layer in layers:
-        _set_child(plain, path, _plain_linear(layer))
+        set_child(plain, path, _plain_linear(layer))
     return plain
 
 

@@ -30,7 +30,7 @@ def _is_excluded(path, exclude: Sequence[str]) -> bool:
     return any(e.lower() in name for e in exclude)
 
 
-def _set_child(model: nnx.Module, path, new) -> None:
+def set_child(model: nnx.Module, path, new) -> None:
     parent = model
     for p in path[:-1]:
         parent = parent[p] if isinstance(p, int) else getattr(parent, p)
@@ -169,7 +169,7 @@ def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: S
                                None if lin.bias is None else lin.bias[...])
         else:
             new = _convert(lin, config, rngs, lin.kernel[...], None if lin.bias is None else lin.bias[...])
-        _set_child(model, path, new)
+        set_child(model, path, new)
         if verbose:
             print(f"poetize: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
     if stacked:
@@ -260,7 +260,7 @@ def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, 
             new = init(jax.random.fold_in(key, idx[0]))
         if lin.bias is not None:
             new.bias[...] = lin.bias[...]
-        _set_child(model, path, new)
+        set_child(model, path, new)
         if verbose:
             print(f"build_poetized: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
     return model

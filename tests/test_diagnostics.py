@@ -260,6 +260,7 @@ def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
     from _runs import TINY
 
     from poetjax import distributed as dist
+    from poetjax.train import sharded
     from poetjax.run_config import load_config
     from poetjax.train import steps as core
     from poetjax.train.optimizers import make_optimizer
@@ -267,7 +268,7 @@ def test_trainer_diagnostics_step_compiles_once_and_probes_follow_merges():
     cfg = load_config(TINY, ["model.num_layers=1"])
     tx = make_optimizer(cfg)
     # built as the trainer builds it: on the (one-device) mesh, so the programs' outputs carry its sharding
-    graphdef, state, _ = dist.init_train_state(cfg, tx, dist.mesh_from_config(cfg.mesh))
+    graphdef, state, _ = sharded.init_train_state(cfg, tx, dist.mesh_from_config(cfg.mesh))
     diag = core.make_diagnostics_step(graphdef)
     s_ref, d_ref = core.reference_spectra(diag, state)
     merge = core.make_merge_step(graphdef, donate=False)

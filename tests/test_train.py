@@ -458,7 +458,7 @@ def test_first_merge_compilation_is_not_counted_in_tokens_per_second(tmp_path, d
     from poetjax.train import loop
     from poetjax.train.monitor import Progress
 
-    real = loop.dist.make_sharded_merge_step
+    real = loop.sharded.make_sharded_merge_step
     calls = []
 
     def slow_first(*a, **kw):
@@ -472,7 +472,7 @@ def test_first_merge_compilation_is_not_counted_in_tokens_per_second(tmp_path, d
         return wrapped
 
     samples, messages = [], []
-    monkeypatch.setattr(loop.dist, "make_sharded_merge_step", slow_first)
+    monkeypatch.setattr(loop.sharded, "make_sharded_merge_step", slow_first)
     monkeypatch.setattr(Progress, "rate_sample", lambda self, n, dt: samples.append((n, dt)))
     monkeypatch.setattr(Progress, "message", lambda self, text: messages.append(text))
     cfg = tiny(tmp_path, data_cache, "train.steps=12", "optimizer.merge_interval=5", "train.log_interval=3",

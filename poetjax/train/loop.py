@@ -46,7 +46,7 @@ from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
 from poetjax.diagnostics import diagnostics_record
 from poetjax.run_config import ConfigError, RunConfig, diff_saved
-from poetjax.train import steps as core
+from poetjax.train import sharded, steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 from poetjax.train.signals import StopSignals
@@ -183,7 +183,7 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     tx = make_optimizer(cfg)
     mesh = dist.mesh_from_config(cfg.mesh)
     dist.check_batch(batch, mesh, cfg.train.microbatches)
-    graphdef, state, shardings = dist.init_train_state(cfg, tx, mesh)
+    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh)
     jax.block_until_ready(state)
     timing["build_s"] = time.perf_counter() - t0
     say(_param_summary(state, cfg))
@@ -270,11 +270,11 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     if diag_every and not resumed:
         metrics.write({"step": 0, "diagnostics": diagnostics_record(diag0, exclude)})
     sched = lr_schedules(cfg)
-    train_step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
+    train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
                                               lr_schedule=sched["lr"])
-    eval_step = dist.make_sharded_eval_step(graphdef, shardings, mesh)
+    eval_step = sharded.make_sharded_eval_step(graphdef, shardings, mesh)
     poet = cfg.optimizer.name == "poet"
-    merge_step = dist.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
+    merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
     merge_interval = cfg.optimizer.merge_interval
     tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
 

@@ -149,8 +149,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
     batch): the loss and gradients are ``lax.pmean``'d over it before the optimizer, so every instance
     applies the same update. Not needed under ``jax.jit`` with shardings (``poetjax.distributed``).
 
-    ``in_shardings``/``out_shardings``: passed to ``jax.jit`` when given (``poetjax.distributed.
-    make_sharded_train_step``). ``mesh``: the step is traced under its abstract mesh (``under_mesh``).
+    ``in_shardings``/``out_shardings``: passed to ``jax.jit`` when given
+    (``poetjax.train.sharded.make_sharded_train_step``). ``mesh``: the step is traced under its abstract
+    mesh (``under_mesh``).
     """
 
     grad_fn = jax.value_and_grad(lambda p, f, t: loss_fn(graphdef, p, f, t))

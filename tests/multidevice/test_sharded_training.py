@@ -20,6 +20,7 @@ import pytest
 from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, committed_steps
 from poetjax.testing import assert_close
+from poetjax.train import sharded
 from poetjax.train.loop import run
 from poetjax.train.monitor import read_jsonl
 from poetjax.train.optimizers import make_optimizer
@@ -85,7 +86,7 @@ def test_checkpoint_from_8x1_restores_on_2x4_and_one_device_and_training_continu
     restored = {}
     for mesh in [(2, 4), (1, 1)]:
         m = dist.make_mesh(*mesh)
-        graphdef, like, shardings = dist.init_train_state(cfg, tx, m)
+        graphdef, like, shardings = sharded.init_train_state(cfg, tx, m)
         state, meta = Checkpointer(src.checkpoint_dir).restore(STEPS, like, shardings=shardings)
         assert int(state.step) == STEPS and int(state.merges) == STEPS // 10
         jax.tree.map(lambda x, s: _check_layout(x, s, m), state, shardings)

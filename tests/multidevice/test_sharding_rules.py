@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from poetjax import distributed as dist
 from poetjax.run_config import load_config
+from poetjax.train import sharded
 from poetjax.train.optimizers import make_optimizer
 
 from _runs import TINY
@@ -53,7 +54,7 @@ def test_w0_is_sharded_over_fsdp_and_no_all_reduce_touches_it(setup, mesh_shape)
     cfg, tx = setup
     data, fsdp = mesh_shape
     mesh = dist.make_mesh(data, fsdp)
-    graphdef, state, shardings = dist.init_train_state(cfg, tx, mesh)
+    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh)
     w0s = _leaves(state.frozen, "w0")
     assert len(w0s) == 7  # q, k, v, o, gate, up, down of the one layer
 
@@ -86,8 +87,8 @@ def test_w0_is_sharded_over_fsdp_and_no_all_reduce_touches_it(setup, mesh_shape)
 
     tokens = jax.device_put(jax.random.randint(jax.random.key(1), (8, 33), 0, 384, jnp.int32),
                             dist.batch_sharding(mesh))
-    step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh, donate=False).lower(state, tokens).compile()
-    merge = dist.make_sharded_merge_step(graphdef, shardings, mesh, donate=False).lower(state).compile()
+    step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, donate=False).lower(state, tokens).compile()
+    merge = sharded.make_sharded_merge_step(graphdef, shardings, mesh, donate=False).lower(state).compile()
     after_step, _ = step(state, tokens)
     after_merge = merge(after_step)
     check_layout(after_step)
@@ -128,11 +129,11 @@ def test_the_hlo_check_sees_weight_gradient_reductions_of_a_trainable_model():
     cfg = load_config(TINY, OVERRIDES + ["optimizer.name=adamw"])
     tx = make_optimizer(cfg)
     mesh = dist.make_mesh(2, 4)
-    graphdef, state, shardings = dist.init_train_state(cfg, tx, mesh)
+    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh)
     kernels = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
                if jax.tree_util.keystr(p).endswith("['kernel']") and "lm_head" not in jax.tree_util.keystr(p)]
     assert len(kernels) == 7
     pieces = {s for x in kernels for s in (x.shape, x.addressable_shards[0].data.shape)}
-    step = dist.make_sharded_train_step(graphdef, tx, shardings, mesh, donate=False)
+    step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, donate=False)
     tokens = jax.device_put(jnp.zeros((8, 33), jnp.int32), dist.batch_sharding(mesh))
     assert _reduced(_collectives(step.lower(state, tokens).compile().as_text())) & pieces
