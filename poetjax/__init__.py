@@ -1,4 +1,9 @@
-"""poetjax: POET / POET-X (orthogonal equivalence transformation) training in JAX."""
+"""poetjax: POET / POET-X (orthogonal equivalence transformation) training in JAX.
+
+Array shapes in docstrings use one legend (B batch, L sequence, T = B·L tokens, N/M in/out features,
+K block size, I/O blocks, Np/Mp padded sizes, c perm_chunk, G stacked-layer group): docs/design.md,
+"Shape legend", which also lists the modules that still use other letters.
+"""
 
 from poetjax.config import POETConfig
 from poetjax.layers import FrozenWeight, Generator, Permutation, POETLinear
