@@ -48,9 +48,9 @@ parallel, so no program may accumulate into memory that another writes (JAX_NOTE
 (a kernel) gives every program one (block_m × block_n) tile of one block and one chunk of tokens, over
 which it loops, accumulating in float32 registers; stage 2 sums the few chunk partials in XLA.
 
-A second rotation kernel, the token loop (``LoopConfig``; ``BlockMatmulConfig.forward_loop`` /
-``backward_loop``), gives each program block_n columns of one block and a chunk of tokens to loop over. Its
-backward form also loads the second dR operand at the output's columns (x re-gathered at perm, or h) and
+A second rotation kernel, the token loop (``LoopConfig``; ``BlockMatmulConfig.backward_loop``), runs the
+backward rotations: it gives each program block_n columns of one block and a chunk of tokens to loop over,
+and also loads the second dR operand at the output's columns (x re-gathered at perm, or h) and
 accumulates that program's (block_n × K) slice of dR[j] from the same loads. Per chunk the partials go to
 their own slot, and XLA sums them as in stage 2 above, so each side makes one backward pass instead of a
 rotation and a reduction.
@@ -177,8 +177,8 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     return outs if save else outs[0]
 
 
-def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k, bt, bp, bn, tiles, run, hoist_r,
-                 precision, interpret):
+def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k, bt, bp, bn, tiles, run, precision,
+                 interpret):
     """Token-loop rotation: out[:, cols] = in[:, block j] · R[j][:, n-tile] (or R[j]ᵀ) over the token tiles of
     one chunk, optionally with dR[j][n-tile, :] += a[:, cols]ᵀ · in[:, block j] from the same loads (cols: the
     output's columns, through the scatter index where there is one)."""
@@ -201,7 +201,6 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
         return r_ref[j, pl.ds(p * bp, bp), pl.ds(n * bn, bn)]
 
     dims = NN_T if transpose_r else NT
-    hoisted = [r_piece(p) for p in range(pieces)] if hoist_r else None
 
     def body(s, drs):
         rows = (c * tiles + s) * bt + jnp.arange(bt)
@@ -211,7 +210,7 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
         for p in range(pieces):
             fp = load_tile(f_ref, rows, row_ok, in_cols[p], w_in if gather else None)
             loaded.append(fp)
-            acc = acc + dot(fp, hoisted[p] if hoist_r else r_piece(p), dims, precision, interpret)
+            acc = acc + dot(fp, r_piece(p), dims, precision, interpret)
         store_tile(o_ref, rows, row_ok, out_cols, acc.astype(o_ref.dtype), out_w)
         if not reduce:
             return drs
@@ -245,7 +244,7 @@ def _rotate_loop(f, r, *, cfg: LoopConfig, interpret: bool, src=None, dst=None, 
             + ([a] if reduce else []))
     kernel = functools.partial(
         _loop_kernel, gather=src is not None, scatter=dst is not None, reduce=reduce, transpose_r=transpose_r,
-        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bp=bp, bn=bn, tiles=tiles, run=run, hoist_r=cfg.hoist_r,
+        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bp=bp, bn=bn, tiles=tiles, run=run,
         precision=dot_precision(f.dtype, _F32_PRECISION, interpret), interpret=interpret)
     name = ("gather_" if src is not None else "") + "rotate_loop" + ("_t" if transpose_r else "") + (
         "_scatter" if dst is not None else "") + ("_reduce" if reduce else "") + ("_chunked" if run else "")
@@ -311,8 +310,6 @@ def _gather_rotate(x, perm, r, n_in, cfg, interpret, chunk):
 
 
 def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret, chunk):
-    if cfg.forward_loop is not None and (cfg.backward_loop is not None or not cfg.save_gathered):
-        return _rotate_loop(x, r, cfg=cfg.forward_loop, interpret=interpret, src=perm, chunk=chunk), (x, perm, r)
     save = cfg.save_gathered and cfg.backward_loop is None
     out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=save, chunk=chunk)
     if save:
@@ -351,11 +348,7 @@ def _rotate_gather(h, perm, inv_perm, r, cfg, interpret, chunk):
 
 def _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret, chunk):
     # y[:, perm[q]] ... stored as: column c of h·blockdiag(R) goes to y[:, inv_perm[c]] (dropped when ≥ M).
-    if cfg.forward_loop is not None:
-        y = _rotate_loop(h, r, cfg=cfg.forward_loop, interpret=interpret, dst=inv_perm, w_out=perm.shape[0],
-                         chunk=chunk)
-    else:
-        y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
+    y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
     return y, (h, inv_perm, r)
 
 
