@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_run.sh STAGE[,STAGE...] [SECONDS]     (default budget 560 s)
 # Stages: info, cayley (Cayley kernel sweep + comparison with XLA), tests (native kernel tests), layers (layer_bench --quick, all impls, permutation sweep, Cayley),
 #         layers_tf32 (headline case with TF32 Cayley products), e2e1b (Llama-1B train_bench),
-#         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast),
+#         xq (Llama-8B XQ, then xq34b), xq34b (Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast),
 #         shapes (fast/mem layers, POET-X vs weight-centric, at the headline, Llama-1B and Llama-8B shapes; Cayley
 #         maps of 32 … 11008 blocks), e2e13b (Llama-13B POET-X mem), curves (300-step llama_20m loss curves,
 #         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively), cayley_bf16 (the Cayley
@@ -61,8 +61,8 @@ for stage in ${1//,/ }; do
            tail -14 "$OUT/e2e1b.log" ;;
     xq) run xq8b 250 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
               --timeout 120 --methods poet_xq_mem,poet_xq --out "$OUT/e2e.jsonl"
-        tail -10 "$OUT/xq8b.log"
-        run xq34b 300 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
+        tail -10 "$OUT/xq8b.log" ;&   # falls through: xq is xq8b, then the xq34b stage
+    xq34b) run xq34b 300 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
               --timeout 290 --methods poet_xq_mem --out "$OUT/e2e.jsonl"
         tail -10 "$OUT/xq34b.log" ;;
     e2e8b) run e2e8b 300 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \

@@ -477,7 +477,7 @@ def run_sweep(rec: Recorder, args):
 
         # the token-loop kernel: the backward pair with dR folded in (the second dR operand is x in both,
         # re-gathered at perm where the output is scattered, as the layers run them)
-        loop_bwd = both(loop("dst", w_out=n, transpose_r=True, a=x), loop("src", transpose_r=True, a=x))
+        loop_bwd = both(loop("dst", w_out=n, a=x), loop("src", a=x))
 
         rgrid = _rotate_chunked_grid if chunk > 1 else _rotate_grid
         for name, grid, build in (("rotate_fwd", rgrid(k), fwd), ("rotate_bwd", rgrid(k), bwd),
