@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_run.sh STAGE[,STAGE...] [SECONDS]     (default budget 560 s)
 # Stages: info, cayley (Cayley kernel sweep + comparison with XLA), tests (native kernel tests), layers (layer_bench --quick, all impls, permutation sweep, Cayley),
 #         layers_tf32 (headline case with TF32 Cayley products), e2e1b (Llama-1B train_bench),
-#         xq (Llama-8B XQ + Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast),
+#         xq (Llama-8B XQ, then xq34b), xq34b (Llama-34B-class XQ mem), e2e8b (Llama-8B POET-X mem/fast),
 #         shapes (fast/mem layers, POET-X vs weight-centric, at the headline, Llama-1B and Llama-8B shapes; Cayley
 #         maps of 32 … 11008 blocks), e2e13b (Llama-13B POET-X mem), curves (300-step llama_20m loss curves,
 #         Pallas vs XLA), scope_tests (shared Cayley maps and weight compute, natively), cayley_bf16 (the Cayley
@@ -12,14 +12,12 @@
 #         source location, CUDA graphs off), chunk_tests (native tests of the chunked-index kernels), chunk_layers
 #         (layers with perm_chunk 64: transposing vs chunked token-major kernels; 16 and 256 at 4096²),
 #         profile_chunk (the 4096² layer on the chunked kernels, by source location), sweep_chunk (tiles of the
-#         chunked kernels, then the headline layers with the winners), loop_tests (native tests of the token-loop
-#         kernels), sweep_loop (their tiles against the separate kernels, then layers with and without them),
-#         loop_layers (layers with and without them, headline and Llama-1B shapes), profile_loop (the 4096² layer on
-#         them, by source), e2e1b_loop (Llama-1B, AdamW vs POET-X fast, c=64).
+#         chunked kernels, then the headline layers at the table's tiles), loop_tests (native tests of the
+#         backward token-loop kernels), sweep_loop (their tiles against the separate kernels, then layers),
+#         e2e1b_loop (Llama-1B, AdamW vs POET-X fast, c=64).
 # ttr: time to result of the llama_60m quality config (issue 22): POET and AdamW rows alone, then a warm-cache rerun.
 # hf: the transformers round trip of the Hugging Face export/import (tests/test_hf_transformers.py; torch and
 #     transformers are on the GPU box, not on CI).
-# LOOP_TUNING: a --sweep JSON-lines file whose winners profile_loop and e2e1b_loop use (e.g. $OUT/sweep_loop.jsonl).
 # Environment: E2E_METHODS / E2E8_METHODS / E2E13_METHODS (train_bench --methods), E2E_OVERRIDES, E2E_PROFILE
 #              (non-empty: e2e1b also prints each method's device time by source; traces in runs/prof), GPU_TESTS,
 #              CURVE_RUNS (loss_curves --runs), CURVE_TIMEOUT (seconds per run), CURVE_STEPS, CURVE_ARGS (more
@@ -54,9 +52,6 @@ for stage in ${1//,/ }; do
     final_layers) run final_layers 230 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,16384x4096x11008x256 \
               --impls xla,pallas_f --cayley-precision default --perms --out "$OUT/layers.jsonl"
             grep -E "x dense|blocks:|/ xla|GB/s|MISMATCH" "$OUT/final_layers.log" | head -40 ;;
-    xq34b) run xq34b 130 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
-              --timeout 125 --methods poet_xq_mem --out "$OUT/e2e.jsonl"
-        tail -8 "$OUT/xq34b.log" ;;
     layers_tf32) run layers_tf32 150 python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x4096x4096x256 \
               --impls xla,xla_f,pallas_f --cayley-precision default --no-cayley --out "$OUT/layers.jsonl"
             grep -E "x dense" "$OUT/layers_tf32.log" ;;
@@ -66,8 +61,8 @@ for stage in ${1//,/ }; do
            tail -14 "$OUT/e2e1b.log" ;;
     xq) run xq8b 250 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
               --timeout 120 --methods poet_xq_mem,poet_xq --out "$OUT/e2e.jsonl"
-        tail -10 "$OUT/xq8b.log"
-        run xq34b 300 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
+        tail -10 "$OUT/xq8b.log" ;&   # falls through: xq is xq8b, then the xq34b stage
+    xq34b) run xq34b 300 python benchmarks/train_bench.py --config configs/llama_34b.yaml --batch 1 --seq 1024 --steps 3 \
               --timeout 290 --methods poet_xq_mem --out "$OUT/e2e.jsonl"
         tail -10 "$OUT/xq34b.log" ;;
     e2e8b) run e2e8b 300 python benchmarks/train_bench.py --config configs/llama_8b.yaml --batch 1 --seq 1024 --steps 5 \
@@ -103,7 +98,7 @@ for stage in ${1//,/ }; do
     chunk_tests) run chunk_tests 150 python -m pytest -q -m gpu tests/pallas/test_block_matmul_kernel.py \
               tests/pallas/test_layer_impl.py
            tail -3 "$OUT/chunk_tests.log" ;;
-    chunk_layers) run chunk_layers 260 python benchmarks/layer_bench.py --impls pallas_f,pallas,pallas_s --perm-chunk 64 \
+    chunk_layers) run chunk_layers 260 python benchmarks/layer_bench.py --impls pallas_f,pallas --perm-chunk 64 \
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256 --cayley-precision bf16 --no-cayley \
               --out "$OUT/layers.jsonl"
             grep -E "x dense|MISMATCH|FAILED" "$OUT/chunk_layers.log" | head -30
@@ -123,20 +118,12 @@ for stage in ${1//,/ }; do
     loop_tests) run loop_tests 150 python -m pytest -q -m gpu tests/pallas/test_block_matmul_kernel.py -k "loop or chunked"
            tail -3 "$OUT/loop_tests.log" ;;
     sweep_loop) run sweep_loop 300 python benchmarks/layer_bench.py --sweep --sweep-chunk 64 --no-cayley \
-              --sweep-kernels loop_fwd,loop_bwd --perm-chunk 64 --impls pallas_n,pallas \
+              --sweep-kernels loop_bwd --perm-chunk 64 --impls pallas \
               --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256,8192x2048x5632x256 \
               --cayley-precision bf16 --out "$OUT/sweep_loop.jsonl"
             grep -E "chunked|replaces|x dense|MISMATCH|FAILED" "$OUT/sweep_loop.log" | head -80 ;;
-    loop_layers) run loop_layers 200 python benchmarks/layer_bench.py --perm-chunk 64 --impls pallas_n,pallas \
-              --cases 16384x4096x4096x256,16384x4096x11008x256,8192x2048x2048x256,8192x2048x5632x256,8192x5632x2048x256 \
-              --cayley-precision bf16 --no-cayley --out "$OUT/layers.jsonl"
-            grep -E "x dense|MISMATCH|FAILED" "$OUT/loop_layers.log" | head -40 ;;
-    profile_loop) XLA_FLAGS=--xla_gpu_enable_command_buffer= run profile_loop 150 python benchmarks/layer_bench.py \
-              --cases 16384x4096x4096x256 --impls pallas --perm-chunk 64 --cayley-precision bf16 --no-cayley \
-              ${LOOP_TUNING:+--tuning $LOOP_TUNING} --profile runs/lprof --out "$OUT/layers.jsonl"
-            grep -E "x dense|device time|  [0-9. ]+ ms " "$OUT/profile_loop.log" | head -60 ;;
     e2e1b_loop) run e2e1b_loop 400 python benchmarks/train_bench.py --config configs/llama_1b.yaml --batch 8 --seq 1024 \
-              --steps 5 --timeout 150 ${LOOP_TUNING:+--tuning $LOOP_TUNING} --out "$OUT/e2e.jsonl" \
+              --steps 5 --timeout 150 --out "$OUT/e2e.jsonl" \
               --methods "${E2E_METHODS:-adamw,poet_fast+optimizer.perm_chunk=64}" optimizer.cayley_precision=bf16
            tail -8 "$OUT/e2e1b_loop.log" ;;
     ttr) # time to result (issue 22): the llama_60m quality config alone on the GPU, POET then AdamW, each on a

@@ -11,7 +11,6 @@ the same inputs. A failing case prints its error and the run goes on. The table 
     python benchmarks/layer_bench.py --quick         # the headline shapes only
     python benchmarks/layer_bench.py --cases 16384x4096x4096x256,2048x2048x2048x128
     python benchmarks/layer_bench.py --sweep         # time tiles/warps/stages per kernel; print a TABLE
-    python benchmarks/layer_bench.py --quick --tuning sweep.jsonl   # layer cases with the sweep's winners
     python benchmarks/layer_bench.py --out results.jsonl   # also append JSON lines (one per result)
     python benchmarks/layer_bench.py --tiny          # a few seconds' smoke test that runs on CPU too
     python benchmarks/layer_bench.py --quick --impls xla,xla_f,pallas_f --perms   # layouts, permutations
@@ -30,7 +29,6 @@ Runs from a checkout without installing (the GPU box cannot install).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -39,7 +37,6 @@ import statistics
 import sys
 import time
 import traceback
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -145,13 +142,9 @@ def dense_fn(x, w, g):
 # Layer implementations timed: name → (impl, layout, compute) of ``poetjax.ops.poet_x_linear``. "weight":
 # W_eff formed from the blocks, then one dense matmul (XLA), with the Cayley map of impl "auto". With
 # --perm-chunk C every implementation is told C (only the token-major Pallas kernels use it) except
-# "pallas_g", the token-major kernels told nothing (they index column by column); "pallas_s" is "pallas"
-# with the gathered operands saved for the dR reductions (pallas_kernels.tuning.CHUNKED_SAVE_GATHERED) and
-# "pallas_n" is "pallas" without the token-loop kernels (separate rotations and dR reductions,
-# pallas_kernels.tuning.CHUNKED_LOOPS); both flags are read at trace time, so they are patched around it.
+# "pallas_g", the token-major kernels told nothing (they index column by column).
 IMPLS = {"xla": ("xla", "tokens", "activations"), "pallas": ("pallas", "tokens", "activations"),
-         "pallas_g": ("pallas", "tokens", "activations"), "pallas_s": ("pallas", "tokens", "activations"),
-         "pallas_n": ("pallas", "tokens", "activations"),
+         "pallas_g": ("pallas", "tokens", "activations"),
          "xla_f": ("xla", "features", "activations"), "pallas_f": ("pallas", "features", "activations"),
          "weight": ("auto", "auto", "weight")}
 
@@ -162,11 +155,6 @@ def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1):
     if impl == "auto":
         impl = ops.resolve_impl(impl, lin.block_size)
 
-    # flags read at trace time, by pallas_kernels.tuning.block_matmul_config
-    patches = {"pallas_s": dict(CHUNKED_SAVE_GATHERED=True, CHUNKED_LOOPS=False),
-               "pallas_n": dict(CHUNKED_LOOPS=False)}
-    saving = (mock.patch.multiple(pk.tuning, **patches[name]) if name in patches else contextlib.nullcontext())
-
     def f(x, w0, th_in, th_out, perms, g):
         def layer(x, th_in, th_out):
             # both sides in one map, as POETLinear does (cayley.rotation_pair)
@@ -174,9 +162,8 @@ def poet_fn(lin, lout, variant, name, cayley_precision="highest", perm_chunk=1):
             return ops.poet_x_linear(x, w0, r_in, r_out, perms, variant=variant, impl=impl, layout=layout,
                                      compute=compute, perm_chunk=chunk)
 
-        with saving:
-            y, vjp = jax.vjp(layer, x, th_in, th_out)
-            return (y, *vjp(g))
+        y, vjp = jax.vjp(layer, x, th_in, th_out)
+        return (y, *vjp(g))
     return f
 
 
@@ -385,22 +372,14 @@ def _rotate_chunked_grid(k):
         yield RotateConfig(block_t=bt, block_k=bk, block_n=bn, num_warps=warps, num_stages=stages)
 
 
-def _loop_grid(k, reduce):
-    # (block_t, block_n, block_p, warps, stages, hoist_r, waves); with dR folded in (reduce) a program holds
-    # a (block_n × K) float32 slice of dR[j], so block_n stays small
-    if reduce:
-        grid = ((64, 64, 64, 8, 3, False, 2), (32, 64, 64, 4, 3, False, 2), (64, 64, 64, 4, 3, False, 2),
-                (64, 32, 64, 4, 3, False, 2), (128, 64, 64, 8, 3, False, 2), (64, 64, 64, 8, 3, True, 2),
-                (64, 64, 64, 8, 3, False, 4), (64, 64, 64, 8, 2, False, 1), (64, 64, 32, 8, 3, False, 2),
-                (32, 64, 64, 8, 4, False, 2), (64, 128, 64, 8, 3, False, 2), (32, 32, 64, 4, 3, False, 4))
-    else:
-        grid = ((64, 128, 64, 8, 3, False, 2), (128, 128, 64, 8, 3, False, 2), (64, 256, 64, 8, 3, False, 2),
-                (64, 64, 64, 4, 3, False, 2), (128, 64, 64, 4, 3, False, 2), (64, 128, 64, 8, 3, True, 2),
-                (64, 128, 64, 8, 3, False, 4), (128, 128, 64, 8, 4, False, 2), (64, 128, 32, 8, 3, False, 2),
-                (128, 128, 64, 8, 3, False, 1), (32, 128, 64, 4, 3, False, 2), (64, 64, 64, 4, 3, True, 4))
-    for bt, bn, bp, warps, stages, hoist, waves in grid:
-        yield LoopConfig(block_t=bt, block_n=bn, block_p=bp, num_warps=warps, num_stages=stages, hoist_r=hoist,
-                         waves=waves)
+def _loop_grid(k):
+    # (block_t, block_n, block_p, warps, stages, waves); with dR folded in a program holds a (block_n × K)
+    # float32 slice of dR[j], so block_n stays small
+    grid = ((64, 64, 64, 8, 3, 2), (32, 64, 64, 4, 3, 2), (64, 64, 64, 4, 3, 2), (64, 32, 64, 4, 3, 2),
+            (128, 64, 64, 8, 3, 2), (64, 64, 64, 8, 3, 4), (64, 64, 64, 8, 2, 1), (64, 64, 32, 8, 3, 2),
+            (32, 64, 64, 8, 4, 2), (64, 128, 64, 8, 3, 2), (32, 32, 64, 4, 3, 4))
+    for bt, bn, bp, warps, stages, waves in grid:
+        yield LoopConfig(block_t=bt, block_n=bn, block_p=bp, num_warps=warps, num_stages=stages, waves=waves)
 
 
 def _reduce_grid(k):
@@ -482,12 +461,12 @@ def run_sweep(rec: Recorder, args):
 
         # forward kernels: gather → rotate (input side) and rotate → scatter (output side); the backward
         # ones are their mirrors by Rᵀ
-        save = pk.tuning.CHUNKED_SAVE_GATHERED if chunk > 1 else True   # as the layers run them
+        save = chunk == 1   # as the layers run them: chunked index vectors gather again for dR
         fwd = both(rotate("src", save=save), rotate("dst", w_out=n))
         bwd = both(rotate("dst", w_out=n, transpose_r=True), rotate("src", transpose_r=True, save=save))
 
         def build_reduce(cfg):
-            if chunk > 1:  # the chunked path re-gathers x instead of saving it (tuning.CHUNKED_SAVE_GATHERED)
+            if chunk > 1:  # the chunked path re-gathers x instead of saving it
                 def fn(a, b, p):
                     return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret, pa=p, chunk=chunk)
                 return [(compile_fn(fn, x, x, perm)[0], (x, x, perm))]
@@ -496,29 +475,25 @@ def run_sweep(rec: Recorder, args):
                 return bmk._reduce(a, b, nb, k, cfg=cfg, interpret=interpret)
             return [(compile_fn(fn, x, x)[0], (x, x))]
 
-        # the token-loop kernel: the forward pair, and the backward pair with dR folded in (the second dR
-        # operand is x in both, re-gathered at perm where the output is scattered, as the layers run them)
-        loop_fwd = both(loop("src"), loop("dst", w_out=n))
-        loop_bwd = both(loop("dst", w_out=n, transpose_r=True, a=x), loop("src", transpose_r=True, a=x))
+        # the token-loop kernel: the backward pair with dR folded in (the second dR operand is x in both,
+        # re-gathered at perm where the output is scattered, as the layers run them)
+        loop_bwd = both(loop("dst", w_out=n, a=x), loop("src", a=x))
 
         rgrid = _rotate_chunked_grid if chunk > 1 else _rotate_grid
         for name, grid, build in (("rotate_fwd", rgrid(k), fwd), ("rotate_bwd", rgrid(k), bwd),
-                                  ("reduce", _reduce_grid(k), build_reduce), ("loop_fwd", _loop_grid(k, False), loop_fwd),
-                                  ("loop_bwd", _loop_grid(k, True), loop_bwd)):
+                                  ("reduce", _reduce_grid(k), build_reduce), ("loop_bwd", _loop_grid(k), loop_bwd)):
             if name in args.sweep_kernels:
                 best = _sweep_one(name + suffix, grid, build, args, rec, k)
                 if best:
                     found[(name + suffix, k)] = best
-        # what the loop kernels replace: the separate kernels at the table's tiles, timed in the same run
-        table_cfg = pk.tuning.block_matmul_config(k, chunk)
-        for name, what, runs in (("loop_fwd", "rotate_fwd", lambda: fwd(table_cfg.forward)),
-                                 ("loop_bwd", "rotate_bwd+2*reduce",
-                                  lambda: bwd(table_cfg.backward) + 2 * build_reduce(table_cfg.reduce))):
-            if name not in args.sweep_kernels:
-                continue
+        # what the loop kernel replaces: the separate kernels at the table's tiles, timed in the same run
+        if "loop_bwd" in args.sweep_kernels:
+            table_cfg = pk.tuning.block_matmul_config(k, chunk)
+            what = "rotate_bwd+2*reduce"
             try:
-                ms = sum(time_ms(c, a, args.repeats, args.inner) for c, a in runs())
-                print(f"  {name} replaces {what} (the table's tiles): {ms:8.3f} ms", flush=True)
+                ms = sum(time_ms(c, a, args.repeats, args.inner)
+                         for c, a in bwd(table_cfg.backward) + 2 * build_reduce(table_cfg.reduce))
+                print(f"  loop_bwd replaces {what} (the table's tiles): {ms:8.3f} ms", flush=True)
                 rec.add(kind="sweep_baseline", kernel=what + suffix, b=k, ms=ms)
             except Exception as e:
                 print(f"  {what} failed: {short_error(e)}")
@@ -546,27 +521,11 @@ def run_sweep(rec: Recorder, args):
     for (name, k), (ms, cfg) in found.items():
         fields = _table_fields(cfg)
         print(f"    ({name!r}, {k}): {fields!r},  # {ms:.3f} ms")
-        pk.tuning.TABLE[(name, k)] = fields  # layer cases later in this run use them
     print("}")
 
 
 def _table_fields(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "precision"}
-
-
-def load_tuning(path: str) -> None:
-    """Put the best config per (kernel, b) of a ``--sweep --out`` JSON-lines file into the tuning table."""
-    best = {}
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("kind") == "sweep" and "ms" in rec:
-                key = (rec["kernel"], rec["b"])
-                if key not in best or rec["ms"] < best[key][0]:
-                    best[key] = (rec["ms"], {k: v for k, v in rec["config"].items() if k != "precision"})
-    for key, (ms, fields) in best.items():
-        pk.tuning.TABLE[key] = fields
-        print(f"tuning from {path}: {key} -> {fields} ({ms:.3f} ms)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,8 +586,6 @@ def main(argv=None):
     ap.add_argument("--profile", type=str, default=None,
                     help="also trace every timed layer into DIR/<case>/<variant>/<impl> and print its device time "
                          "by source location")
-    ap.add_argument("--tuning", type=str, default=None,
-                    help="use the best configs of a --sweep JSON-lines file (instead of pallas_kernels/tuning.py)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)
     args.variants = args.variants.split(",")
@@ -655,8 +612,6 @@ def main(argv=None):
         blocks = [int(b) for b in args.blocks.split(",")]
         cases = [(t, n, m, b) for (t, n, m) in PROTOCOL_SHAPES for b in blocks]
     rec.add(kind="meta", device=device_line(), date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv[1:])
-    if args.tuning:
-        load_tuning(args.tuning)
 
     if args.sweep:
         run_sweep(rec, args)

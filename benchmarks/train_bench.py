@@ -140,9 +140,6 @@ def run_one(args, method: str) -> dict:
     from poetjax.train.optimizers import make_optimizer
     from poetjax.train.steps import build_model, init_state, make_train_step
 
-    if args.tuning:
-        from layer_bench import load_tuning
-        load_tuning(args.tuning)
     overrides = [f"train.batch_size={args.batch}", f"data.seq_len={args.seq}", "model.param_dtype=bfloat16",
                  "model.dtype=bfloat16", f"model.max_seq_len={max(args.seq, 1)}"]
     overrides += list(args.overrides) + _method_overrides(method)  # the method's own overrides win
@@ -204,8 +201,6 @@ def main(argv=None):
     ap.add_argument("--profile", default="", help="trace 3 more steps per method into DIR/<method> and print the "
                                                    "device time by source location (profile_summary.py); "
                                                    "turns XLA's CUDA graphs off for those methods")
-    ap.add_argument("--tuning", default="", help="kernel configs: the best of a layer_bench.py --sweep --out JSON-lines "
-                                                  "file instead of pallas_kernels/tuning.py's table")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args(argv)
@@ -222,7 +217,6 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--child", method,
                *(["--abstract"] if args.abstract else []),
-               *(["--tuning", os.path.abspath(args.tuning)] if args.tuning else []),
                *(["--profile", os.path.abspath(args.profile)] if args.profile else []), *args.overrides]
         print(f"== {method}: {' '.join(cmd[1:])}", flush=True)
         env = dict(os.environ)

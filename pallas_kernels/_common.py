@@ -156,11 +156,10 @@ class LoopConfig:
 
     A program owns block_n output columns of one block j and loops over the block_t-token tiles of one
     token chunk. Per tile it loads the input's whole block row (bt × K) in block_p-wide pieces, multiplies
-    them by the matching (block_p × block_n) pieces of R[j] (held in registers across the loop when
-    ``hoist_r``, else re-read per tile), and stores the (bt × block_n) result. With a reduction it also
-    loads the (bt × block_n) tile of the second dR operand at the output's columns and accumulates its
-    product with the pieces — a (block_n × K) float32 slice of dR[j] per program — which stage 2 (XLA)
-    sums over the chunks. num_chunks = 0 picks enough chunks for about ``waves`` programs per SM.
+    them by the matching (block_p × block_n) pieces of R[j] (re-read per tile), and stores the (bt × block_n)
+    result. With a reduction it also loads the (bt × block_n) tile of the second dR operand at the output's
+    columns and accumulates its product with the pieces — a (block_n × K) float32 slice of dR[j] per
+    program — which stage 2 (XLA) sums over the chunks. num_chunks = 0 picks enough chunks for about ``waves`` programs per SM.
     """
 
     block_t: int = 64
@@ -168,7 +167,6 @@ class LoopConfig:
     block_p: int = 64
     num_chunks: int = 0
     waves: int = 2
-    hoist_r: bool = False
     num_warps: int = 8
     num_stages: int = 3
 
@@ -180,8 +178,6 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.num_chunks={self.num_chunks!r} must be an int ≥ 0 (0 = automatic)")
         if not isinstance(self.waves, int) or self.waves < 1:
             raise ValueError(f"LoopConfig.waves={self.waves!r} must be an int ≥ 1")
-        if not isinstance(self.hoist_r, bool):
-            raise ValueError(f"LoopConfig.hoist_r={self.hoist_r!r} must be a bool")
         _check_launch("LoopConfig", self.num_warps, self.num_stages)
         return self
 
@@ -201,7 +197,6 @@ class BlockMatmulConfig:
         forward of ``permuted_block_matmul``, g[..., inv_perm] in the backward of
         ``block_matmul_permuted``) so that the dR reduction reads it contiguously instead of gathering
         a second time. Costs one contiguous write (and, in the forward, keeps that array as a residual).
-    forward_loop: when set, the forward rotations run the token-loop kernel with these tiles instead.
     backward_loop: when set, each backward rotation runs the token-loop kernel and computes dR in the
         same pass (``reduce`` and ``save_gathered`` are then unused: the second dR operand is read at
         the output's columns, re-gathered where it is x).
@@ -211,7 +206,6 @@ class BlockMatmulConfig:
     backward: RotateConfig = RotateConfig()
     reduce: ReduceConfig = ReduceConfig()
     save_gathered: bool = True
-    forward_loop: LoopConfig | None = None
     backward_loop: LoopConfig | None = None
 
     def validate(self, block_size: int | None = None) -> "BlockMatmulConfig":
@@ -220,13 +214,12 @@ class BlockMatmulConfig:
         self.reduce.validate(block_size)
         if not isinstance(self.save_gathered, bool):
             raise ValueError(f"BlockMatmulConfig.save_gathered={self.save_gathered!r} must be a bool")
-        for name in ("forward_loop", "backward_loop"):
-            loop = getattr(self, name)
-            if loop is not None:
-                if not isinstance(loop, LoopConfig):
-                    raise TypeError(f"BlockMatmulConfig.{name} must be a LoopConfig or None, "
-                                    f"got {type(loop).__name__}")
-                loop.validate(block_size)
+        loop = self.backward_loop
+        if loop is not None:
+            if not isinstance(loop, LoopConfig):
+                raise TypeError(f"BlockMatmulConfig.backward_loop must be a LoopConfig or None, "
+                                f"got {type(loop).__name__}")
+            loop.validate(block_size)
         return self
 
 

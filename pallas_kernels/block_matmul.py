@@ -48,9 +48,9 @@ parallel, so no program may accumulate into memory that another writes (JAX_NOTE
 (a kernel) gives every program one (block_m × block_n) tile of one block and one chunk of tokens, over
 which it loops, accumulating in float32 registers; stage 2 sums the few chunk partials in XLA.
 
-A second rotation kernel, the token loop (``LoopConfig``; ``BlockMatmulConfig.forward_loop`` /
-``backward_loop``), gives each program block_n columns of one block and a chunk of tokens to loop over. Its
-backward form also loads the second dR operand at the output's columns (x re-gathered at perm, or h) and
+A second rotation kernel, the token loop (``LoopConfig``; ``BlockMatmulConfig.backward_loop``), runs the
+backward rotations: it gives each program block_n columns of one block and a chunk of tokens to loop over,
+and also loads the second dR operand at the output's columns (x re-gathered at perm, or h) and
 accumulates that program's (block_n × K) slice of dR[j] from the same loads. Per chunk the partials go to
 their own slot, and XLA sums them as in stage 2 above, so each side makes one backward pass instead of a
 rotation and a reduction.
@@ -177,13 +177,12 @@ def _rotate(x, r, *, cfg: RotateConfig, interpret: bool, src=None, dst=None, w_o
     return outs if save else outs[0]
 
 
-def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k, bt, bp, bn, tiles, run, hoist_r,
-                 precision, interpret):
-    """Token-loop rotation: out[:, cols] = in[:, block j] · R[j][:, n-tile] (or R[j]ᵀ) over the token tiles of
-    one chunk, optionally with dR[j][n-tile, :] += a[:, cols]ᵀ · in[:, block j] from the same loads (cols: the
-    output's columns, through the scatter index where there is one)."""
+def _loop_kernel(*refs, gather, scatter, t, w_in, w_out, k, bt, bp, bn, tiles, run, precision, interpret):
+    """Token-loop backward rotation: out[:, cols] = in[:, block j] · R[j]ᵀ[:, n-tile] over the token tiles of
+    one chunk, with dR[j][n-tile, :] += a[:, cols]ᵀ · in[:, block j] from the same loads (cols: the output's
+    columns, through the scatter index where there is one)."""
     f_ref, src_ref, r_ref, dst_ref, a_ref, o_ref, dr_ref = _split_refs(
-        refs, True, gather, True, scatter, reduce, True, reduce)
+        refs, True, gather, True, scatter, True, True, True)
 
     n, j, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start = j * k + n * bn
@@ -195,13 +194,8 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
     in_cols = [tile_cols(src_ref, j * k + p * bp, bp, run) if gather else j * k + p * bp + jnp.arange(bp)
                for p in range(pieces)]
 
-    def r_piece(p):   # the (bp × bn) piece of R[j] (or of R[j]ᵀ, read as the (bn × bp) piece of R[j])
-        if transpose_r:
-            return r_ref[j, pl.ds(n * bn, bn), pl.ds(p * bp, bp)]
-        return r_ref[j, pl.ds(p * bp, bp), pl.ds(n * bn, bn)]
-
-    dims = NN_T if transpose_r else NT
-    hoisted = [r_piece(p) for p in range(pieces)] if hoist_r else None
+    def r_piece(p):   # the (bp × bn) piece of R[j]ᵀ, read as the (bn × bp) piece of R[j]
+        return r_ref[j, pl.ds(n * bn, bn), pl.ds(p * bp, bp)]
 
     def body(s, drs):
         rows = (c * tiles + s) * bt + jnp.arange(bt)
@@ -211,23 +205,21 @@ def _loop_kernel(*refs, gather, scatter, reduce, transpose_r, t, w_in, w_out, k,
         for p in range(pieces):
             fp = load_tile(f_ref, rows, row_ok, in_cols[p], w_in if gather else None)
             loaded.append(fp)
-            acc = acc + dot(fp, hoisted[p] if hoist_r else r_piece(p), dims, precision, interpret)
+            acc = acc + dot(fp, r_piece(p), NN_T, precision, interpret)
         store_tile(o_ref, rows, row_ok, out_cols, acc.astype(o_ref.dtype), out_w)
-        if not reduce:
-            return drs
         at = load_tile(a_ref, rows, row_ok, out_cols, out_w)
         return tuple(d + dot(at, fp, TN, precision, interpret) for d, fp in zip(drs, loaded))
 
-    init = tuple(jnp.zeros((bn, bp), jnp.float32) for _ in range(pieces)) if reduce else ()
+    init = tuple(jnp.zeros((bn, bp), jnp.float32) for _ in range(pieces))
     drs = lax.fori_loop(0, tiles, body, init)
     for p, d in enumerate(drs):
         dr_ref[c, j, pl.ds(n * bn, bn), pl.ds(p * bp, bp)] = d
 
 
-def _rotate_loop(f, r, *, cfg: LoopConfig, interpret: bool, src=None, dst=None, w_out=None, transpose_r=False,
-                 a=None, chunk=1):
-    """The token-loop rotation (``_loop_kernel``): out, or (out, dR (B, K, K) float32) when ``a`` is given,
-    dR[j] = Σ_t a[t, out-columns of block j]ᵀ · in[t, block j] (``in`` read through ``src``)."""
+def _rotate_loop(f, r, a, *, cfg: LoopConfig, interpret: bool, src=None, dst=None, w_out=None, chunk=1):
+    """The token-loop backward rotation (``_loop_kernel``): (out = in · blockdiag(Rᵀ), dR (B, K, K) float32),
+    dR[j] = Σ_t a[t, out-columns of block j]ᵀ · in[t, block j] (``in`` = f read through ``src``, out
+    written through ``dst``)."""
     t, w_in = f.shape
     nb, k, _ = r.shape
     d = nb * k
@@ -237,22 +229,16 @@ def _rotate_loop(f, r, *, cfg: LoopConfig, interpret: bool, src=None, dst=None, 
     width = d if dst is None else w_out
     chunks = cfg.chunks(t, nb, k)
     tiles = pl.cdiv(pl.cdiv(t, bt), chunks)
-    reduce = a is not None
-    out_shape = [jax.ShapeDtypeStruct((t, width), f.dtype)]
-    if reduce:
-        out_shape.append(jax.ShapeDtypeStruct((chunks, nb, k, k), jnp.float32))
-    args = ([f] + ([src] if src is not None else []) + [r.astype(f.dtype)] + ([dst] if dst is not None else [])
-            + ([a] if reduce else []))
+    out_shape = [jax.ShapeDtypeStruct((t, width), f.dtype), jax.ShapeDtypeStruct((chunks, nb, k, k), jnp.float32)]
+    args = [f] + ([src] if src is not None else []) + [r.astype(f.dtype)] + ([dst] if dst is not None else []) + [a]
     kernel = functools.partial(
-        _loop_kernel, gather=src is not None, scatter=dst is not None, reduce=reduce, transpose_r=transpose_r,
-        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bp=bp, bn=bn, tiles=tiles, run=run, hoist_r=cfg.hoist_r,
+        _loop_kernel, gather=src is not None, scatter=dst is not None,
+        t=t, w_in=w_in, w_out=width, k=k, bt=bt, bp=bp, bn=bn, tiles=tiles, run=run,
         precision=dot_precision(f.dtype, _F32_PRECISION, interpret), interpret=interpret)
-    name = ("gather_" if src is not None else "") + "rotate_loop" + ("_t" if transpose_r else "") + (
-        "_scatter" if dst is not None else "") + ("_reduce" if reduce else "") + ("_chunked" if run else "")
+    name = ("gather_" if src is not None else "") + "rotate_loop_t" + (
+        "_scatter" if dst is not None else "") + "_reduce" + ("_chunked" if run else "")
     outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(k // bn, nb, chunks),
                           compiler_params=compiler_params(cfg), interpret=interpret, name=name)(*args)
-    if not reduce:
-        return outs[0]
     out, partial_sums = outs
     return out, (partial_sums[0] if chunks == 1 else jnp.sum(partial_sums, axis=0))
 
@@ -311,8 +297,6 @@ def _gather_rotate(x, perm, r, n_in, cfg, interpret, chunk):
 
 
 def _gather_rotate_fwd(x, perm, r, n_in, cfg, interpret, chunk):
-    if cfg.forward_loop is not None and (cfg.backward_loop is not None or not cfg.save_gathered):
-        return _rotate_loop(x, r, cfg=cfg.forward_loop, interpret=interpret, src=perm, chunk=chunk), (x, perm, r)
     save = cfg.save_gathered and cfg.backward_loop is None
     out = _rotate(x, r, cfg=cfg.forward, interpret=interpret, src=perm, save=save, chunk=chunk)
     if save:
@@ -325,8 +309,8 @@ def _gather_rotate_bwd(n_in, cfg, interpret, chunk, res, g):
     xu, perm, r = res
     nb, k, _ = r.shape
     if cfg.backward_loop is not None:   # xu = x; one pass: dx scattered to perm, dR from x re-gathered at perm
-        dx, dr = _rotate_loop(g, r, cfg=cfg.backward_loop, interpret=interpret, dst=perm, w_out=n_in,
-                              transpose_r=True, a=xu, chunk=chunk)
+        dx, dr = _rotate_loop(g, r, xu, cfg=cfg.backward_loop, interpret=interpret, dst=perm, w_out=n_in,
+                              chunk=chunk)
         return dx, None, dr.astype(r.dtype)
     # dx[:, perm[c]] = (g · blockdiag(Rᵀ))[:, c]: the gather by the inverse permutation, as a scatter-store.
     dx = _rotate(g, r, cfg=cfg.backward, interpret=interpret, dst=perm, w_out=n_in, transpose_r=True, chunk=chunk)
@@ -351,11 +335,7 @@ def _rotate_gather(h, perm, inv_perm, r, cfg, interpret, chunk):
 
 def _rotate_gather_fwd(h, perm, inv_perm, r, cfg, interpret, chunk):
     # y[:, perm[q]] ... stored as: column c of h·blockdiag(R) goes to y[:, inv_perm[c]] (dropped when ≥ M).
-    if cfg.forward_loop is not None:
-        y = _rotate_loop(h, r, cfg=cfg.forward_loop, interpret=interpret, dst=inv_perm, w_out=perm.shape[0],
-                         chunk=chunk)
-    else:
-        y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
+    y = _rotate(h, r, cfg=cfg.forward, interpret=interpret, dst=inv_perm, w_out=perm.shape[0], chunk=chunk)
     return y, (h, inv_perm, r)
 
 
@@ -364,8 +344,7 @@ def _rotate_gather_bwd(cfg, interpret, chunk, res, g):
     nb, k, _ = r.shape
     # g_z = g[:, inv_perm] (padding reads 0), dh = g_z · blockdiag(Rᵀ), dR = Σ hᵀ g_z.
     if cfg.backward_loop is not None:   # one pass: g gathered once for both
-        dh, dr = _rotate_loop(g, r, cfg=cfg.backward_loop, interpret=interpret, src=inv_perm, transpose_r=True,
-                              a=h, chunk=chunk)
+        dh, dr = _rotate_loop(g, r, h, cfg=cfg.backward_loop, interpret=interpret, src=inv_perm, chunk=chunk)
         return dh, None, None, dr.astype(r.dtype)
     out = _rotate(g, r, cfg=cfg.backward, interpret=interpret, src=inv_perm, transpose_r=True,
                   save=cfg.save_gathered, chunk=chunk)

@@ -8,9 +8,9 @@ reasoned guesses, not measurements.
 
 Keys: ``(kernel, block_size)`` with kernel one of "rotate_fwd" (gather → rotate, and rotate →
 scatter), "rotate_bwd" (the mirror rotation by Rᵀ), "reduce" (dR over tokens) — each also as
-"<kernel>/chunked", the tiles for chunked index vectors (``--sweep --sweep-chunk C``) — "loop_fwd/chunked"
-and "loop_bwd/chunked" (the token-loop kernel, ``LoopConfig``, for the forward rotations and for the
-backward rotations with dR folded in; used for chunked vectors only, and only when present), "cayley" (and
+"<kernel>/chunked", the tiles for chunked index vectors (``--sweep --sweep-chunk C``) — "loop_bwd/chunked"
+(the token-loop kernel, ``LoopConfig``, for the backward rotations with dR folded in; used for chunked
+vectors only, and only when present), "cayley" (and
 "cayley/<precision>", tiles for one product precision, e.g. "cayley/bf16"); values: the fields of the
 matching config dataclass in ``pallas_kernels._common``.
 """
@@ -40,11 +40,9 @@ TABLE: dict[tuple[str, int], dict] = {
     ('reduce/chunked', 256): {'block_t': 32, 'block_m': 64, 'block_n': 64, 'num_chunks': 0, 'num_warps': 4,
                               'num_stages': 3},  # 0.123 ms
     # NVIDIA H200, jax 0.11.2, 2026-12-02, layer_bench.py --sweep --sweep-chunk 64 --sweep-kernels loop_fwd,loop_bwd
-    # (T=16384, width 4096, bf16): the two backward rotations with dR folded in, 0.478 ms against 0.497 ms for the
-    # separate rotations + reductions at their table tiles. No "loop_fwd/chunked": its best, 0.321 ms, lost to the
-    # separate forward rotations' 0.256 ms.
+    # (T=16384, width 4096, bf16; loop_fwd has since been deleted): the two backward rotations with dR folded in.
     ('loop_bwd/chunked', 256): {'block_t': 64, 'block_n': 64, 'block_p': 64, 'num_chunks': 0, 'waves': 2,
-                                'hoist_r': False, 'num_warps': 4, 'num_stages': 3},  # 0.478 ms
+                                'num_warps': 4, 'num_stages': 3},  # 0.478 ms
 }
 
 
@@ -72,17 +70,6 @@ def _lookup(kernel: str, block_size: int, default):
     return default if entry is None else dataclasses.replace(default, **entry)
 
 
-# Whether the gathering kernels also write the gathered operand when the index vectors are chunked
-# (``block_matmul_config(k, chunk)``): with runs of ≥ 16 columns a gathered read costs about what a
-# contiguous one does, so the dR reduction can gather again instead (saves one write per side).
-CHUNKED_SAVE_GATHERED = False
-
-
-# Whether chunked index vectors use the token-loop kernels where TABLE has tiles for them ("loop_fwd/chunked",
-# "loop_bwd/chunked"); benchmarks switch it off to time the separate rotation and reduction kernels.
-CHUNKED_LOOPS = True
-
-
 def _loop_lookup(kernel: str, block_size: int) -> LoopConfig | None:
     entry = TABLE.get((kernel, block_size))
     return None if entry is None else fit_loop(LoopConfig(**entry), block_size)
@@ -98,14 +85,16 @@ def block_matmul_config(block_size: int, chunk: int = 1) -> BlockMatmulConfig:
         cfg = _lookup(kernel, block_size, default)
         return _lookup(f"{kernel}/chunked", block_size, cfg) if chunked else cfg
 
-    loops = chunked and CHUNKED_LOOPS
+    # With chunked index vectors (runs of ≥ 16 columns) a gathered read costs about what a contiguous one
+    # does, so the dR reduction gathers again instead of the gathering kernel also writing the gathered
+    # operand (saves one write per side); and the backward rotations run the token-loop kernel, dR folded
+    # in, where TABLE has tiles for it ("loop_bwd/chunked").
     cfg = BlockMatmulConfig(
         forward=lookup("rotate_fwd", _rotate_heuristic(block_size)),
         backward=lookup("rotate_bwd", _rotate_heuristic(block_size)),
         reduce=lookup("reduce", _reduce_heuristic(block_size)),
-        save_gathered=CHUNKED_SAVE_GATHERED if chunked else True,
-        forward_loop=_loop_lookup("loop_fwd/chunked", block_size) if loops else None,
-        backward_loop=_loop_lookup("loop_bwd/chunked", block_size) if loops else None)
+        save_gathered=not chunked,
+        backward_loop=_loop_lookup("loop_bwd/chunked", block_size) if chunked else None)
     return cfg.validate(block_size)
 
 

@@ -99,20 +99,13 @@ _poet_x_mem_body = jax.checkpoint(_poet_x_body, policy=jax.checkpoint_policies.n
                                   static_argnums=(5,))
 
 
-AUTO_PREFERS_PALLAS = True  # see resolve_impl
-
-
 def resolve_impl(impl: str, block_size: int, *, quantized: bool = False) -> str:
     """"xla" or "pallas" for a layer of this block size; "pallas" with an unsupported block size is a
     ValueError. Decided at trace time, so a model built on one machine runs on another.
 
-    "auto" picks the path measured fastest: Pallas on a GPU when the kernels support the block size, XLA
-    elsewhere. On the H200 (2026-12-01, BENCHMARKS.md run 6) the Pallas layer (feature-major, transposing
-    permutation kernels, fused Cayley kernel) ran fwd+bwd at 1.09× a dense layer against XLA's 1.19× at
-    T=16384, 4096², b=256, and 0.91× against 1.05× at 4096→11008; Llama-1B trained at 26.5k vs 22.5k
-    tokens/s (run 4). Set ``AUTO_PREFERS_PALLAS = False`` to make "auto" mean XLA everywhere.
-    ``quantized`` (POET-XQ): "auto" stays on XLA, the only path measured for it (the qmatmul kernel's speed
-    is unmeasured).
+    "auto" picks the path measured fastest (BENCHMARKS.md runs 4 and 6): Pallas on a GPU when the kernels
+    support the block size, XLA elsewhere. ``quantized`` (POET-XQ): "auto" stays on XLA, the only path
+    measured for it (the qmatmul kernel's speed is unmeasured).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
@@ -120,8 +113,7 @@ def resolve_impl(impl: str, block_size: int, *, quantized: bool = False) -> str:
         pk.check_block_size(block_size)
         return impl
     if impl == "auto":
-        use = (AUTO_PREFERS_PALLAS and not quantized and jax.default_backend() == "gpu"
-               and pk.supports_block_size(block_size))
+        use = not quantized and jax.default_backend() == "gpu" and pk.supports_block_size(block_size)
         return "pallas" if use else "xla"
     return impl
 

@@ -228,20 +228,19 @@ def _check_both_sides(t, n, k, c, p_in, p_out, inv, cfg, interpret, seed, what):
     _check(got, want, jnp.float32, f"{what} block_matmul_permuted K={k} c={c}")
 
 
-def _loop_config(k, c, hoist):
-    """Token-loop kernels forward and backward (dR folded in), small tiles and 3 token chunks so that several
+def _loop_config(k, c):
+    """Token-loop kernels for the backward rotations (dR folded in), small tiles and 3 token chunks so that several
     programs share each block and stage 2 sums partials; pieces narrower than the block."""
     tile = min(32, k & -k)
-    loop = LoopConfig(block_t=16, block_n=tile, block_p=min(16, tile), num_chunks=3, hoist_r=hoist, num_warps=4)
+    loop = LoopConfig(block_t=16, block_n=tile, block_p=min(16, tile), num_chunks=3, num_warps=4)
     base = pk.tuning.block_matmul_config(k, c)
-    return dataclasses.replace(base, forward_loop=loop, backward_loop=loop)
+    return dataclasses.replace(base, backward_loop=loop)
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("hoist", [False, True])
 @pytest.mark.parametrize("t,n,m,k,c", CHUNK_CASES + [(37, 100, 90, 32, 1)])
-def test_loop_kernels_match_reference(t, n, m, k, c, hoist, interpret):
-    """The token-loop kernels (forward rotations; backward rotations with dR in the same pass), chunked and
+def test_loop_kernels_match_reference(t, n, m, k, c, interpret):
+    """The token-loop kernels (backward rotations with dR in the same pass), chunked and
     (c = 1) column by column, forward and VJP against the jnp reference."""
     if c == 1:
         rng = np.random.default_rng(t)
@@ -250,17 +249,18 @@ def test_loop_kernels_match_reference(t, n, m, k, c, hoist, interpret):
         p_out, inv = map(jnp.asarray, output_perm(rng, m, nb_out * k))
     else:
         p_in, p_out, inv = map(jnp.asarray, _chunked_perms(n, m, k, c))
-    _check_both_sides(t, n, k, c, p_in, p_out, inv, _loop_config(k, c, hoist), interpret, seed=c + 7, what="loop")
+    _check_both_sides(t, n, k, c, p_in, p_out, inv, _loop_config(k, c), interpret, seed=c + 7, what="loop")
 
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_loop_backward_alone_matches_reference(interpret):
-    """Only the backward on the loop kernel: the forward's residual must then be x, not the gathered copy."""
+    """Whatever save_gathered says, with the backward on the loop kernel the forward's residual must be x, not
+    the gathered copy."""
     t, n, m, k, c = 33, 512, 512, 256, 64
     p_in, _, _ = map(jnp.asarray, _chunked_perms(n, m, k, c))
-    base = _loop_config(k, c, False)
+    base = _loop_config(k, c)
     for save in (True, False):
-        cfg = dataclasses.replace(base, forward_loop=None, save_gathered=save)
+        cfg = dataclasses.replace(base, save_gathered=save)
         x, r_in, kg, _ = _inputs(t, n, k, jnp.float32, seed=3)
         got = jax.jit(lambda x, r: _vjp(lambda x, r: pk.permuted_block_matmul(
             x, p_in, r, interpret=interpret, config=cfg, chunk=c), x, r, key=kg))(x, r_in)

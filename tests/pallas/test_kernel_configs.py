@@ -21,7 +21,7 @@ def test_default_configs_are_valid_for_supported_block_sizes(k):
 
 def test_tuning_table_entries_are_valid_configs():
     kinds = {"rotate_fwd": RotateConfig, "rotate_bwd": RotateConfig, "reduce": ReduceConfig, "cayley": CayleyConfig,
-             "loop_fwd": LoopConfig, "loop_bwd": LoopConfig}
+             "loop_bwd": LoopConfig}
     for (kernel, k), fields in tuning.TABLE.items():
         kinds[kernel.split("/")[0]](**fields).validate(k)   # "<kernel>/chunked", "cayley/<precision>"
 
@@ -40,20 +40,18 @@ def test_chunked_index_vectors_get_their_own_tiles(monkeypatch):
     assert (chunked.forward.block_t, chunked.forward.block_k) == (256, 64) and chunked.reduce.block_m == 32
     assert chunked.backward == plain.backward   # no chunked entry: the plain one
     assert plain.forward.block_t != 256 and plain.save_gathered
-    assert chunked.save_gathered == tuning.CHUNKED_SAVE_GATHERED
+    assert not chunked.save_gathered   # chunked: the dR reduction gathers again
     assert tuning.block_matmul_config(64, 8) == plain   # runs narrower than a tile: the plain kernels
 
 
 def test_loop_kernels_only_for_chunked_vectors_with_table_entries(monkeypatch):
-    monkeypatch.delitem(tuning.TABLE, ("loop_fwd/chunked", 64), raising=False)
     monkeypatch.setitem(tuning.TABLE, ("loop_bwd/chunked", 64), {"block_t": 32, "block_n": 128, "block_p": 16})
     cfg = tuning.block_matmul_config(64, 32)
-    assert cfg.forward_loop is None                                   # no entry: the separate kernels
     assert cfg.backward_loop == LoopConfig(block_t=32, block_n=64, block_p=16)   # block_n fitted to K
     assert tuning.block_matmul_config(64).backward_loop is None       # unchunked vectors never
     assert tuning.block_matmul_config(64, 8).backward_loop is None    # nor runs narrower than a tile
-    monkeypatch.setattr(tuning, "CHUNKED_LOOPS", False)
-    assert tuning.block_matmul_config(64, 32).backward_loop is None
+    monkeypatch.delitem(tuning.TABLE, ("loop_bwd/chunked", 64))
+    assert tuning.block_matmul_config(64, 32).backward_loop is None   # no entry: the separate kernels
 
 
 @pytest.mark.parametrize("k", [0, 8, 20, 24, 250])
@@ -80,12 +78,11 @@ def test_validation_messages_quote_values():
         LoopConfig(block_p=128).validate(64)
     with pytest.raises(ValueError, match=r"LoopConfig.waves=0 must be an int ≥ 1"):
         LoopConfig(waves=0).validate(64)
-    with pytest.raises(ValueError, match=r"LoopConfig.hoist_r=1 must be a bool"):
-        LoopConfig(hoist_r=1).validate(64)
     with pytest.raises(ValueError, match=r"LoopConfig.block_n=64 does not divide block_size=32"):
-        dataclasses.replace(tuning.block_matmul_config(32), backward_loop=LoopConfig(block_n=64, block_p=16)).validate(32)
-    with pytest.raises(TypeError, match=r"forward_loop must be a LoopConfig or None, got RotateConfig"):
-        BlockMatmulConfig(forward_loop=RotateConfig()).validate(64)
+        dataclasses.replace(tuning.block_matmul_config(32),
+                            backward_loop=LoopConfig(block_n=64, block_p=16)).validate(32)
+    with pytest.raises(TypeError, match=r"backward_loop must be a LoopConfig or None, got RotateConfig"):
+        BlockMatmulConfig(backward_loop=RotateConfig()).validate(64)
 
 
 def test_token_chunks():

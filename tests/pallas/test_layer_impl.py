@@ -82,10 +82,7 @@ def test_impl_validation_and_resolution(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert ops.resolve_impl("auto", 256) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    # auto follows the measurements (ops.AUTO_PREFERS_PALLAS): XLA while the kernels are slower …
-    assert ops.resolve_impl("auto", 256) == ("pallas" if ops.AUTO_PREFERS_PALLAS else "xla")
-    monkeypatch.setattr(ops, "AUTO_PREFERS_PALLAS", True)  # … and Pallas once they win
-    assert ops.resolve_impl("auto", 256) == "pallas"
+    assert ops.resolve_impl("auto", 256) == "pallas"   # auto follows the measurements: Pallas on a GPU
     assert ops.resolve_impl("auto", 20) == "xla"  # kernels need a multiple of 16: fall back
     assert pk.default_interpret() is False
 
@@ -138,4 +135,4 @@ def test_layer_passes_its_cayley_precision_and_xq_auto_stays_on_xla(monkeypatch)
                        rngs=nnx.Rngs(0))
     xq(jnp.ones((2, 32)))
     assert calls and set(calls) == {"xla"}  # "auto" resolves to XLA for XQ, even on a GPU
-    assert real_resolve("auto", 16) == ("pallas" if ops.AUTO_PREFERS_PALLAS else "xla")  # float layers don't
+    assert real_resolve("auto", 16) == "pallas"  # float layers don't

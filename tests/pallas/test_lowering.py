@@ -58,7 +58,7 @@ def test_chunked_block_matmul_kernels_lower_to_triton(k, chunk, save):
     nb, t = 3, 1000
     d = nb * k
     perm = jnp.arange(d, dtype=jnp.int32)  # chunked for every chunk; values otherwise do not matter
-    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), save_gathered=save, forward_loop=None,
+    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), save_gathered=save,
                               backward_loop=None)   # the separate kernels (the loop ones: the next test)
     reduce = "block_grad_partials" + ("" if save else "_chunked")
     f = _fwd_bwd(lambda x, r: pk.permuted_block_matmul(x, perm, r, chunk=chunk, config=cfg))
@@ -75,18 +75,18 @@ def test_chunked_block_matmul_kernels_lower_to_triton(k, chunk, save):
 
 @pytest.mark.parametrize("k,chunk", [(256, 64), (64, 16), (96, 48)])
 def test_loop_block_matmul_kernels_lower_to_triton(k, chunk):
-    """With token-loop configs, each side is two kernels: the forward rotation and the backward rotation that
-    also writes the dR partials (no separate reduction)."""
+    """With a token-loop config, each side is two kernels: the forward rotation and the backward (loop)
+    rotation that also writes the dR partials (no separate reduction)."""
     nb, t = 3, 1000
     d = nb * k
     perm = jnp.arange(d, dtype=jnp.int32)
     loop = pk.LoopConfig(block_t=64, block_n=min(64, k & -k), block_p=min(64, k & -k))
-    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), forward_loop=loop, backward_loop=loop)
+    cfg = dataclasses.replace(pk.tuning.block_matmul_config(k, chunk), backward_loop=loop)
     for f, names in (
             (lambda x, r: pk.permuted_block_matmul(x, perm, r, chunk=chunk, config=cfg),
-             ("gather_rotate_loop_chunked", "rotate_loop_t_scatter_reduce_chunked")),
+             ("gather_rotate_chunked", "rotate_loop_t_scatter_reduce_chunked")),
             (lambda h, r: pk.block_matmul_permuted(h, perm, r, inv_perm=perm, chunk=chunk, config=cfg),
-             ("rotate_loop_scatter_chunked", "gather_rotate_loop_t_reduce_chunked"))):
+             ("rotate_scatter_chunked", "gather_rotate_loop_t_reduce_chunked"))):
         txt = lower_for_gpu(_fwd_bwd(f), S((t, d), jnp.bfloat16), S((nb, k, k), jnp.float32), S((t, d), jnp.bfloat16))
         assert _count(txt) == 2
         for name in names:
