@@ -33,7 +33,7 @@ from poetjax import fs, ops
 from poetjax.layers import POETLinear
 from poetjax.perms import permute
 from poetjax.models.llama import layer_view
-from poetjax.surgery import fold_in_each, iter_modules, map_layers
+from poetjax.surgery import fold_in_each, iter_modules, map_layers, vmap_layers
 
 
 def path_name(path) -> str:
@@ -203,13 +203,13 @@ class PhaseProbe:
     @staticmethod
     def cosines(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
         names, layers = _poet_layers(model)
+        return dict(zip(names, map_layers(_probe_cosines, layers, [probes[n] for n in names])))
 
-        def one(layer, p):
-            cos_in = jnp.dot(rotate_input_side(layer, p.v_in), p.w_in)   # v·R_cur·(R_total vᵀ)
-            cos_out = jnp.dot(rotate_output_side(layer, p.w_out), p.v_out)  # (v·P_total·P_cur)·vᵀ
-            return cos_in, cos_out
 
-        return dict(zip(names, map_layers(one, layers, [probes[n] for n in names])))
+def _probe_cosines(layer: POETLinear, p: ProbeState) -> tuple[jax.Array, jax.Array]:
+    cos_in = jnp.dot(rotate_input_side(layer, p.v_in), p.w_in)   # v·R_cur·(R_total vᵀ)
+    cos_out = jnp.dot(rotate_output_side(layer, p.w_out), p.v_out)  # (v·P_total·P_cur)·vᵀ
+    return cos_in, cos_out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,10 +259,6 @@ def _layer_groups(view: nnx.Module) -> dict[str, list[tuple[str, nnx.Module]]]:
     return groups
 
 
-def _stack(xs):
-    return jax.tree.map(lambda *a: jnp.stack(a), *xs)
-
-
 def grouped_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None = None,
                         s_ref: dict[str, jax.Array] | None = None, num_sv: int = 16) -> dict[str, dict[str, jax.Array]]:
     """``model_diagnostics`` with every quantity stacked over the layers of a ``diagnostic_groups`` group:
@@ -272,20 +268,15 @@ def grouped_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | No
     for key, members in _layer_groups(layer_view(model)).items():
         layers = [m for _, m in members]
         if isinstance(layers[0], POETLinear):
-            def one(layer, probe):
+            def one(layer, *probe):
                 d = {"kernel": layer.effective_kernel(), "base": base_kernel(layer)}
                 d["orth_in"], d["orth_out"] = _orthogonality_error(layer)
-                if probe is not None:
-                    d["cos_in"] = jnp.dot(rotate_input_side(layer, probe.v_in), probe.w_in)
-                    d["cos_out"] = jnp.dot(rotate_output_side(layer, probe.w_out), probe.v_out)
+                if probe:
+                    d["cos_in"], d["cos_out"] = _probe_cosines(layer, probe[0])
                 return d
 
-            per = [probes[name] for name, _ in members] if probes else [None] * len(members)
-            if probes:
-                d = map_layers(one, layers, per)
-            else:
-                d = map_layers(lambda layer: one(layer, None), layers)
-            d = _stack(d)
+            per = [[probes[name] for name, _ in members]] if probes else []
+            d = vmap_layers(one, layers, *per)  # one group is one graph: stacked results, nothing to split
             kernels, bases = d.pop("kernel"), d.pop("base")
         else:
             kernels, bases = jnp.stack([m.kernel[...].astype(jnp.float32) for m in layers]), None

@@ -10,12 +10,11 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from poetjax.layers import POETLinear
 from poetjax.optim import reset_generator_state
-from poetjax.surgery import fold_in_each, poet_layers, stacked_depth, view_order
+from poetjax.surgery import fold_in_each, poet_layers, stack_trees, stacked_depth, view_order
 
 
 def _merge_slices(graphdef, state_L, keys_L: jax.Array):
@@ -61,7 +60,7 @@ def merge(model: nnx.Module, key: jax.Array) -> None:
         else:
             groups.setdefault(graphdef, []).append((layer, state, idx[0]))
     for graphdef, members in groups.items():
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[st for _, st, _ in members])
+        stacked = stack_trees([st for _, st, _ in members])
         merged = jax.vmap(partial(_merge_one, graphdef))(stacked, fold_in_each(key, [i for _, _, i in members]))
         for i, (layer, _, _) in enumerate(members):
             nnx.update(layer, jax.tree.map(lambda x: x[i], merged))

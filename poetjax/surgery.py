@@ -54,21 +54,30 @@ def fold_in_each(key: jax.Array, indices: Sequence[int]) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
 
 
+def stack_trees(trees: Sequence) -> object:
+    """One pytree whose leaves stack (``jnp.stack``) the leaves of ``trees`` (all of one structure)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def vmap_layers(fn: Callable, modules: Sequence[nnx.Module], *args: Sequence):
+    """``fn(module, *args)`` of modules of one graph (shapes, dtypes, config) traced once under ``jax.vmap``:
+    the results stacked along a leading axis, in the order of ``modules``. ``fn`` must be pure (changes it
+    makes to its module are dropped); ``args`` are per-module pytrees."""
+    graphdef = nnx.graphdef(modules[0])
+    one = lambda state, *a: fn(nnx.merge(graphdef, state), *a)
+    return jax.vmap(one)(stack_trees([nnx.state(m) for m in modules]), *[stack_trees(a) for a in args])
+
+
 def map_layers(fn: Callable, modules: Sequence[nnx.Module], *args: Sequence) -> list:
     """``[fn(modules[i], *(a[i] for a in args)) for i ...]`` with one trace per structure: modules of the same
-    graph (shapes, dtypes, config; e.g. every q_proj of a model) are stacked and mapped under ``jax.vmap``,
-    so a program that visits every layer grows with the number of distinct layer shapes, not of layers.
-    ``fn`` must be pure (changes it makes to its module are dropped); ``args`` are per-module pytrees."""
+    graph (e.g. every q_proj of a model) go through ``vmap_layers`` together, so a program that visits every
+    layer grows with the number of distinct layer shapes, not of layers."""
     groups: dict = {}
     for i, m in enumerate(modules):
-        graphdef, state = nnx.split(m)
-        groups.setdefault(graphdef, []).append((i, state))
+        groups.setdefault(nnx.graphdef(m), []).append(i)
     out: list = [None] * len(modules)
-    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-    for graphdef, members in groups.items():
-        idx = [i for i, _ in members]
-        one = lambda state, *a: fn(nnx.merge(graphdef, state), *a)
-        res = jax.vmap(one)(stack([st for _, st in members]), *[stack([a[i] for i in idx]) for a in args])
+    for idx in groups.values():
+        res = vmap_layers(fn, [modules[i] for i in idx], *[[a[i] for i in idx] for a in args])
         for j, i in enumerate(idx):
             out[i] = jax.tree.map(lambda x: x[j], res)
     return out
