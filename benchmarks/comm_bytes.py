@@ -109,7 +109,7 @@ def main(argv=None):
                 per_n = []
                 for n in counts:
                     b = role_bytes(leaves, n if layout == "fsdp" else 1, cfg.mesh.min_shard_size)
-                    per_n.append(step_bytes(method, layout, b, n, cfg.optimizer.merge_interval))
+                    per_n.append(step_bytes(method, layout, b, n, cfg.poet.merge_interval))
                 rows[(method, layout)] = (b, per_n)
         for (method, layout), (b, per_n) in rows.items():
             base = rows[("adamw", layout)][1][-1]

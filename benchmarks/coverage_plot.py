@@ -25,9 +25,9 @@ from poetjax.coverage import coverage_run, coverage_stats  # noqa: E402
 
 # (label, POETConfig fields): the spec's FS b=1/8 vs BS b=8 pair, plus FS at the papers' usual b=1/2.
 CONFIGS = [
-    ("POET-FS b=1/8", {"variant": "fs", "block_size": 0.125}),
-    ("POET-FS b=1/2", {"variant": "fs", "block_size": 0.5}),
-    ("POET-BS b=8", {"variant": "fast", "block_size": 8}),
+    ("POET-FS b=1/8", {"family": "fs", "block_size": 0.125}),
+    ("POET-FS b=1/2", {"family": "fs", "block_size": 0.5}),
+    ("POET-BS b=8", {"block_size": 8}),
 ]
 
 

@@ -1,7 +1,7 @@
 """Same run, different implementations: do the loss curves agree? (issue 5, acceptance 4)
 
     python benchmarks/loss_curves.py --config configs/llama_20m.yaml --steps 300 --out runs/curves \
-        [--runs xla:optimizer.impl=xla,pallas:optimizer.impl=pallas] [--warmup 30] [key=value ...]
+        [--runs xla:poet.exec.impl=xla,pallas:poet.exec.impl=pallas] [--warmup 30] [key=value ...]
 
 Each run is ``python train.py --config <config> train.steps=<steps> train.log_interval=<every>
 name=<run> out_dir=<out> checkpoint.interval=0 schedule.warmup_steps=<warmup> <run overrides> <extra
@@ -10,7 +10,7 @@ steps > merge_interval). Afterwards the training losses of every run are compare
 each logged step; the table shows the largest absolute and relative difference, the final losses and each
 run's tokens/s (the median of its logged intervals). Curves that agree "within bf16 noise" differ by about
 what a tiny perturbation of the same run grows into: the yardstick row reruns the first
-implementation with float32-exact Cayley products instead of TF32 (``optimizer.cayley_precision=highest``:
+implementation with float32-exact Cayley products instead of TF32 (``poet.exec.cayley_precision=highest``:
 rotation blocks within ~1e-4 relative of the default's), so its difference is the noise that bf16
 training amplifies from a 1e-4 change. ``--no-noise-run`` skips it.
 """
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=30,
                     help="schedule.warmup_steps (the recipe's 500 would exceed a 300-step run)")
     ap.add_argument("--out", default="runs/curves")
-    ap.add_argument("--runs", default="xla:optimizer.impl=xla,pallas:optimizer.impl=pallas",
+    ap.add_argument("--runs", default="xla:poet.exec.impl=xla,pallas:poet.exec.impl=pallas",
                     help="comma-separated name:key=value;key=value (the first is the reference)")
     ap.add_argument("--no-noise-run", action="store_true", help="skip the perturbed rerun of the first run")
     ap.add_argument("--timeout", type=float, default=900.0)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--runs: empty run name in {spec!r}")
         runs.append((name, [x for x in kv.split(";") if x]))
     if not args.no_noise_run:
-        runs.append((f"{runs[0][0]}_perturbed", runs[0][1] + ["optimizer.cayley_precision=highest"]))
+        runs.append((f"{runs[0][0]}_perturbed", runs[0][1] + ["poet.exec.cayley_precision=highest"]))
     names = [n for n, _ in runs]
     if len(set(names)) != len(names):
         raise SystemExit(f"--runs: duplicate run names {names}")

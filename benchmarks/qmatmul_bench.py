@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from layer_bench import (Recorder, compile_fn, device_line, make_inputs, poet_fn, short_error,  # noqa: E402
                          time_ms)
 import pallas_kernels as pk  # noqa: E402
-from poetjax import ops, quant  # noqa: E402
+from poetjax import quant  # noqa: E402
 from poetjax.testing import rel_err, tolerance  # noqa: E402
 
 # (T, N, M, block size): Llama-8B (4096, 14336) and Llama-34B (8192, 22016) projections.

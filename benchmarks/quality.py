@@ -38,15 +38,15 @@ ROWS: dict[str, list[str]] = {
     "adamw_2e-3": ["optimizer.name=adamw", "optimizer.lr=2e-3"],
     "muon": ["optimizer.name=muon", "optimizer.lr=1e-3", "optimizer.muon_lr=0.02"],
     # POET with the paper's LLaMA-60M base lr 1e-2 (embedding, norms, lm_head) ...
-    "poet_b256": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=1e-3"],
-    "poet_b128": ["optimizer.name=poet", "optimizer.block_size=128", "optimizer.poet_lr=2e-3"],
-    "poet_b256_plr2e-3": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=2e-3"],
+    "poet_b256": ["optimizer.name=poet", "poet.block_size=256", "optimizer.poet_lr=1e-3"],
+    "poet_b128": ["optimizer.name=poet", "poet.block_size=128", "optimizer.poet_lr=2e-3"],
+    "poet_b256_plr2e-3": ["optimizer.name=poet", "poet.block_size=256", "optimizer.poet_lr=2e-3"],
     # ... and with the base lr of the tuned AdamW row (1e-3).
-    "poet_b256_base1e-3": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=1e-3",
+    "poet_b256_base1e-3": ["optimizer.name=poet", "poet.block_size=256", "optimizer.poet_lr=1e-3",
                            "optimizer.lr=1e-3"],
-    "poet_b256_base1e-3_plr2e-3": ["optimizer.name=poet", "optimizer.block_size=256", "optimizer.poet_lr=2e-3",
+    "poet_b256_base1e-3_plr2e-3": ["optimizer.name=poet", "poet.block_size=256", "optimizer.poet_lr=2e-3",
                                    "optimizer.lr=1e-3"],
-    "poet_b128_base1e-3": ["optimizer.name=poet", "optimizer.block_size=128", "optimizer.poet_lr=2e-3",
+    "poet_b128_base1e-3": ["optimizer.name=poet", "poet.block_size=128", "optimizer.poet_lr=2e-3",
                            "optimizer.lr=1e-3"],
 }
 

@@ -4,7 +4,7 @@ per-device batch, and the scaling efficiency tokens/s(n) / (n · tokens/s(1)).
     python benchmarks/scaling_bench.py --config configs/llama_1b.yaml --devices 1,2,4,8 \
         --methods poet_fast,poet_mem,adamw --batch-per-device 8 --seq 1024 [--steps 8] [--out r.jsonl] [k=v ...]
 
-Methods as in ``train_bench.py`` (adamw, poet_fast, poet_mem, optionally ``@xla``/``@pallas``), each with
+Methods as in ``train_bench.py`` (adamw, poet_fast, poet_mem, with ``+key=value`` overrides), each with
 a layout after a colon: ``poet_fast:dp`` (W0 replicated, only the trainable leaves all-reduced: the
 default for POET), ``poet_fast:fsdp`` (W0 split over the devices too), ``adamw:fsdp`` (the default for
 AdamW: ZeRO-3, every weight and its Adam moments split) or ``adamw:dp``. Every (method, n) runs in a

@@ -10,12 +10,11 @@ state), run 2 warm-up steps after compilation, then time ``--steps`` steps on ra
 tokens/s from the median step and the device's peak bytes in use. Methods:
 
   adamw       the dense baseline on the same JAX model (optax.adamw, moments in the parameter dtype)
-  poet_fast   POET-X, variant fast          poet_mem   POET-X, variant mem
+  poet_fast   POET-X, memory fast           poet_mem   POET-X, memory mem
   poet_xq     POET-XQ (uint8 W0), fast      poet_xq_mem  POET-XQ, mem
-  (append ``@impl`` or ``@impl/layout`` to pick the POET implementation and layout, e.g.
-  ``poet_fast@pallas`` or ``poet_fast@xla/features``; default auto. For XQ, ``@pallas`` also runs the
-  dense matmul through the dequantizing ``qmatmul`` kernel; append ``+key=value`` overrides for that
-  method alone, e.g. ``poet_fast+optimizer.cayley_scope=linear`` or ``adamw+model.remat=none``)
+  (append ``+key=value`` overrides for that method alone, e.g. ``poet_fast+poet.exec.impl=xla``,
+  ``poet_fast+poet.exec.cayley_scope=linear`` or ``adamw+model.remat=none``; for XQ,
+  ``+poet.exec.impl=pallas`` also runs the dense matmul through the dequantizing ``qmatmul`` kernel)
 
 Every method also reports where its memory goes: bytes of the frozen base weights (W0, or XQ's codes +
 scales + zero points), the permutation indices, the trainable parameters and the optimizer state (the
@@ -55,16 +54,18 @@ def _method_overrides(method: str) -> list[str]:
     return _base_overrides(method) + extra
 
 
+METHODS = {"adamw": ["optimizer.name=adamw"],
+           "poet_fast": ["optimizer.name=poet"],
+           "poet_mem": ["optimizer.name=poet", "poet.memory=mem"],
+           "poet_xq": ["optimizer.name=poet", "poet.base=uint8"],
+           "poet_xq_mem": ["optimizer.name=poet", "poet.memory=mem", "poet.base=uint8"]}
+
+
 def _base_overrides(method: str) -> list[str]:
-    name, _, impl = method.partition("@")
-    impl, _, layout = impl.partition("/")
-    if name == "adamw":
-        return ["optimizer.name=adamw"]
-    variants = {"poet_fast": "fast", "poet_mem": "mem", "poet_xq": "xq", "poet_xq_mem": "xq_mem"}
-    if name in variants:
-        out = ["optimizer.name=poet", f"optimizer.variant={variants[name]}"]
-        return out + ([f"optimizer.impl={impl}"] if impl else []) + ([f"optimizer.layout={layout}"] if layout else [])
-    raise ValueError(f"unknown method {method!r}; expected adamw, {', '.join(variants)} (optionally @xla/@pallas)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)} "
+                         f"(with +key=value overrides)")
+    return list(METHODS[method])
 
 
 def memory_breakdown(state) -> dict:

@@ -5,7 +5,7 @@ K block size, I/O blocks, Np/Mp padded sizes, c perm_chunk, G stacked-layer grou
 "Shape legend", which also lists the modules that still use other letters.
 """
 
-from poetjax.config import POETConfig
+from poetjax.config import ExecConfig, POETConfig
 from poetjax.layers import FrozenWeight, Generator, Permutation, POETLinear
 from poetjax.merge import merge, merge_and_reset
 from poetjax.optim import (poet_adamw, poet_clip_schedule, poet_optimizer, reset_generator_state,
@@ -13,7 +13,7 @@ from poetjax.optim import (poet_adamw, poet_clip_schedule, poet_optimizer, reset
 from poetjax.surgery import build_poetized, poet_layers, poetize
 
 __all__ = [
-    "POETConfig", "POETLinear", "FrozenWeight", "Generator", "Permutation", "poetize", "build_poetized", "poet_layers",
+    "POETConfig", "ExecConfig", "POETLinear", "FrozenWeight", "Generator", "Permutation", "poetize", "build_poetized", "poet_layers",
     "merge",
     "merge_and_reset", "poet_optimizer", "poet_adamw", "poet_clip_schedule", "reset_generator_state",
     "warmup_cosine_schedule",

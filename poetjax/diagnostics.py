@@ -127,7 +127,7 @@ def orthogonality_errors(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Ar
 
 def _rotate_permuted(layer: POETLinear, u: jax.Array, r: jax.Array) -> jax.Array:
     # In the permuted space BS rotates every block; FS rotates the leading subset and copies the rest.
-    if layer.config.variant == "fs":
+    if layer.config.family == "fs":
         return fs.prefix_rotate(u, r[0], precision="highest")
     return ops.block_rotate(u, r, precision="highest")
 

@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from poetjax.layers import FrozenWeight, Generator, Permutation
-from poetjax.run_config import DISTRIBUTED_MODES
+from poetjax.run_sections import DISTRIBUTED_MODES
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")

@@ -3,12 +3,12 @@
 State of one layer (N in, M out, K block size; I, O blocks; Np, Mp padded sizes; P = K(K−1)/2):
 
   w0            FrozenWeight (Np, Mp)   W_s, the frozen base weight, stored pre-permuted
-                                        (variant "xq"/"xq_mem", POET-XQ: no w0 but w0_codes (Np, Mp) uint8,
+                                        (base "uint8", POET-XQ: no w0 but w0_codes (Np, Mp) uint8,
                                         w0_scale (Np/G, Mp) float32, w0_zero (Np/G, Mp) uint8, all
                                         FrozenWeight: W_s group-quantized, ``poetjax.quant``)
   theta_in      Generator    (I, P)     packed skew generators of the input-side blocks (float32)
   theta_out     Generator    (O, P)     same for the output side
-                                        (variant="fs": Np = N, Mp = M, theta_in (1, Ki(Ki−1)/2) and
+                                        (family "fs": Np = N, Mp = M, theta_in (1, Ki(Ki−1)/2) and
                                         theta_out (1, Ko(Ko−1)/2) for the two index subsets, poetjax.fs)
   perm_in …     Permutation  int32      the index vectors of ``poetjax.perms``
   bias          Param        (M,)       optional; added after the output permutation, so it lives in
@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,7 @@ from flax import nnx
 
 from poetjax import fs, ops, quant
 from poetjax.cayley import block_layout, rotation_group, rotation_pair
-from poetjax.config import IMPLS, POETConfig
+from poetjax.config import POETConfig
 from poetjax.initializers import base_weight
 from poetjax.perms import check_chunk, input_permutation, output_permutation
 
@@ -56,14 +59,9 @@ class POETLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, config: POETConfig, use_bias: bool = False,
                  rngs: nnx.Rngs, kernel: jax.Array | None = None, bias: jax.Array | None = None,
-                 dtype=None, param_dtype=jnp.float32, precision=None, impl: str | None = None):
-        """impl: "auto" | "xla" | "pallas" (see ``POETConfig.impl``); None takes ``config.impl``."""
+                 dtype=None, param_dtype=jnp.float32, precision=None):
         if not isinstance(config, POETConfig):
             raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
-        impl = config.impl if impl is None else impl
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got impl={impl!r}")
-        self.impl = impl
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.config = config
@@ -71,7 +69,7 @@ class POETLinear(nnx.Module):
         self.param_dtype = param_dtype
         self.precision = precision
         # POET-FS: one rotated index subset per side instead of blocks (poetjax.fs).
-        layout = fs.subset_layout if config.variant == "fs" else block_layout
+        layout = fs.subset_layout if config.family == "fs" else block_layout
         self.layout_in = layout(self.in_features, config.block_size, name="in_features")
         self.layout_out = layout(self.out_features, config.block_size, name="out_features")
 
@@ -132,8 +130,8 @@ class POETLinear(nnx.Module):
         k_in, k_out = jax.random.split(key)
         # BS: sorted inside blocks (same POET up to relabeling, cheaper gathers; poetjax.perms). FS rotates one
         # subset whose size need not divide the dimension, and its order there is irrelevant: no sorting.
-        k_in_blk = None if self.config.variant == "fs" else self.layout_in.block_size
-        k_out_blk = None if self.config.variant == "fs" else self.layout_out.block_size
+        k_in_blk = None if self.config.family == "fs" else self.layout_in.block_size
+        k_out_blk = None if self.config.family == "fs" else self.layout_out.block_size
         c = self.config.perm_chunk
         p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k_in_blk, c)
         p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k_out_blk, c)
@@ -158,24 +156,31 @@ class POETLinear(nnx.Module):
 
         ``exact`` overrides ``config.cayley`` (True: exact Cayley, False: Neumann series); ``impl``
         "pallas" uses the fused Cayley kernel (merges and ``effective_kernel`` keep XLA); ``precision`` of
-        the series' products ("highest" | "default" | "bf16"; the forward pass passes ``config.cayley_precision``).
+        the series' products ("highest" | "default" | "bf16"; the forward pass passes
+        ``config.exec.cayley_precision``).
         """
         k = self.config.num_terms
         exact = self.config.cayley == "exact" if exact is None else exact
         return rotation_pair(self.theta_in[...], self.layout_in, self.theta_out[...], self.layout_out, k,
                              exact=exact, impl=impl, precision=precision)
 
+    def plan(self, tokens: int = 0) -> ops.LayerPlan:
+        """The ``LayerPlan`` of a call on ``tokens`` tokens (0: unknown; its impl is the Cayley map's)."""
+        c = self.config
+        return ops.resolve_plan(c.exec, memory=c.memory, block_size=c.block_size, quantized=c.quantized,
+                                perm_chunk=c.perm_chunk, tokens=tokens, n=self.in_features, m=self.out_features)
+
     def training_cayley_args(self) -> tuple:
         """(num_terms, exact, impl, precision) of the forward pass's Cayley map: layers with equal
         arguments can share one map (``shared_rotations``)."""
-        impl = ops.resolve_impl(self.impl, self.config.block_size, quantized=self.config.quantized)
-        return (self.config.num_terms, self.config.cayley == "exact", impl, self.config.cayley_precision)
+        c = self.config
+        return (c.num_terms, c.cayley == "exact", self.plan().impl, c.exec.cayley_precision)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        if self.config.variant == "fs":
+        if self.config.family == "fs":
             r_in, r_out = self.rotation_blocks()
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
@@ -185,10 +190,9 @@ class POETLinear(nnx.Module):
                 r_in, r_out = shared[1]
             else:
                 r_in, r_out = self.rotation_blocks(impl=impl, precision=precision)
-            y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms,
-                                  variant=self.config.flavour, precision=self.precision, impl=impl,
-                                  layout=self.config.layout, compute=self.config.compute,
-                                  perm_chunk=self.config.perm_chunk)
+            plan = self.plan(math.prod(x.shape[:-1]))
+            y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms, plan,
+                                  precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -196,7 +200,7 @@ class POETLinear(nnx.Module):
     def effective_kernel(self, *, exact: bool | None = None) -> jax.Array:
         """Dense (N, M) float32 kernel with layer(x) == x @ kernel (+ bias)."""
         r_in, r_out = self.rotation_blocks(exact=exact)
-        kernel_fn = fs.effective_kernel if self.config.variant == "fs" else ops.effective_kernel
+        kernel_fn = fs.effective_kernel if self.config.family == "fs" else ops.effective_kernel
         return kernel_fn(self.base_weight(), r_in, r_out, self.perms)
 
     def merge_and_reinit(self, key: jax.Array) -> None:
@@ -233,7 +237,7 @@ _SHARED: contextvars.ContextVar = contextvars.ContextVar("poetjax_shared_rotatio
 def _shared_layers(module: nnx.Module) -> list[tuple[str, POETLinear]]:
     """("a/b/c" path, layer) of every block-stochastic POET layer under ``module`` (POET-FS maps its own)."""
     return [("/".join(map(str, path)), node) for path, node in nnx.iter_graph(module)
-            if isinstance(node, POETLinear) and node.config.variant != "fs"]
+            if isinstance(node, POETLinear) and node.config.family != "fs"]
 
 
 def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -269,16 +273,54 @@ def shared_rotations(module: nnx.Module, rotations: dict | None = None):
         _SHARED.reset(token)
 
 
-def cayley_scope(module: nnx.Module) -> str:
-    """The resolved ``POETConfig.cayley_scope`` of the POET layers under ``module``: "linear" | "block" |
-    "model" ("linear" when there are none). "auto" is "model" for POET-X fast and "block" for mem and for
-    POET-XQ (whose point is memory: a model-wide map keeps every layer's blocks and residuals alive,
-    about 8.7 GB at Llama-8B by count). Layers configured differently: the first layer's setting applies
-    (poetize gives all one config)."""
-    layers = _shared_layers(module)
-    if not layers:
+def resolve_scope(config: POETConfig) -> str:
+    """``config.exec.cayley_scope`` resolved: "linear" | "block" | "model". "auto" is "model" for the fast
+    memory mode and "block" for mem and for a uint8 base (whose point is memory: a model-wide map keeps
+    every layer's blocks and residuals alive, about 8.7 GB at Llama-8B by count). POET-FS maps per layer."""
+    if config.family == "fs":
         return "linear"
-    cfg = layers[0][1].config
-    if cfg.cayley_scope != "auto":
-        return cfg.cayley_scope
-    return "model" if cfg.flavour == "fast" and not cfg.quantized else "block"
+    if config.exec.cayley_scope != "auto":
+        return config.exec.cayley_scope
+    return "model" if config.memory == "fast" and not config.quantized else "block"
+
+
+def cayley_scope(module: nnx.Module) -> str:
+    """The scope the model's block hook applies (``CayleyScopeHook``): "linear" when it has none."""
+    hook = getattr(module, "block_hook", None)
+    return hook.scope if isinstance(hook, CayleyScopeHook) else "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class CayleyScopeHook:
+    """A model's block hook (``poetjax.models.Llama.block_hook``, installed by ``poetize``) that shares Cayley
+    maps: scope "block" maps all POET layers of a block in one call inside the block (so inside its remat);
+    "model" maps every layer's once before the layers run (``prepare``), and each block rotates with its
+    slice (stacked layers: the scan slices the (L, …) blocks like the weights)."""
+
+    scope: str
+
+    def prepare(self, layers: nnx.Module):
+        if self.scope != "model":
+            return None
+        rotations = compute_rotations(layers)
+        if not isinstance(layers, nnx.List):
+            return rotations  # one stacked block: paths inside it, arrays with a leading layer axis
+        per_layer = [{} for _ in range(len(layers))]
+        for path, r in rotations.items():
+            i, _, inner = path.partition("/")
+            per_layer[int(i)][inner] = r
+        return per_layer
+
+    def wrap(self, run: Callable) -> Callable:
+        def run_shared(block, x, cos, sin, rotations):
+            with shared_rotations(block, rotations if self.scope == "model" else None):
+                return run(block, x, cos, sin, rotations)
+
+        return run_shared
+
+
+def install_scope_hook(model: nnx.Module, config: POETConfig) -> None:
+    """Give a model with a ``block_hook`` slot the ``CayleyScopeHook`` of ``config`` (none for "linear")."""
+    if hasattr(model, "block_hook"):
+        scope = resolve_scope(config)
+        model.block_hook = None if scope == "linear" else CayleyScopeHook(scope)

@@ -170,13 +170,17 @@ def warmup_cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0,
 
 
 def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_decay: float = 0.0, *,
-                   poet_learning_rate: ScalarOrSchedule | None = None, max_grad_norm: float | None = None,
+                   poet_learning_rate: ScalarOrSchedule | None = None, poet_scale: float = 0.5,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, max_grad_norm: float | None = None,
                    clip_warmup_steps: int = 2000, mu_dtype=None,
                    generator_mu_dtype=None) -> optax.GradientTransformation:
     """The POET optimizer: Adam (lr × poet_scale, no decay) on generators, AdamW on the rest.
 
+    config:             the layers' POETConfig (its merge_interval times the post-merge clip warm-up).
     learning_rate:      base learning rate (float or schedule of the completed-step count).
     poet_learning_rate: the generators' learning rate before poet_scale (default: learning_rate).
+    poet_scale:         multiplier of the generators' learning rate (reference default 0.5).
+    b1, b2, eps:        Adam constants of both groups (eps is added to sqrt(v) before bias correction).
     max_grad_norm:      if set, global-norm clipping over all trainable params with the post-merge
                         warm-up of ``poet_clip_schedule`` (over the first ``clip_warmup_steps`` steps).
     mu_dtype:           storage dtype of both moments of every group (None: each parameter's dtype).
@@ -187,13 +191,14 @@ def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_d
         raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
+    if not poet_scale > 0:
+        raise ValueError(f"poet_scale must be > 0, got poet_scale={poet_scale!r}")
     plr = learning_rate if poet_learning_rate is None else poet_learning_rate
-    scale = config.poet_scale
+    scale = poet_scale
     gen_lr = (lambda s: plr(s) * scale) if callable(plr) else plr * scale
     tx = optax.partition(
-        {POET_LABEL: poet_adamw(gen_lr, config.b1, config.b2, config.eps, 0.0,
-                                mu_dtype=generator_mu_dtype or mu_dtype),
-         BASE_LABEL: poet_adamw(learning_rate, config.b1, config.b2, config.eps, weight_decay,
+        {POET_LABEL: poet_adamw(gen_lr, b1, b2, eps, 0.0, mu_dtype=generator_mu_dtype or mu_dtype),
+         BASE_LABEL: poet_adamw(learning_rate, b1, b2, eps, weight_decay,
                                 mask=_decay_mask, mu_dtype=mu_dtype)},
         param_labels)
     if max_grad_norm is not None:

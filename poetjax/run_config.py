@@ -20,266 +20,14 @@ from typing import Any, Sequence
 
 import yaml
 
-from poetjax.config import CAYLEY_MAPS, INIT_SCHEMES, VARIANTS, POETConfig
-from poetjax.data.sources import ENCODING_ERRORS
+from poetjax.config import VARIANTS, POETConfig
 from poetjax.models.llama import LlamaConfig
-
-OPTIMIZERS = ("poet", "adamw", "muon")
-MOMENT_DTYPES = ("float32", "bfloat16")
-PROGRESS_MODES = ("auto", "bar", "lines", "none")
-DISTRIBUTED_MODES = ("auto", "on", "off")
+from poetjax.run_sections import (CheckpointConfig, DataConfig, LoggingConfig, MeshConfig, OptimizerConfig,
+                                  ScheduleConfig, TrainConfig, require)
 
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names it."""
-
-
-def _check(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where tokens come from (see ``poetjax.data``).
-
-    source:         a text file, a folder of text files (``.txt``/``.txt.xz``; ``train.*`` and ``valid.*``
-                    files, if present, are the two splits — the shipped corpus and the Gutenberg format),
-                    or ``tfds:NAME[/CONFIG]`` (needs tensorflow-datasets; only ``prepare`` uses it).
-                    Relative paths are looked up from the working directory, then from the repository root.
-    tokenizer:      "bpe" trains a byte-level BPE on the train split (saved beside the shards), or a path
-                    to a ``tokenizer.json`` (HF tokenizers) or a SentencePiece ``.model``.
-    vocab_size:     size of the trained BPE; 0 means model.vocab_size.
-    seq_len:        tokens per training sequence (each sample holds seq_len + 1 tokens).
-    valid_fraction: share of the text held out for validation when the source has no valid split.
-    cache_dir:      where prepared shards are cached, keyed by content and tokenizer settings.
-    max_chars:      read at most this many characters per split (0 = all); for quick experiments.
-    encoding_errors: bytes of a local text file that are not UTF-8: "strict" stops with an error naming the
-                    file and the byte offset, "replace" reads each as U+FFFD (part of the cache key).
-    tfds_*:         the TFDS data_dir, split names and text feature of a ``tfds:`` source.
-    """
-
-    source: str = "data/tinyshakespeare"
-    tokenizer: str = "bpe"
-    vocab_size: int = 0
-    seq_len: int = 128
-    valid_fraction: float = 0.1
-    cache_dir: str = "data/cache"
-    max_chars: int = 0
-    encoding_errors: str = "strict"
-    tfds_data_dir: str = ""
-    tfds_train_split: str = "train"
-    tfds_valid_split: str = "validation"
-    tfds_text_key: str = "text"
-
-    def __post_init__(self):
-        _check(bool(self.source), "source must not be empty")
-        _check(bool(self.tokenizer), "tokenizer must not be empty")
-        _check(self.vocab_size >= 0, f"vocab_size must be >= 0, got vocab_size={self.vocab_size!r}")
-        _check(self.seq_len > 0, f"seq_len must be > 0, got seq_len={self.seq_len!r}")
-        _check(0.0 < self.valid_fraction < 1.0, f"valid_fraction must be in (0, 1), got {self.valid_fraction!r}")
-        _check(self.max_chars >= 0, f"max_chars must be >= 0, got max_chars={self.max_chars!r}")
-        _check(self.encoding_errors in ENCODING_ERRORS,
-               f"encoding_errors must be one of {ENCODING_ERRORS}, got encoding_errors={self.encoding_errors!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer choice and its hyperparameters.
-
-    name:           "poet" (POET-X generators + AdamW on the rest), "adamw" or "muon" (baselines: the
-                    same model, every Linear trained directly).
-    lr:             peak learning rate of all directly trained parameters (embedding, norms, lm_head; for
-                    adamw every parameter; for muon the Adam-trained ones).
-    poet_lr:        peak learning rate of the POET generators (before poet_scale).
-    muon_lr:        peak learning rate of muon's hidden 2-D matrices.
-    weight_decay:   decoupled weight decay of ≥2-D directly trained parameters.
-    max_grad_norm:  global-norm clipping threshold (0 = off); for poet with the post-merge warm-up.
-    generator_moment_dtype: storage of the generators' Adam moments ("float32" | "bfloat16": half the
-                    generators' optimizer state; the update itself is computed in float32 either way).
-    clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
-    block_size … poet_scale, impl, layout, compute, cayley_precision, cayley_scope, perm_chunk: the POET fields, mapped onto ``poetjax.POETConfig`` (block_size may be a
-                    fraction of each dimension for variant "fs"; impl "auto" | "xla" | "pallas"; variant
-                    "xq"/"xq_mem" is POET-XQ, with W0 in uint8 groups of quant_group_size).
-    """
-
-    name: str = "poet"
-    lr: float = 1e-2
-    poet_lr: float = 1e-2
-    muon_lr: float = 0.02
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-6
-    max_grad_norm: float = 1.0
-    clip_warmup_steps: int = 2000
-    block_size: int | float = 32
-    merge_interval: int = 100
-    variant: str = "fast"
-    num_terms: int = 3
-    cayley: str = "neumann"
-    cayley_precision: str = "default"
-    init: str = "normalized"
-    poet_scale: float = 0.5
-    impl: str = "auto"
-    layout: str = "auto"
-    cayley_scope: str = "auto"
-    compute: str = "activations"
-    quant_group_size: int = 256
-    perm_chunk: int = 1
-    generator_moment_dtype: str = "float32"
-
-    def __post_init__(self):
-        _check(self.name in OPTIMIZERS, f"name must be one of {OPTIMIZERS}, got name={self.name!r}")
-        for f in ("lr", "poet_lr", "muon_lr"):
-            _check(getattr(self, f) > 0, f"{f} must be > 0, got {f}={getattr(self, f)!r}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        _check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm!r}")
-        _check(self.clip_warmup_steps >= 0, f"clip_warmup_steps must be >= 0, got {self.clip_warmup_steps!r}")
-        _check(self.variant in VARIANTS, f"variant must be one of {VARIANTS}, got variant={self.variant!r}")
-        _check(self.cayley in CAYLEY_MAPS, f"cayley must be one of {CAYLEY_MAPS}, got cayley={self.cayley!r}")
-        _check(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got init={self.init!r}")
-        _check(self.generator_moment_dtype in MOMENT_DTYPES, f"generator_moment_dtype must be one of "
-               f"{MOMENT_DTYPES}, got generator_moment_dtype={self.generator_moment_dtype!r}")
-        self.poet_config()  # POETConfig validates the remaining POET fields
-
-    def poet_config(self, init_std: float = 0.02) -> POETConfig:
-        return POETConfig(block_size=self.block_size, merge_interval=self.merge_interval, variant=self.variant,
-                          num_terms=self.num_terms, cayley=self.cayley, cayley_precision=self.cayley_precision,
-                          init=self.init, init_std=init_std,
-                          poet_scale=self.poet_scale, b1=self.b1, b2=self.b2, eps=self.eps, impl=self.impl,
-                          layout=self.layout, cayley_scope=self.cayley_scope, compute=self.compute,
-                          quant_group_size=self.quant_group_size, perm_chunk=self.perm_chunk)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduleConfig:
-    """Linear warmup from 0, then cosine decay to min_lr_ratio × peak at train.steps (spec §7.2)."""
-
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-
-    def __post_init__(self):
-        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The loop.
-
-    steps:         optimizer steps of the whole run (the schedule's horizon).
-    batch_size:    sequences per optimizer step (global).
-    microbatches:  split each batch into this many gradient-accumulation chunks (same update).
-    eval_interval: steps between validation runs (0 = only at the end).
-    eval_batches:  batches per periodic validation (0 = the whole split); the final one uses the whole split.
-    log_interval:  steps between metric lines (and between host syncs).
-    stop_after:    stop (with a checkpoint) once this step is reached, as a preempted job would (0 = run
-                   to ``steps``); resuming then continues the same run.
-    compilation_cache: JAX's persistent compilation cache folder: ``auto`` ($POETJAX_COMPILATION_CACHE, else
-                   the user's cache folder, ``poetjax.train.xla_cache``), ``off``, or a folder.
-    """
-
-    steps: int = 640
-    batch_size: int = 8
-    microbatches: int = 1
-    eval_interval: int = 160
-    eval_batches: int = 0
-    log_interval: int = 10
-    stop_after: int = 0
-    compilation_cache: str = "auto"
-
-    def __post_init__(self):
-        for f in ("steps", "batch_size", "microbatches", "log_interval"):
-            _check(getattr(self, f) > 0, f"{f} must be > 0, got {f}={getattr(self, f)!r}")
-        for f in ("eval_interval", "eval_batches", "stop_after"):
-            _check(getattr(self, f) >= 0, f"{f} must be >= 0, got {f}={getattr(self, f)!r}")
-        _check(self.batch_size % self.microbatches == 0,
-               f"batch_size={self.batch_size} is not divisible by microbatches={self.microbatches}")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    """Orbax checkpoints in ``<run dir>/checkpoints`` (or ``dir``).
-
-    interval:    steps between checkpoints (0 = only the final one).
-    keep:        newest checkpoints kept on disk.
-    resume:      continue from the newest checkpoint of the run directory when there is one.
-    resume_step: resume from this step instead of the newest (0 = newest).
-    async_save:  write in a background thread (the run waits for it before exiting).
-    """
-
-    interval: int = 320
-    keep: int = 3
-    resume: bool = True
-    resume_step: int = 0
-    async_save: bool = False
-    dir: str = ""
-
-    def __post_init__(self):
-        _check(self.interval >= 0, f"interval must be >= 0, got interval={self.interval!r}")
-        _check(self.keep > 0, f"keep must be > 0, got keep={self.keep!r}")
-        _check(self.resume_step >= 0, f"resume_step must be >= 0, got resume_step={self.resume_step!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """How the run uses devices (``poetjax.distributed``; README "Several devices and hosts").
-
-    data:           data-parallel replicas; -1 = every device that fsdp leaves.
-    fsdp:           shards of the frozen W0s and of big trainable leaves with their optimizer state; -1 =
-                    every device that data leaves. The batch is split over data × fsdp devices, so
-                    train.batch_size must be divisible by (data × fsdp × train.microbatches).
-    min_shard_size: trainable leaves with fewer entries stay replicated under fsdp (POET's generators
-                    always do: they are the all-reduced, data-parallel part).
-    distributed:    "auto": start JAX's multi-process runtime (``jax.distributed.initialize``) when
-                    JAX_COORDINATOR_ADDRESS is set; "on": always (cluster auto-detection, e.g. SLURM);
-                    "off": never.
-    """
-
-    data: int = -1
-    fsdp: int = 1
-    min_shard_size: int = 1 << 16
-    distributed: str = "auto"
-
-    def __post_init__(self):
-        for f in ("data", "fsdp"):
-            v = getattr(self, f)
-            _check(v == -1 or v > 0, f"{f} must be a positive number of devices or -1 (the rest), got {f}={v!r}")
-        _check(not (self.data == -1 and self.fsdp == -1), "at most one of data and fsdp may be -1 (the rest)")
-        _check(self.min_shard_size >= 0, f"min_shard_size must be >= 0, got {self.min_shard_size!r}")
-        _check(self.distributed in DISTRIBUTED_MODES,
-               f"distributed must be one of {DISTRIBUTED_MODES}, got distributed={self.distributed!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoggingConfig:
-    """progress: "bar" (one self-updating stderr line), "lines" (a line per log interval), "none", or
-    "auto" (bar on a terminal, lines otherwise). plot: write curves.png at the end.
-
-    diagnostics_interval: steps between spectral diagnostics written to metrics.jsonl (0 = off): per
-                    linear layer the SVD entropy, spectral norm, sampled singular values, spectral drift
-                    since step 0, and for POET layers the orthogonality errors, the drift since the last
-                    merge and the phase-probe cosines (``poetjax.diagnostics``), plus a summary per
-                    projection type. Also written at step 0 of a fresh run. Each record costs one SVD
-                    per weight matrix (and per POET base W0).
-    diagnostics_budget: the largest share of the training loop's time the diagnostics may take (0 = no
-                    limit): when a record cost more than this share of the time since the previous one, the
-                    next comes after the smallest multiple of diagnostics_interval that keeps to it. The
-                    run's timing record logs the share it got ("diagnostics_share").
-    """
-
-    progress: str = "auto"
-    plot: bool = True
-    diagnostics_interval: int = 100
-    diagnostics_budget: float = 0.03
-
-    def __post_init__(self):
-        _check(self.progress in PROGRESS_MODES, f"progress must be one of {PROGRESS_MODES}, got {self.progress!r}")
-        _check(self.diagnostics_interval >= 0,
-               f"diagnostics_interval must be >= 0 (0 = off), got diagnostics_interval={self.diagnostics_interval!r}")
-        _check(0 <= self.diagnostics_budget < 1,
-               f"diagnostics_budget must be in [0, 1) (0 = no limit), got diagnostics_budget={self.diagnostics_budget!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +40,8 @@ class RunConfig:
     model: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    # The default job's small model takes smaller blocks and merges more often than POETConfig's defaults.
+    poet: POETConfig = dataclasses.field(default_factory=lambda: POETConfig(block_size=32, merge_interval=100))
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -299,26 +49,26 @@ class RunConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
                f"name must be a plain directory name, got name={self.name!r}")
-        m, o = self.model, self.optimizer
+        m, p = self.model, self.poet
         if self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        if o.name == "poet":
+        if self.optimizer.name == "poet":
             kv = m.kv_heads * m.head_dim  # k_proj/v_proj's out-dimension
             smallest = min(m.hidden_size, m.intermediate_size, kv)
-            if o.block_size > smallest:
+            if p.block_size > smallest:
                 raise ConfigError(
-                    f"optimizer.block_size={o.block_size} does not fit the model: it must be <= every projection "
+                    f"poet.block_size={p.block_size} does not fit the model: it must be <= every projection "
                     f"dimension (model.hidden_size={m.hidden_size}, model.intermediate_size={m.intermediate_size}"
                     + (f", key/value width model.num_kv_heads x head dim = {kv})" if kv < m.hidden_size else ")"))
-            if self.poet.quantized:  # every projection's padded in-dimension must split into whole groups
+            if p.quantized:  # every projection's padded in-dimension must split into whole groups
                 for what, dim in (("model.hidden_size", m.hidden_size), ("model.intermediate_size", m.intermediate_size)):
-                    padded = -(-dim // o.block_size) * o.block_size
-                    if padded % o.quant_group_size:
+                    padded = -(-dim // p.block_size) * p.block_size
+                    if padded % p.quant_group_size:
                         raise ConfigError(
-                            f"optimizer.quant_group_size={o.quant_group_size} does not divide {what}={dim} "
-                            f"(padded to {padded} by optimizer.block_size={o.block_size}); POET-XQ needs whole groups")
+                            f"poet.quant_group_size={p.quant_group_size} does not divide {what}={dim} "
+                            f"(padded to {padded} by poet.block_size={p.block_size}); a uint8 base needs whole groups")
         if self.schedule.warmup_steps > self.train.steps:
             raise ConfigError(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds "
                               f"train.steps={self.train.steps}")
@@ -330,13 +80,9 @@ class RunConfig:
                                   f"{self.train.microbatches} = {shards}")
         if self.data.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={self.data.vocab_size} exceeds model.vocab_size={m.vocab_size}")
-        if m.init_from and o.name == "poet" and o.init != "keep":
-            raise ConfigError(f"optimizer.init={o.init!r} would replace the weights of model.init_from="
-                              f"{m.init_from!r}; use optimizer.init=keep to start POET from the loaded model")
-
-    @property
-    def poet(self) -> POETConfig:
-        return self.optimizer.poet_config(init_std=self.model.init_std)
+        if m.init_from and self.optimizer.name == "poet" and p.init != "keep":
+            raise ConfigError(f"poet.init={p.init!r} would replace the weights of model.init_from="
+                              f"{m.init_from!r}; use poet.init=keep to start POET from the loaded model")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -416,7 +162,26 @@ def _coerce(value: Any, tp: Any, key: str, from_cli: bool) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
+# Keys of earlier versions: where they live now (None: removed, with the reason).
+_POET_KEYS = ("block_size", "merge_interval", "num_terms", "cayley", "init", "quant_group_size", "perm_chunk")
+_EXEC_KEYS = ("impl", "compute", "cayley_precision", "cayley_scope")
+MOVED: dict[str, str | None] = {
+    **{f"optimizer.{k}": f"poet.{k}" for k in _POET_KEYS},
+    **{f"optimizer.{k}": f"poet.exec.{k}" for k in _EXEC_KEYS},
+    "optimizer.variant": "poet.family (bs | fs), poet.memory (fast | mem) and poet.base (float | uint8): "
+                         "variant=mem is poet.memory=mem, fs is poet.family=fs, xq is poet.base=uint8, "
+                         "xq_mem is poet.memory=mem poet.base=uint8",
+    "optimizer.layout": None,
+}
+_REMOVED_WHY = {"optimizer.layout": "the activation layout follows from poet.exec.impl and poet.perm_chunk"}
+
+
 def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
+    if key in MOVED:
+        where = MOVED[key]
+        if where is None:
+            return ConfigError(f"config key '{key}' was removed: {_REMOVED_WHY[key]}")
+        return ConfigError(f"config key '{key}' has moved: use {where}")
     prefix, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, valid, n=1)
     hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
@@ -424,23 +189,30 @@ def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (valid keys in {where}: {', '.join(valid)})")
 
 
-def _build(cls, data: dict, prefix: str, from_cli_keys: set[str]):
+def _build(cls, data: dict, prefix: str, from_cli_keys: set[str], base=None):
+    """``cls`` from ``data``; keys ``data`` leaves out keep ``base``'s values (a section's default instance)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if k not in names:
-            raise _unknown_key(key, names)
+        if k not in fields:
+            raise _unknown_key(key, list(fields))
         tp = hints[k]
         if _is_config(tp):
-            kwargs[k] = _build(tp, v, key + ".", from_cli_keys)
+            if base is not None:
+                sub = getattr(base, k)
+            elif fields[k].default_factory is not dataclasses.MISSING:
+                sub = fields[k].default_factory()
+            else:
+                sub = fields[k].default
+            kwargs[k] = _build(tp, v, key + ".", from_cli_keys, sub)
         else:
             kwargs[k] = _coerce(v, tp, key, key in from_cli_keys)
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
@@ -562,7 +334,31 @@ def diff_saved(saved: dict, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
     """``diff`` of a checkpoint's saved config against ``cfg``. A key the saved config lacks was added to
     the dataclasses after the checkpoint was written, which then computed what its default does, so it
     counts as its default."""
-    return diff(_deep_merge(RunConfig().to_dict(), saved), cfg.to_dict())
+    return diff(_deep_merge(RunConfig().to_dict(), migrate_saved(saved)), cfg.to_dict())
+
+
+def migrate_saved(saved: dict) -> dict:
+    """A config dict written by an earlier version in today's layout: the POET fields of ``optimizer``
+    moved to ``poet``/``poet.exec``, ``variant`` split into family/memory/base, ``layout`` dropped, and
+    W0's init std taken from the model's (what those versions used)."""
+    opt = saved.get("optimizer")
+    if not isinstance(opt, dict) or not any(f"optimizer.{k}" in MOVED for k in opt):
+        return saved
+    opt = dict(opt)
+    poet, exec_ = {}, {}
+    for k in _POET_KEYS:
+        if k in opt:
+            poet[k] = opt.pop(k)
+    for k in _EXEC_KEYS:
+        if k in opt:
+            exec_[k] = opt.pop(k)
+    if "variant" in opt:
+        poet.update(VARIANTS[opt.pop("variant")])
+    opt.pop("layout", None)
+    model = saved.get("model") or {}
+    if "init_std" in model:
+        poet["init_std"] = model["init_std"]
+    return {**saved, "optimizer": opt, "poet": {**poet, "exec": exec_}}
 
 
 def diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -16,8 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from poetjax.config import POETConfig
-from poetjax.layers import POETLinear
+from poetjax.layers import POETLinear, install_scope_hook
 from poetjax.models.llama import layer_view, rngs_at  # LLaMA is the one model with a stacked layout
+
+
+# Linears poetize leaves dense unless told otherwise (a name filter on the lower-cased module path, as the
+# reference does): the output projection.
+EXCLUDE = ("lm_head",)
 
 
 def _path_str(path) -> str:
@@ -149,16 +154,18 @@ def _convert_stacked(lin: nnx.Linear, config: POETConfig, key: jax.Array, counts
 
 def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: Sequence[str] | None = None,
             verbose: bool = False) -> nnx.Module:
-    """Replace every ``nnx.Linear`` whose path contains none of ``exclude`` by a ``POETLinear``.
+    """Replace every ``nnx.Linear`` whose path contains none of ``exclude`` (default ``EXCLUDE``) by a
+    ``POETLinear``.
 
     The new layer's W0 comes from the Linear's kernel by ``config.init`` ("keep" leaves the model's
     function unchanged); its bias, dtype, param_dtype and precision are carried over. Dimensions that
     the block size does not divide get a smaller last block (``poetjax.cayley``). Mutates ``model`` in
-    place and returns it.
+    place and returns it. A model with a ``block_hook`` slot (``poetjax.models.Llama``) gets the
+    ``CayleyScopeHook`` of ``config.exec.cayley_scope`` (``poetjax.layers``).
     """
     if not isinstance(config, POETConfig):
         raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
-    exclude = tuple(config.exclude if exclude is None else exclude)
+    exclude = tuple(EXCLUDE if exclude is None else exclude)
     targets = [(p, m) for p, m in iter_modules(model, nnx.Linear) if not _is_excluded(p, exclude)]
     if not targets:
         raise ValueError(f"poetize found no nnx.Linear to convert (exclude={exclude})")
@@ -183,6 +190,7 @@ def poetize(model: nnx.Module, config: POETConfig, *, rngs: nnx.Rngs, exclude: S
             print(f"poetize: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
     if stacked:
         stream.count[...] = start + _POET_DRAWS * total
+    install_scope_hook(model, config)
     return model
 
 
@@ -251,7 +259,7 @@ def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, 
     """
     if not isinstance(config, POETConfig):
         raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
-    exclude = tuple(config.exclude if exclude is None else exclude)
+    exclude = tuple(EXCLUDE if exclude is None else exclude)
     model = nnx.eval_shape(make_model)
     targets = [(p, m) for p, m in iter_modules(model, nnx.Linear) if not _is_excluded(p, exclude)]
     if not targets:
@@ -272,4 +280,5 @@ def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, 
         set_child(model, path, new)
         if verbose:
             print(f"build_poetized: {_path_str(path)} ({lin.in_features}→{lin.out_features})")
+    install_scope_hook(model, config)
     return model

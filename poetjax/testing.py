@@ -11,8 +11,23 @@ Never loosen an entry to make a test pass: fix the code or explain the numerics.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
+
+from poetjax.config import VARIANTS, ExecConfig, POETConfig
+
+_EXEC_FIELDS = tuple(f.name for f in dataclasses.fields(ExecConfig))
+
+
+def poet_config(variant: str = "fast", **fields) -> POETConfig:
+    """The POETConfig of a named variant (``poetjax.config.VARIANTS``) with ``fields``; ExecConfig's fields
+    (impl, compute, …) may be given among them, for parametrized tests and benchmarks."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got variant={variant!r}")
+    exec_fields = {k: fields.pop(k) for k in _EXEC_FIELDS if k in fields}
+    return POETConfig(**VARIANTS[variant], **fields, exec=ExecConfig(**exec_fields))
 
 _TABLE = {
     # dtype      value   grad    same

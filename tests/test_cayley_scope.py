@@ -12,7 +12,7 @@ import poetjax as pj
 from poetjax import cayley
 from poetjax.layers import compute_rotations, shared_rotations
 from poetjax.models import Llama, LlamaConfig, stack_layers
-from poetjax.testing import assert_close
+from poetjax.testing import assert_close, poet_config
 from poetjax.train.steps import loss_fn, split_model
 
 from _reference import randomize_generators
@@ -64,7 +64,7 @@ def test_rotation_group_equals_separate_maps_with_leading_axes_and_mixed_block_s
 def _model(scope, *, scan, remat="none", variant="fast"):
     cfg = LlamaConfig(**{**CFG.__dict__, "remat": remat})
     model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
-    pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, cayley_scope=scope, impl="xla",
+    pj.poetize(model, poet_config(block_size=8, variant=variant, cayley_scope=scope, impl="xla",
                                     cayley_precision="highest"),
                rngs=nnx.Rngs(params=jax.random.key(1)))
     randomize_generators(model, 0.3)
@@ -125,7 +125,7 @@ def test_shared_rotations_are_the_layers_own_and_provided_ones_are_used():
     assert set(rots) == {"attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj",
                          "mlp/up_proj", "mlp/down_proj"}
     lay = block.attn.q_proj
-    own_in, own_out = lay.rotation_blocks(precision=lay.config.cayley_precision)
+    own_in, own_out = lay.rotation_blocks(precision=lay.config.exec.cayley_precision)
     assert_close(rots["attn/q_proj"][0], own_in, jnp.float32, "same", what="R_in")
     assert_close(rots["attn/q_proj"][1], own_out, jnp.float32, "same", what="R_out")
     y = lay(x)
@@ -153,7 +153,7 @@ def test_fs_layers_map_their_own_blocks_under_any_scope():
     losses = []
     for scope in ("linear", "model"):
         model = Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))
-        pj.poetize(model, pj.POETConfig(block_size=0.5, variant="fs", cayley_scope=scope),
+        pj.poetize(model, poet_config(block_size=0.5, variant="fs", cayley_scope=scope),
                    rngs=nnx.Rngs(params=jax.random.key(1)))
         assert compute_rotations(model) == {}
         losses.append(_loss_and_grads(model, tokens)[0])
@@ -162,7 +162,7 @@ def test_fs_layers_map_their_own_blocks_under_any_scope():
 
 def test_cayley_scope_is_validated():
     with pytest.raises(ValueError, match="cayley_scope must be one of .*got cayley_scope='layers'"):
-        pj.POETConfig(cayley_scope="layers")
+        poet_config(cayley_scope="layers")
 
 
 def test_auto_scope_is_model_only_for_float_fast():
@@ -170,8 +170,30 @@ def test_auto_scope_is_model_only_for_float_fast():
     got = {}
     for variant in ("fast", "mem", "xq", "xq_mem"):
         model = Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))
-        pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, quant_group_size=8),
+        pj.poetize(model, poet_config(block_size=8, variant=variant, quant_group_size=8),
                    rngs=nnx.Rngs(params=jax.random.key(1)))
         got[variant] = cayley_scope(model)
     assert got == {"fast": "model", "mem": "block", "xq": "block", "xq_mem": "block"}
     assert cayley_scope(Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))) == "linear"  # no POET layers
+
+
+def test_the_model_knows_nothing_of_poet_and_poetize_installs_the_hook():
+    """LLaMA imports no POET module; its generic ``block_hook`` slot is empty until ``poetize`` (or
+    ``build_poetized``) fills it with the configured scope, and "linear" leaves it empty."""
+    import ast
+    import inspect
+
+    from poetjax.layers import CayleyScopeHook
+    from poetjax.models import llama
+
+    tree = ast.parse(inspect.getsource(llama))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.startswith("poetjax") and not m.startswith("poetjax.models")}
+    model = Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0)))
+    assert model.block_hook is None
+    pj.poetize(model, poet_config(block_size=8, cayley_scope="block"), rngs=nnx.Rngs(params=jax.random.key(1)))
+    assert model.block_hook == CayleyScopeHook("block")
+    built = pj.build_poetized(lambda: Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0))),
+                              poet_config(block_size=8, cayley_scope="linear"), key=jax.random.key(1))
+    assert built.block_hook is None

@@ -60,9 +60,9 @@ def test_garbage_meta_is_refused(run_copy, data_cache):
 
 def test_checkpoint_of_a_different_config_is_refused(run_copy, data_cache):
     with pytest.raises(CheckpointError, match=r"different run config — model.hidden_size: 64 \(checkpoint\) vs 32"):
-        run(_cfg(run_copy, data_cache, "model.hidden_size=32", "optimizer.block_size=8"))
-    with pytest.raises(CheckpointError, match=r"optimizer.merge_interval: 10 \(checkpoint\) vs 7"):
-        run(_cfg(run_copy, data_cache, "optimizer.merge_interval=7"))
+        run(_cfg(run_copy, data_cache, "model.hidden_size=32", "poet.block_size=8"))
+    with pytest.raises(CheckpointError, match=r"poet.merge_interval: 10 \(checkpoint\) vs 7"):
+        run(_cfg(run_copy, data_cache, "poet.merge_interval=7"))
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         run(_cfg(run_copy, data_cache, "checkpoint.resume=false"))
     with pytest.raises(CheckpointError, match=r"resume_step=25 .* later steps \[30\]"):

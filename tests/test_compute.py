@@ -10,7 +10,7 @@ from flax import nnx
 
 import poetjax as pj
 from poetjax import ops
-from poetjax.testing import assert_close
+from poetjax.testing import assert_close, poet_config
 
 from _reference import dense_effective, grads_against_dense
 
@@ -25,8 +25,8 @@ def _float32_exact_matmuls():
 
 
 def _layer(n, m, k, *, variant="fast", compute="weight", dtype=None, seed=0):
-    cfg = pj.POETConfig(block_size=k, variant=variant, init="keep", compute=compute, quant_group_size=8,
-                        cayley_precision="highest")  # float32-exact on a GPU too
+    cfg = poet_config(variant, block_size=k, init="keep", compute=compute, quant_group_size=8,
+                      cayley_precision="highest")  # float32-exact on a GPU too
     kernel = jax.random.normal(jax.random.key(seed + 100), (n, m)) / np.sqrt(n)
     lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(seed), kernel=kernel, dtype=dtype)
     lay.theta_in[...] = 0.1 * jax.random.normal(jax.random.key(seed + 1), lay.theta_in.shape)
@@ -76,25 +76,30 @@ def test_weight_and_activations_agree_in_bf16_and_weight_never_rotates_activatio
     assert calls == [(n, m)]  # one block product on the (Np, Mp) weight (plus the R_in einsum), none on x
 
 
-def test_auto_compute_rule_and_errors(monkeypatch):
+def test_auto_compute_rule_and_errors():
     ratio = ops.WEIGHT_TOKENS_PER_WIDTH
-    assert ops.resolve_compute("auto", ratio * 100, 100, 60, "mem") == "weight"
-    assert ops.resolve_compute("auto", ratio * 100 - 1, 100, 60, "mem") == "activations"
-    assert ops.resolve_compute("auto", ratio * 100 - 1, 60, 100, "mem") == "activations"
-    assert ops.resolve_compute("auto", 10 ** 9, 100, 60, "fast") == "activations"
-    assert ops.resolve_compute("activations", 10 ** 9, 8, 8, "mem") == "activations"
-    assert ops.resolve_compute("weight", 1, 8, 8) == "weight"
-    with pytest.raises(ValueError, match="compute must be one of .*got compute='dense'"):
-        ops.resolve_compute("dense", 1, 8, 8)
+
+    def body(compute, tokens, n, m, memory="fast"):
+        return ops.resolve_plan(pj.ExecConfig(impl="xla", compute=compute), memory=memory, block_size=8,
+                                tokens=tokens, n=n, m=m).body
+
+    assert body("auto", ratio * 100, 100, 60, "mem") == "weight"
+    assert body("auto", ratio * 100 - 1, 100, 60, "mem") == "xla"
+    assert body("auto", ratio * 100 - 1, 60, 100, "mem") == "xla"
+    assert body("auto", 10 ** 9, 100, 60, "fast") == "xla"
+    assert body("auto", 0, 100, 60, "mem") == "xla"  # tokens unknown (the Cayley map's plan)
+    assert body("activations", 10 ** 9, 8, 8, "mem") == "xla"
+    assert body("weight", 1, 8, 8) == "weight"
     with pytest.raises(ValueError, match="compute must be one of .*got compute='w'"):
-        pj.POETConfig(compute="w")
-    assert pj.POETConfig().compute == "activations"  # POET-X unless asked
-    # the layer decides from its input's token count: many tokens per feature form W_eff (mem flavour)
+        pj.ExecConfig(compute="w")
+    with pytest.raises(ValueError, match="memory must be one of .*got memory='slow'"):
+        ops.resolve_plan(pj.ExecConfig(), memory="slow", block_size=8)
+    assert pj.POETConfig().exec.compute == "activations"  # POET-X unless asked
+    # the layer decides from its input's token count: many tokens per feature form W_eff (mem memory mode)
     seen = []
-    real = ops.resolve_compute
-    monkeypatch.setattr(ops, "resolve_compute", lambda *a: seen.append(real(*a)) or seen[-1])
     for variant in ("mem", "xq_mem", "fast"):
         lay = _layer(16, 16, 8, compute="auto", variant=variant)
-        lay(jnp.ones((2, 16)))
-        lay(jnp.ones((ratio * 16, 16)))
-    assert seen == ["activations", "weight", "activations", "weight", "activations", "activations"]
+        seen += [lay.plan(2).body, lay.plan(ratio * 16).body]
+        assert_close(lay(jnp.ones((ratio * 16, 16))), jnp.ones((ratio * 16, 16)) @ lay.effective_kernel(),
+                     jnp.float32, what=f"{variant} auto-compute output")
+    assert seen == ["xla", "weight", "xla", "weight", "xla", "xla"]

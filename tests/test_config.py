@@ -13,10 +13,12 @@ import poetjax as pj
     ({"merge_interval": 0}, "merge_interval=0"),
     ({"merge_interval": -1}, "merge_interval=-1"),
     ({"init": "gaussian"}, "init='gaussian'"),
-    ({"variant": "slow"}, "variant='slow'"),
+    ({"family": "ps"}, "family='ps'"),
+    ({"memory": "slow"}, "memory='slow'"),
+    ({"base": "int4"}, "base='int4'"),
     ({"cayley": "pade"}, "cayley='pade'"),
     ({"num_terms": 0}, "num_terms=0"),
-    ({"poet_scale": 0.0}, "poet_scale=0.0"),
+    ({"init_std": 0.0}, "init_std=0.0"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):
@@ -36,5 +38,11 @@ def test_wrong_feature_size():
         layer(jnp.ones((2, 5, 33)))
 
 
-def test_exclude_accepts_a_single_string():
-    assert pj.POETConfig(exclude="head").exclude == ("head",)
+def test_exec_fields_are_checked_and_replace_takes_a_dict():
+    with pytest.raises(ValueError, match=r"cayley_scope must be one of .*got cayley_scope='layers'"):
+        pj.ExecConfig(cayley_scope="layers")
+    with pytest.raises(TypeError, match="exec must be an ExecConfig, got dict"):
+        pj.POETConfig(exec={"impl": "xla"})
+    cfg = pj.POETConfig().replace(block_size=64, exec={"impl": "xla"})
+    assert cfg.block_size == 64 and cfg.exec == pj.ExecConfig(impl="xla")
+    assert pj.POETConfig(memory="mem", base="uint8").label == "POET-XQ mem"

@@ -35,7 +35,7 @@ POET_BUILD_LAYERS = 8
 def _poet_formula(cfg) -> int:
     """Σ over the seven projections of every layer of the free generator entries per side: (B−1)·K(K−1)/2
     + tail(tail−1)/2, i.e. (m + n)(b − 1)/2 when b divides both dimensions (POET spec §3.2)."""
-    h, f, b = cfg.model.hidden_size, cfg.model.intermediate_size, cfg.optimizer.block_size
+    h, f, b = cfg.model.hidden_size, cfg.model.intermediate_size, cfg.poet.block_size
     side = lambda d: block_layout(d, b).num_params
     per_layer = 4 * (side(h) + side(h)) + 2 * (side(h) + side(f)) + (side(f) + side(h))
     return cfg.model.num_layers * per_layer
@@ -78,7 +78,7 @@ def test_config_builds_abstractly_with_spec_parameter_counts(path):
 
 def test_llama_60m_poet_b256_has_9_66M_generator_parameters():
     cfg = load_config(os.path.join(ROOT, "configs", "llama_60m.yaml"))
-    assert cfg.optimizer.block_size == 256
+    assert cfg.poet.block_size == 256
     model = nnx.eval_shape(lambda: build_model(cfg))
     n = count_params(model, pj.Generator)
     assert n == 8 * (4 * (512 + 512) + 3 * (512 + 1280)) * 255 // 2 == _poet_formula(cfg)
@@ -96,7 +96,47 @@ def test_defaults_are_the_default_job():
     cfg = load_config()
     assert cfg == RunConfig()
     assert cfg.data.source == "data/tinyshakespeare" and cfg.optimizer.name == "poet"
-    assert cfg.poet.block_size == cfg.optimizer.block_size and cfg.poet.init_std == cfg.model.init_std
+    assert (cfg.poet.block_size, cfg.poet.merge_interval) == (32, 100)  # the small default model's
+    assert cfg.poet.init_std == cfg.model.init_std
+
+
+def test_a_partial_poet_section_keeps_the_run_defaults(tmp_path):
+    path = _write(tmp_path, "p.yaml", "poet:\n  memory: mem\n  exec:\n    impl: xla\n")
+    cfg = load_config(path, ["poet.exec.cayley_scope=block"])
+    assert (cfg.poet.block_size, cfg.poet.merge_interval, cfg.poet.memory) == (32, 100, "mem")
+    assert cfg.poet.exec == pj.ExecConfig(impl="xla", cayley_scope="block")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optimizer.block_size=64", r"'optimizer.block_size' has moved: use poet.block_size"),
+    ("optimizer.impl=xla", r"'optimizer.impl' has moved: use poet.exec.impl"),
+    ("optimizer.cayley_scope=block", r"'optimizer.cayley_scope' has moved: use poet.exec.cayley_scope"),
+    ("optimizer.variant=xq_mem", r"'optimizer.variant' has moved: .*xq_mem is poet.memory=mem poet.base=uint8"),
+    ("optimizer.layout=tokens", r"'optimizer.layout' was removed: the activation layout follows from"),
+])
+def test_an_old_key_names_its_new_place(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_a_checkpoint_config_of_the_old_layout_reads_as_the_same_run():
+    """Configs saved before the POET fields moved (optimizer.block_size, variant, layout, …) compare equal
+    to the same run in today's layout, and a real difference is still found, under its new key."""
+    from poetjax.run_config import diff_saved, migrate_saved
+
+    cfg = load_config(None, ["poet.block_size=16", "poet.memory=mem", "poet.base=uint8",
+                             "poet.quant_group_size=32", "poet.exec.impl=xla"])
+    old = cfg.to_dict()
+    opt = dict(old["optimizer"])
+    opt.update(block_size=16, merge_interval=100, variant="xq_mem", num_terms=3, cayley="neumann",
+               cayley_precision="default", init="normalized", impl="xla", layout="auto", cayley_scope="auto",
+               compute="activations", quant_group_size=32, perm_chunk=1)
+    old = {k: v for k, v in old.items() if k != "poet"}
+    old["optimizer"] = opt
+    assert diff_saved(old, cfg) == []
+    assert migrate_saved(old)["poet"]["init_std"] == cfg.model.init_std
+    opt["merge_interval"] = 50
+    assert diff_saved(old, cfg) == [("poet.merge_interval", 50, 100)]
 
 
 def test_yaml_base_chain_and_overrides(tmp_path):
@@ -117,8 +157,8 @@ def test_yaml_base_chain_and_overrides(tmp_path):
     (["train.steps=1.5"], r"train.steps: expected an integer"),
     (["checkpoint.resume=maybe"], r"checkpoint.resume: expected true or false"),
     (["optimizer.name=sgd"], r"optimizer: name must be one of"),
-    (["optimizer.block_size=512"], r"optimizer.block_size=512 does not fit the model"),
-    (["optimizer.block_size=0"], r"block_size must be a positive int"),
+    (["poet.block_size=512"], r"poet.block_size=512 does not fit the model"),
+    (["poet.block_size=0"], r"block_size must be a positive int"),
     (["model.num_heads=5"], r"model: hidden_size=128 is not divisible by num_heads=5"),
     (["data.seq_len=4096"], r"data.seq_len=4096 exceeds model.max_seq_len"),
     (["train.batch_size=10", "train.microbatches=3"], r"batch_size=10 is not divisible by microbatches=3"),

@@ -38,7 +38,7 @@ def test_bs_ragged_single_coordinate_block_is_never_rotated():
 
 @pytest.mark.parametrize("n,m,block_size", [(128, 96, 0.25), (64, 64, 0.5)])
 def test_fs_coverage_is_uneven_with_the_expected_mean(n, m, block_size):
-    lay = _layer(n, m, variant="fs", block_size=block_size)
+    lay = _layer(n, m, family="fs", block_size=block_size)
     ki, ko = lay.layout_in.size, lay.layout_out.size
     cov = _np(coverage.coverage_run(lay, MERGES, jax.random.key(2)))
     np.testing.assert_array_equal(cov.touches, cov.rows[:, None] + cov.cols[None, :])
@@ -63,7 +63,7 @@ def test_fs_coverage_is_uneven_with_the_expected_mean(n, m, block_size):
 
 
 def test_touched_rows_and_cols_are_the_fs_subsets():
-    lay = _layer(40, 30, variant="fs", block_size=0.25)
+    lay = _layer(40, 30, family="fs", block_size=0.25)
     s_in, s_out = fs.index_subsets(lay.perms, lay.layout_in.size, lay.layout_out.size)
     rows = np.zeros(40, bool)
     rows[np.asarray(s_in)] = True
@@ -76,7 +76,7 @@ def test_touched_rows_and_cols_are_the_fs_subsets():
 
 
 def test_coverage_run_leaves_the_layer_alone_and_checks_arguments():
-    lay = _layer(16, 12, variant="fs", block_size=0.5)
+    lay = _layer(16, 12, family="fs", block_size=0.5)
     before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(lay)))
     coverage.coverage_run(lay, 3, jax.random.key(0))
     after = nnx.to_pure_dict(nnx.state(lay))

@@ -14,7 +14,7 @@ from flax import nnx
 import poetjax as pj
 from poetjax import fs
 from poetjax.cayley import block_layout, rotations
-from poetjax.testing import assert_close, rel_err
+from poetjax.testing import assert_close, rel_err, poet_config
 
 from _reference import poly, skew_scatter
 from test_layer import _layer
@@ -126,7 +126,7 @@ def test_fs_merge_preserves_output_and_draws_new_subsets(use_bias):
 
 def test_fs_subset_sizes_per_side():
     def sizes(n, m, b):
-        cfg = pj.POETConfig(variant="fs", block_size=b)
+        cfg = poet_config(variant="fs", block_size=b)
         lay = nnx.eval_shape(lambda: pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(0)))  # shapes only
         assert lay.w0.shape == (n, m) and lay.perm_in.shape == lay.perm_in_inv.shape == (n,)
         assert lay.theta_in.shape == (1, lay.layout_in.size * (lay.layout_in.size - 1) // 2)
@@ -142,15 +142,17 @@ def test_fs_subset_sizes_per_side():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"block_size": 0.5}, r"only defined for variant='fs'.*block_size=0.5 with variant='fast'"),
-    ({"block_size": 0.5, "variant": "mem"}, r"block_size=0.5 with variant='mem'"),
-    ({"block_size": 1.5, "variant": "fs"}, r"in \(0, 1\], got block_size=1.5"),
-    ({"block_size": 0.0, "variant": "fs"}, r"in \(0, 1\], got block_size=0.0"),
-    ({"block_size": -0.25, "variant": "fs"}, r"block_size=-0.25"),
-    ({"block_size": float("nan"), "variant": "fs"}, r"block_size=nan"),
-    ({"block_size": 0, "variant": "fs"}, r"block_size=0"),
-    ({"block_size": 2.0, "variant": "fs"}, r"in \(0, 1\], got block_size=2.0"),
-    ({"block_size": True, "variant": "fs"}, r"block_size=True"),
+    ({"block_size": 0.5}, r"only defined for family='fs'.*block_size=0.5 with family='bs'"),
+    ({"block_size": 0.5, "memory": "mem"}, r"block_size=0.5 with family='bs'"),
+    ({"block_size": 0.5, "family": "fs", "memory": "mem"}, r"memory='mem' is only defined for family='bs'"),
+    ({"block_size": 0.5, "family": "fs", "base": "uint8"}, r"base='uint8' is only defined for family='bs'"),
+    ({"block_size": 1.5, "family": "fs"}, r"in \(0, 1\], got block_size=1.5"),
+    ({"block_size": 0.0, "family": "fs"}, r"in \(0, 1\], got block_size=0.0"),
+    ({"block_size": -0.25, "family": "fs"}, r"block_size=-0.25"),
+    ({"block_size": float("nan"), "family": "fs"}, r"block_size=nan"),
+    ({"block_size": 0, "family": "fs"}, r"block_size=0"),
+    ({"block_size": 2.0, "family": "fs"}, r"in \(0, 1\], got block_size=2.0"),
+    ({"block_size": True, "family": "fs"}, r"block_size=True"),
 ])
 def test_fs_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -159,13 +161,13 @@ def test_fs_config_errors(kwargs, match):
 
 def test_fs_layer_size_errors():
     with pytest.raises(ValueError, match=r"block_size=64 is larger than in_features=32"):
-        pj.POETLinear(32, 128, config=pj.POETConfig(variant="fs", block_size=64), rngs=nnx.Rngs(0))
+        pj.POETLinear(32, 128, config=poet_config(variant="fs", block_size=64), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"block_size=0.01 of out_features=20 rounds to 0 coordinate"):
-        pj.POETLinear(200, 20, config=pj.POETConfig(variant="fs", block_size=0.01), rngs=nnx.Rngs(0))
+        pj.POETLinear(200, 20, config=poet_config(variant="fs", block_size=0.01), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"block_size=0.5 of out_features=2 rounds to 1 coordinate"):
-        pj.POETLinear(64, 2, config=pj.POETConfig(variant="fs", block_size=0.5), rngs=nnx.Rngs(0))
+        pj.POETLinear(64, 2, config=poet_config(variant="fs", block_size=0.5), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"at least 2 coordinates to rotate, got block_size=1"):
-        pj.POETLinear(8, 8, config=pj.POETConfig(variant="fs", block_size=1), rngs=nnx.Rngs(0))
+        pj.POETLinear(8, 8, config=poet_config(variant="fs", block_size=1), rngs=nnx.Rngs(0))
 
 
 class LlamaShapes(nnx.Module):
@@ -180,7 +182,7 @@ class LlamaShapes(nnx.Module):
 
 
 def test_fs_param_count_llama60m_is_8_54m():
-    cfg = pj.POETConfig(variant="fs", block_size=0.5)
+    cfg = poet_config(variant="fs", block_size=0.5)
 
     def build():
         return pj.poetize(LlamaShapes(nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))

@@ -126,7 +126,7 @@ def test_transformers_checkpoint_gives_transformers_logits(name, kv_heads, tied)
 def test_poet_keep_starts_from_the_imported_function(tmp_path):
     folder = os.path.join(FIXTURES, "hf_llama_gqa_tied")
     ids, expected = np.load(os.path.join(folder, "input_ids.npy")), np.load(os.path.join(folder, "logits.npy"))
-    cfg = load_config(None, [f"model.init_from=hf:{folder}", "optimizer.init=keep", "optimizer.block_size=16",
+    cfg = load_config(None, [f"model.init_from=hf:{folder}", "poet.init=keep", "poet.block_size=16",
                              "data.seq_len=32"])
     m = cfg.model  # the shape came from the checkpoint's config.json
     assert (m.hidden_size, m.num_layers, m.num_kv_heads, m.tie_embeddings, m.vocab_size) == (32, 2, 2, True, 64)
@@ -143,12 +143,12 @@ def test_poet_keep_starts_from_the_imported_function(tmp_path):
 def test_init_from_config_errors_name_the_field():
     folder = os.path.join(FIXTURES, "hf_llama_mha")
     with pytest.raises(ConfigError, match=r"model.hidden_size=64 does not match .* \(32 in .*config.json\)"):
-        load_config(None, [f"model.init_from=hf:{folder}", "optimizer.init=keep", "model.hidden_size=64",
+        load_config(None, [f"model.init_from=hf:{folder}", "poet.init=keep", "model.hidden_size=64",
                            "data.seq_len=32"])
-    with pytest.raises(ConfigError, match="optimizer.init='normalized' would replace the weights of model.init_from"):
+    with pytest.raises(ConfigError, match="poet.init='normalized' would replace the weights of model.init_from"):
         load_config(None, [f"model.init_from=hf:{folder}", "data.seq_len=32"])
     with pytest.raises(ConfigError, match="model.init_from='hf:nowhere': nowhere: no such folder"):
-        load_config(None, ["model.init_from=hf:nowhere", "optimizer.init=keep"])
+        load_config(None, ["model.init_from=hf:nowhere", "poet.init=keep"])
     cfg = load_config(None, [f"model.init_from=hf:{folder}", "optimizer.name=adamw", "model.max_seq_len=32",
                              "data.seq_len=32"])  # max_seq_len may be chosen; adamw needs no init
     assert (cfg.model.max_seq_len, cfg.model.hidden_size) == (32, 32)

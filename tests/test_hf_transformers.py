@@ -58,8 +58,8 @@ def test_trained_run_exported_with_export_hf_loads_and_generates_in_transformers
 
     # float32-exact POET products on a GPU too (XLA path, no TF32 pass in the Cayley series), so the trained
     # model and transformers can be held to the float32 tolerance
-    overrides = ["name=hf", "train.steps=40", "logging.diagnostics_interval=0", "optimizer.impl=xla",
-                 "optimizer.cayley_precision=highest"]
+    overrides = ["name=hf", "train.steps=40", "logging.diagnostics_interval=0", "poet.exec.impl=xla",
+                 "poet.exec.cayley_precision=highest"]
     cfg = tiny(tmp_path, data_cache, *overrides)
     run(cfg)
     out = str(tmp_path / "hf_export")

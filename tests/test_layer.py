@@ -8,7 +8,7 @@ from flax import nnx
 
 import poetjax as pj
 from poetjax import ops
-from poetjax.testing import assert_close, rel_err, tolerance
+from poetjax.testing import assert_close, poet_config, rel_err, tolerance
 
 from _reference import dense_effective, grads_against_dense
 
@@ -16,7 +16,7 @@ SHAPES = [(32, 48, 16), (64, 64, 32), (40, 50, 16), (24, 17, 8), (48, 20, 20)]  
 
 
 def _layer(n, m, k, *, use_bias=False, variant="fast", seed=0, scale=0.1, kernel=None, init="keep"):
-    cfg = pj.POETConfig(block_size=k, variant=variant, init=init)
+    cfg = poet_config(variant, block_size=k, init=init)
     if kernel is None:
         kernel = jax.random.normal(jax.random.key(seed + 100), (n, m)) / np.sqrt(n)
     lay = pj.POETLinear(n, m, config=cfg, use_bias=use_bias, rngs=nnx.Rngs(seed), kernel=kernel)
@@ -69,7 +69,8 @@ def test_mem_variant_saves_no_activation_sized_residual():
     x = jax.random.normal(jax.random.key(0), (t, n))
 
     def residual_sizes(variant):
-        f = lambda x, a, b: ops.poet_x_linear(x, lay.w0[...], a, b, lay.perms, variant=variant)
+        plan = ops.resolve_plan(pj.ExecConfig(impl="xla"), memory=variant, block_size=k, tokens=t, n=n, m=m)
+        f = lambda x, a, b: ops.poet_x_linear(x, lay.w0[...], a, b, lay.perms, plan)
         _, vjp = jax.vjp(f, x, r_in, r_out)
         return sorted(int(np.prod(l.shape)) for l in jax.tree.leaves(vjp) if hasattr(l, "shape"))
 
@@ -120,30 +121,29 @@ def test_generator_param_count():
     assert lay.num_generator_params == (2 * p16 + p8) + (3 * p16 + p2)
 
 
-@pytest.mark.parametrize("impl,layout,c,k", [("xla", "tokens", 4, 16), ("xla", "features", 4, 16),
-                                             ("pallas", "features", 4, 16), ("pallas", "tokens", 16, 32),
-                                             ("pallas", "auto", 16, 32)])
-def test_chunked_permutations_layer_matches_dense_and_survives_a_merge(impl, layout, c, k):
+@pytest.mark.parametrize("impl,body,c,k", [("xla", "xla", 4, 16), ("pallas", "pallas_features", 4, 16),
+                                           ("pallas", "pallas_tokens", 16, 32)])
+def test_chunked_permutations_layer_matches_dense_and_survives_a_merge(impl, body, c, k):
     """perm_chunk=c: the layer still equals x @ W_eff of the dense reference (forward and gradients), on
-    every path — with c=16 the token-major Pallas kernels index one run per tile, and "auto" picks them —
+    every path — with c=16 the plan runs the token-major Pallas kernels, which index one run per tile —
     and a merge (which redraws chunked permutations) leaves its output unchanged."""
     n, m = 64, 48
-    cfg = pj.POETConfig(block_size=k, init="keep", perm_chunk=c, impl=impl, layout=layout,
-                        cayley_precision="highest")
+    cfg = poet_config(block_size=k, init="keep", perm_chunk=c, impl=impl, cayley_precision="highest")
     w0 = jax.random.normal(jax.random.key(100), (n, m)) / np.sqrt(n)
     lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(0), kernel=w0, precision=jax.lax.Precision.HIGHEST)
     lay.theta_in[...] = 0.1 * jax.random.normal(jax.random.key(1), lay.theta_in.shape)
     lay.theta_out[...] = 0.1 * jax.random.normal(jax.random.key(2), lay.theta_out.shape)
+    assert lay.plan(24).body == body
     runs = np.asarray(lay.perm_in[...]).reshape(-1, c)
     assert (np.diff(runs, axis=1) == 1).all()
     x = jax.random.normal(jax.random.key(8), (4, 6, n))
     g = jax.random.normal(jax.random.key(9), (4, 6, m))
     grads_against_dense(lay, lambda gens: dense_effective(gens["theta_in"][...], gens["theta_out"][...], w0,
                                                           lay.perm_in[...], lay.perm_out[...], k),
-                        x, g, what=f"chunked {impl}/{layout}")
+                        x, g, what=f"chunked {body}")
     y0 = lay(x)
     dense = dense_effective(lay.theta_in[...], lay.theta_out[...], w0, lay.perm_in[...], lay.perm_out[...], k)
-    assert_close(y0, x @ dense, jnp.float32, what=f"chunked {impl}/{layout} forward vs dense")
+    assert_close(y0, x @ dense, jnp.float32, what=f"chunked {body} forward vs dense")
     before = np.asarray(lay.perm_in[...])
     pj.merge(nnx.Sequential(lay), jax.random.key(42))
     assert not np.array_equal(np.asarray(lay.perm_in[...]), before)
@@ -158,7 +158,7 @@ def test_perm_chunk_from_the_run_config_reaches_every_layer(tmp_path):
     from poetjax.train.steps import build_model
 
     tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
-    model = build_model(load_config(tiny, ["optimizer.perm_chunk=4"]))
+    model = build_model(load_config(tiny, ["poet.perm_chunk=4"]))
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, pj.POETLinear)]
     assert layers
     for lay in layers:
@@ -166,14 +166,14 @@ def test_perm_chunk_from_the_run_config_reaches_every_layer(tmp_path):
         perm = np.asarray(lay.perm_in[...])
         assert (np.diff(perm.reshape(*perm.shape[:-1], -1, 4), axis=-1) == 1).all()
     with pytest.raises(ValueError, match="perm_chunk must be a positive int"):
-        load_config(tiny, ["optimizer.perm_chunk=0"])
+        load_config(tiny, ["poet.perm_chunk=0"])
 
 
 def test_perm_chunk_errors_name_the_values():
     with pytest.raises(ValueError, match="perm_chunk must be a positive int, got perm_chunk=0"):
         pj.POETConfig(perm_chunk=0)
-    with pytest.raises(ValueError, match="perm_chunk=4 is only defined for block variants"):
-        pj.POETConfig(perm_chunk=4, variant="fs", block_size=0.5)
+    with pytest.raises(ValueError, match="perm_chunk=4 is only defined for family='bs'"):
+        pj.POETConfig(perm_chunk=4, family="fs", block_size=0.5)
     with pytest.raises(ValueError, match="perm_chunk=8 does not divide out_features=20"):
         pj.POETLinear(32, 20, config=pj.POETConfig(block_size=16, perm_chunk=8), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="perm_chunk=8 does not divide block_size=12"):

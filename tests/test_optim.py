@@ -47,7 +47,7 @@ def test_labels_by_type_and_by_name():
 
 
 # POET-BS (the default) and POET-FS at b = 1/2: the same training loop must work for both.
-VARIANTS = {"bs": {}, "fs": {"variant": "fs", "block_size": 0.5}}
+VARIANTS = {"bs": {}, "fs": {"family": "fs", "block_size": 0.5}}
 
 
 def _setup(merge_interval=4, lr=1e-2, **fields):

@@ -7,6 +7,7 @@ import pytest
 
 from poetjax import ops
 from poetjax.cayley import block_layout, packed_from_skew, rotations, skew_from_packed
+from poetjax.config import ExecConfig
 from poetjax.perms import input_permutation, output_permutation
 from poetjax.testing import assert_close
 
@@ -41,8 +42,10 @@ def test_sorting_inside_blocks_is_a_relabeling():
     w_s = jax.random.normal(keys[4], (lin.padded, lout.padded))
     x = jax.random.normal(keys[5], (7, n))
 
+    plan = ops.resolve_plan(ExecConfig(impl="xla"), memory="fast", block_size=k)
+
     def layer(perms, w, t_in, t_out):
-        return ops.poet_x_linear(x, w, rotations(t_in, lin), rotations(t_out, lout), perms,
+        return ops.poet_x_linear(x, w, rotations(t_in, lin), rotations(t_out, lout), perms, plan,
                                  precision=jax.lax.Precision.HIGHEST)
 
     def relabel(theta, order):  # θ of Σᵀ Q Σ, block by block

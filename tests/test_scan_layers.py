@@ -13,7 +13,7 @@ from poetjax.diagnostics import PhaseProbe, model_diagnostics
 from poetjax.export import export_plain
 from poetjax.models import Llama, LlamaConfig, layer_view, stack_layers, unstack_layers
 from poetjax.surgery import build_poetized
-from poetjax.testing import assert_close
+from poetjax.testing import assert_close, poet_config
 from poetjax.train.steps import init_state, make_merge_step, make_train_step
 
 from _reference import randomize_generators
@@ -24,7 +24,7 @@ CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads
 def _poet_model(variant="fast", scan=False, remat="none"):
     cfg = LlamaConfig(**{**CFG.__dict__, "remat": remat})
     model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
-    pj.poetize(model, pj.POETConfig(block_size=8, variant=variant, quant_group_size=16),
+    pj.poetize(model, poet_config(block_size=8, variant=variant, quant_group_size=16),
                rngs=nnx.Rngs(params=jax.random.key(1)))
     randomize_generators(model, 0.2)  # non-trivial rotations
     return stack_layers(model) if scan else model
@@ -95,7 +95,7 @@ def test_merge_of_stacked_model_equals_merge_of_unstacked():
 
 
 def test_build_poetized_stacked_equals_unstacked_xq():
-    pcfg = pj.POETConfig(block_size=8, variant="xq", quant_group_size=16)
+    pcfg = poet_config(block_size=8, variant="xq", quant_group_size=16)
     key = jax.random.key(5)
     flat = build_poetized(lambda: Llama(CFG, rngs=nnx.Rngs(params=jax.random.key(0))), pcfg, key=key)
     scfg = LlamaConfig(**{**CFG.__dict__, "scan_layers": True})

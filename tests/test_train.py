@@ -417,12 +417,12 @@ def test_merges_compile_once_and_microbatches_give_the_same_update(tmp_path, dat
 
 def test_fs_variant_trains_from_the_script(tmp_path, data_cache, capsys):
     args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
-            "logging.progress=none", "optimizer.variant=fs", "optimizer.block_size=0.5", "train.steps=40"]
+            "logging.progress=none", "poet.family=fs", "poet.block_size=0.5", "train.steps=40"]
     assert cli_main(args) == 0
     rows = read_jsonl(os.path.join(tmp_path, "tiny", "metrics.jsonl"))
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] - 1.0
-    cfg = tiny(tmp_path, data_cache, "optimizer.variant=fs", "optimizer.block_size=0.5")
+    cfg = tiny(tmp_path, data_cache, "poet.family=fs", "poet.block_size=0.5")
     state = state_like(cfg)
     # one rotated half-size subset per side: θ_in of a 64→64 projection is (1, 32·31/2)
     q = state.params["layers"][0]["attn"]["q_proj"]["theta_in"]
@@ -436,7 +436,7 @@ def test_xq_variant_trains_from_the_script_like_float_poet(uninterrupted, tmp_pa
     this setting; XQ and float POET differ here both by quantization and by their W0 draws (XQ builds
     layer by layer from other keys, ``build_poetized``)."""
     args = ["--config", TINY, f"out_dir={tmp_path}", f"data.cache_dir={data_cache}", "logging.plot=false",
-            "logging.progress=none", "optimizer.variant=xq", "checkpoint.interval=100", *RESUME]
+            "logging.progress=none", "poet.base=uint8", "checkpoint.interval=100", *RESUME]
     assert cli_main(args) == 0
     rows = read_jsonl(os.path.join(tmp_path, "tiny", "metrics.jsonl"))
     xq = np.array([r["loss"] for r in rows if "loss" in r])
@@ -444,7 +444,7 @@ def test_xq_variant_trains_from_the_script_like_float_poet(uninterrupted, tmp_pa
     assert len(xq) == len(ref) == 30
     assert xq[-5:].mean() < xq[:5].mean() - 0.8 and ref[-5:].mean() < ref[:5].mean() - 0.8
     assert abs(xq[-5:].mean() - ref[-5:].mean()) < 0.1
-    state = state_like(tiny(tmp_path, data_cache, "optimizer.variant=xq"))
+    state = state_like(tiny(tmp_path, data_cache, "poet.base=uint8"))
     frozen = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.frozen)[0]}
     codes = [x for p, x in frozen.items() if p.endswith("['w0_codes']")]
     assert len(codes) == 7 * 2 and all(x.dtype == jnp.uint8 for x in codes)
@@ -475,7 +475,7 @@ def test_first_merge_compilation_is_not_counted_in_tokens_per_second(tmp_path, d
     monkeypatch.setattr(loop.sharded, "make_sharded_merge_step", slow_first)
     monkeypatch.setattr(Progress, "rate_sample", lambda self, n, dt: samples.append((n, dt)))
     monkeypatch.setattr(Progress, "message", lambda self, text: messages.append(text))
-    cfg = tiny(tmp_path, data_cache, "train.steps=12", "optimizer.merge_interval=5", "train.log_interval=3",
+    cfg = tiny(tmp_path, data_cache, "train.steps=12", "poet.merge_interval=5", "train.log_interval=3",
                "train.eval_interval=0", "checkpoint.interval=0", "logging.diagnostics_interval=0",
                "logging.progress=lines")
     run(cfg)

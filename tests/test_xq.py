@@ -10,7 +10,7 @@ import poetjax as pj
 from poetjax import ops, quant
 from poetjax.models.llama import Llama, LlamaConfig
 from poetjax.surgery import build_poetized
-from poetjax.testing import assert_close, rel_err, tolerance
+from poetjax.testing import assert_close, rel_err, tolerance, poet_config
 
 EPS32 = 2.0 ** -24  # unit roundoff of float32
 
@@ -62,13 +62,13 @@ def test_bad_group_sizes_are_named():
     with pytest.raises(ValueError, match="stored in-dimension 96 .* quant_group_size=64; e.g. quant_group_size=32"):
         quant.quantize(jnp.zeros((96, 8)), 64)
     with pytest.raises(ValueError, match=r"POETLinear\(40→32, block_size=16\).*in-dimension 48.*quant_group_size=256"):
-        pj.POETLinear(40, 32, config=pj.POETConfig(block_size=16, variant="xq"), rngs=nnx.Rngs(0))
+        pj.POETLinear(40, 32, config=poet_config(block_size=16, variant="xq"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="quant_group_size must be a positive int"):
-        pj.POETConfig(variant="xq", quant_group_size=0)
+        poet_config(variant="xq", quant_group_size=0)
 
 
 def _layer(variant, n=80, m=48, k=16, group=16, impl="xla", seed=0):
-    cfg = pj.POETConfig(block_size=k, variant=variant, quant_group_size=group, impl=impl)
+    cfg = poet_config(block_size=k, variant=variant, quant_group_size=group, impl=impl)
     lay = pj.POETLinear(n, m, config=cfg, rngs=nnx.Rngs(seed))
     keys = jax.random.split(jax.random.key(seed + 1), 2)
     lay.theta_in[...] = 0.05 * jax.random.normal(keys[0], lay.theta_in.shape)
@@ -167,7 +167,7 @@ def _tiny_llama(seed=0):
 
 
 def test_streamed_build_converts_every_projection_and_keeps_the_rest():
-    config = pj.POETConfig(block_size=16, variant="xq", quant_group_size=64)
+    config = poet_config(block_size=16, variant="xq", quant_group_size=64)
     model = build_poetized(_tiny_llama, config, key=jax.random.key(5))
     eager = _tiny_llama()
     layers = pj.poet_layers(model)

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from poetjax.layers import cayley_scope, compute_rotations, shared_rotations
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -236,18 +235,8 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
-def _block_runner(scope: str):
-    """run(block, x, cos, sin, rotations) for a ``cayley_scope``: "linear" lets every POET layer map its
-    own generators; "block" maps all of the block's in one call, inside the block (so inside its remat);
-    "model" uses ``rotations``, the block's slice of the blocks mapped once before the layers run."""
-
-    def run(block: Block, x, cos, sin, rotations):
-        if scope == "linear":
-            return block(x, cos, sin)
-        with shared_rotations(block, rotations if scope == "model" else None):
-            return block(x, cos, sin)
-
-    return run
+def _run_block(block: Block, x, cos, sin, aux):
+    return block(x, cos, sin)
 
 
 class Llama(nnx.Module):
@@ -267,6 +256,12 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
+        # An optional hook around the layer stack (None: none), e.g. installed by a reparameterization of the
+        # projections: ``prepare(layers)`` runs once before the layers, outside any remat and scan, and returns
+        # per-layer values (a list for list layers, arrays with a leading layer axis for stacked ones, or
+        # None); ``wrap(run)`` returns the function that runs one block, run(block, x, cos, sin, value).
+        # It must be hashable (it is part of the model's static structure).
+        self.block_hook = None
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         return self.forward_embeddings(self.embed(tokens_BxT))
@@ -277,27 +272,23 @@ class Llama(nnx.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = rope_tables(jnp.arange(t), self.cfg.head_dim, self.cfg.rope_theta)
-        scope = cayley_scope(self.layers)
-        run = _block_runner(scope)
+        hook = self.block_hook
+        run = _run_block if hook is None else hook.wrap(_run_block)
         if self.cfg.remat != "none":
             run = nnx.remat(run, policy=_remat_policy(self.cfg.remat))
-        # scope "model": every POET layer's rotation blocks from one Cayley map, before the layers run (for
-        # stacked layers: (L, …) blocks, sliced by the scan like the weights).
-        rotations = compute_rotations(self.layers) if scope == "model" else None
+        values = None if hook is None else hook.prepare(self.layers)
         x = x_BxTxD.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(x, xs):
-                state, rots = xs
-                return run(nnx.merge(graphdef, state), x, cos, sin, rots), None
+                state, value = xs
+                return run(nnx.merge(graphdef, state), x, cos, sin, value), None
 
-            x, _ = jax.lax.scan(body, x, (stacked, rotations))
+            x, _ = jax.lax.scan(body, x, (stacked, values))
         else:
             for i, block in enumerate(self.layers):
-                rots = None if rotations is None else {
-                    path.partition("/")[2]: r for path, r in rotations.items() if path.partition("/")[0] == str(i)}
-                x = run(block, x, cos, sin, rots)
+                x = run(block, x, cos, sin, None if values is None else values[i])
         if self.cfg.tie_embeddings:
             return self.embed.attend(self.norm(x))
         return self.lm_head(self.norm(x))

@@ -46,6 +46,7 @@ from poetjax.checkpoint import Checkpointer, CheckpointError
 from poetjax.data import BatchSampler, eval_windows, prepare_from_config, unigram_perplexity
 from poetjax.diagnostics import diagnostics_record
 from poetjax.run_config import ConfigError, RunConfig, diff_saved
+from poetjax.surgery import EXCLUDE
 from poetjax.train import sharded, steps as core
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
@@ -128,8 +129,7 @@ def _param_summary(state: core.TrainState, cfg: RunConfig) -> str:
            f"{cfg.model.num_heads} heads, vocab {cfg.model.vocab_size}); trainable {n_params / 1e6:.3f}M"
     if cfg.optimizer.name == "poet":
         text += (f" (POET generators + embedding/norms/lm_head), frozen W0 {n_frozen / 1e6:.3f}M; "
-                 f"POET-X {cfg.optimizer.variant}, block {cfg.optimizer.block_size}, "
-                 f"merge every {cfg.optimizer.merge_interval}")
+                 f"{cfg.poet.label}, block {cfg.poet.block_size}, merge every {cfg.poet.merge_interval}")
     else:
         text += f"; optimizer {cfg.optimizer.name}"
     return text
@@ -243,7 +243,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     metrics = MetricsLog(metrics_path if main else os.devnull, resume_step=start if resumed else None)
-    exclude = tuple(cfg.poet.exclude)  # layers left out of the "all" summary (lm_head: never a POET layer)
+    exclude = EXCLUDE  # layers left out of the "all" summary (lm_head: never a POET layer)
 
     # Diagnostics every diag_every steps, stretched to a multiple of it whenever the last call cost more than
     # logging.diagnostics_budget of the loop's time since the call before (see LoggingConfig).
@@ -275,7 +275,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     eval_step = sharded.make_sharded_eval_step(graphdef, shardings, mesh)
     poet = cfg.optimizer.name == "poet"
     merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
-    merge_interval = cfg.optimizer.merge_interval
+    merge_interval = cfg.poet.merge_interval
     tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
 
     def evaluate(max_batches: int) -> tuple[float, float]:
@@ -426,7 +426,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     result.val_loss, result.val_ppl = vl, vp
     if cfg.logging.plot and main:
         title = (f"{cfg.name}: LLaMA {cfg.model.num_layers}x{cfg.model.hidden_size}, {cfg.optimizer.name}"
-                 + (f" ({cfg.optimizer.variant}, b={cfg.optimizer.block_size})" if poet else "")
+                 + (f" ({cfg.poet.label}, b={cfg.poet.block_size})" if poet else "")
                  + f", {cfg.train.steps} steps")
         try:
             result.plot_path = plot_curves(metrics_path, os.path.join(run_dir, "curves.png"), title, unigram)

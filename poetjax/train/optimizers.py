@@ -58,6 +58,7 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     clip = o.max_grad_norm if o.max_grad_norm > 0 else None
     if o.name == "poet":
         return poet_optimizer(cfg.poet, sched["lr"], o.weight_decay, poet_learning_rate=sched["poet_lr"],
+                              poet_scale=o.poet_scale, b1=o.b1, b2=o.b2, eps=o.eps,
                               max_grad_norm=clip, clip_warmup_steps=o.clip_warmup_steps,
                               generator_mu_dtype=jnp.dtype(o.generator_moment_dtype))
     if o.name == "adamw":

@@ -14,6 +14,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 import poetjax as pj
+from poetjax.testing import poet_config
 from pallas_kernels import BlockMatmulConfig
 from pallas_kernels._common import TRITON_CALL_TARGET, lower_for_gpu
 
@@ -114,10 +115,13 @@ LAYER_TRITON_CALLS = {("tokens", "fast"): 11, ("tokens", "mem"): 13, ("features"
 @pytest.mark.parametrize("layout", ["tokens", "features"])
 @pytest.mark.parametrize("variant", ["fast", "mem"])
 def test_poet_layer_lowers_to_triton(variant, layout, monkeypatch):
-    """A whole POET layer with impl='pallas' and native kernels, forward and backward."""
+    """A whole POET layer with impl='pallas' and native kernels, forward and backward: token-major with
+    chunked permutations (runs of 16), feature-major with uniform ones."""
     monkeypatch.setattr(pk, "default_interpret", lambda: False)
-    cfg = pj.POETConfig(block_size=32, variant=variant, impl="pallas", layout=layout)
-    lay = pj.POETLinear(80, 100, config=cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    chunk = 16 if layout == "tokens" else 1
+    cfg = poet_config(variant, block_size=32, impl="pallas", perm_chunk=chunk)
+    lay = pj.POETLinear(80, 96, config=cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert lay.plan(100).body == f"pallas_{layout}"
     graphdef, gens, rest = nnx.split(lay, pj.Generator, ...)
 
     def loss(gens, x):
