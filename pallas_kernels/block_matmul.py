@@ -1,6 +1,6 @@
 """Fused permutation + block-diagonal rotation of activations (POET spec §5.1–5.2), Pallas/Triton.
 
-Legend: T tokens (leading dims flattened), K block size, B blocks, D = B·K; N input width, M output width.
+Legend: T tokens (leading dims flattened), K block size, J blocks, D = J·K; N input width, M output width.
 
     permuted_block_matmul(x, perm, r)            y = x[..., perm] · blockdiag(R)     (T, N) → (T, D)
     block_matmul_permuted(h, perm, r, inv_perm)  y = (h · blockdiag(R))[..., perm]   (T, D) → (T, M)
@@ -84,24 +84,24 @@ _F32_PRECISION = "tf32x3"
 # References (plain jnp; also what the tests differentiate)
 # ----------------------------------------------------------------------------------------------
 
-def _rotate_reference(x_TxD, r_BxKxK):
-    nb, k, _ = r_BxKxK.shape
+def _rotate_reference(x_TxD, r_JxKxK):
+    nb, k, _ = r_JxKxK.shape
     lead = x_TxD.shape[:-1]
     # Products of the input dtype, summed in float32 (what the kernels compute); widening first gives
     # the same numbers and runs on every backend.
     xw = x_TxD.reshape(*lead, nb, k).astype(jnp.float32)
-    rw = r_BxKxK.astype(x_TxD.dtype).astype(jnp.float32)
+    rw = r_JxKxK.astype(x_TxD.dtype).astype(jnp.float32)
     y = jnp.einsum("...bk,bkc->...bc", xw, rw, precision=lax.Precision.HIGHEST)
     return y.reshape(*lead, nb * k).astype(x_TxD.dtype)
 
 
 def permuted_block_matmul_reference(x, perm, r):
-    """x[..., perm] · blockdiag(r) with indices ≥ N reading 0; (..., N) → (..., B·K) in x.dtype."""
+    """x[..., perm] · blockdiag(r) with indices ≥ N reading 0; (..., N) → (..., J·K) in x.dtype."""
     return _rotate_reference(jnp.take(x, perm, axis=-1, mode="fill", fill_value=0), r)
 
 
 def block_matmul_permuted_reference(h, perm, r):
-    """(h · blockdiag(r))[..., perm]; (..., B·K) → (..., M) in h.dtype."""
+    """(h · blockdiag(r))[..., perm]; (..., J·K) → (..., M) in h.dtype."""
     return jnp.take(_rotate_reference(h, r), perm, axis=-1)
 
 
@@ -217,7 +217,7 @@ def _loop_kernel(*refs, gather, scatter, t, w_in, w_out, k, bt, bp, bn, tiles, r
 
 
 def _rotate_loop(f, r, a, *, cfg: LoopConfig, interpret: bool, src=None, dst=None, w_out=None, chunk=1):
-    """The token-loop backward rotation (``_loop_kernel``): (out = in · blockdiag(Rᵀ), dR (B, K, K) float32),
+    """The token-loop backward rotation (``_loop_kernel``): (out = in · blockdiag(Rᵀ), dR (J, K, K) float32),
     dR[j] = Σ_t a[t, out-columns of block j]ᵀ · in[t, block j] (``in`` = f read through ``src``, out
     written through ``dst``)."""
     t, w_in = f.shape
@@ -268,7 +268,7 @@ def _reduce_kernel(*refs, gather_a, gather_b, t, w_a, w_b, k, bt, bm, bn, tiles,
 
 
 def _reduce(a, b, num_blocks, k, *, cfg: ReduceConfig, interpret: bool, pa=None, pb=None, chunk=1):
-    """dR (B, K, K) float32 = Σ_t a[t, j-block]ᵀ b[t, j-block], a/b optionally read through pa/pb
+    """dR (J, K, K) float32 = Σ_t a[t, j-block]ᵀ b[t, j-block], a/b optionally read through pa/pb
     (``chunk``-chunked: read one run at a time, as contiguous ranges)."""
     t = a.shape[0]
     bt, bm, bn = cfg.block_t, cfg.block_m, cfg.block_n
@@ -366,7 +366,7 @@ _rotate_gather.defvjp(_rotate_gather_fwd, _rotate_gather_bwd)
 
 def _check_r(r) -> tuple[int, int]:
     if r.ndim != 3 or r.shape[1] != r.shape[2]:
-        raise ValueError(f"r must have shape (B, K, K), got {tuple(r.shape)}")
+        raise ValueError(f"r must have shape (J, K, K), got {tuple(r.shape)}")
     if not jnp.issubdtype(r.dtype, jnp.floating):
         raise ValueError(f"r must be floating point, got dtype {r.dtype}")
     check_block_size(int(r.shape[1]))
@@ -413,10 +413,10 @@ def inverse_index(perm, length: int):
 
 def permuted_block_matmul(x, perm, r, *, interpret: bool = False, config: BlockMatmulConfig | None = None,
                           chunk: int = 1):
-    """y (..., B·K) = x[..., perm] · blockdiag(r), the gather fused into the kernel's loads.
+    """y (..., J·K) = x[..., perm] · blockdiag(r), the gather fused into the kernel's loads.
 
-    x: (..., N) float; perm: (B·K,) int32, a permutation of range(N) followed by padding values ≥ N
-    (which read 0); r: (B, K, K), cast to x.dtype for the products (its cotangent keeps r's dtype and is
+    x: (..., N) float; perm: (J·K,) int32, a permutation of range(N) followed by padding values ≥ N
+    (which read 0); r: (J, K, K), cast to x.dtype for the products (its cotangent keeps r's dtype and is
     accumulated in float32). Differentiable in x and r (``jax.custom_vjp`` with Pallas backward kernels).
     ``interpret=True`` runs the kernels in Pallas's interpreter (any backend; for tests). ``chunk``: perm is
     ``chunk``-chunked (see the module docstring; ``check_chunked_index``), so tiles load contiguous ranges.
@@ -439,9 +439,9 @@ def block_matmul_permuted(h, perm, r, *, inv_perm=None, interpret: bool = False,
                           config: BlockMatmulConfig | None = None, chunk: int = 1):
     """y (..., M) = (h · blockdiag(r))[..., perm], the gather fused into the kernel's stores.
 
-    h: (..., B·K) float; perm: (M,) int32, distinct values in range(B·K); inv_perm: (B·K,) int32 with
+    h: (..., J·K) float; perm: (M,) int32, distinct values in range(J·K); inv_perm: (J·K,) int32 with
     inv_perm[perm[q]] = q and values ≥ M elsewhere (computed from perm when omitted: pass it when you
-    have it, as POET layers do); r: (B, K, K). Differentiable in h and r. ``chunk``: inv_perm is
+    have it, as POET layers do); r: (J, K, K). Differentiable in h and r. ``chunk``: inv_perm is
     ``chunk``-chunked (see ``permuted_block_matmul``), so tiles store contiguous ranges.
     """
     nb, k = _check_r(r)

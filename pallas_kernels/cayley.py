@@ -1,8 +1,8 @@
 """Fused Cayley–Neumann map from packed skew generators to orthogonal blocks (POET spec §4), Pallas/Triton.
 
-Legend: B blocks, K block size, P = K(K−1)/2 packed entries per block.
+Legend: J blocks, K block size, P = K(K−1)/2 packed entries per block.
 
-    θ (B, P) → Q (skew, built inside the loads) → R = I + 2Q + 2Q² + 2Q³ + Q⁴ (B, K, K), float32.
+    θ (J, P) → Q (skew, built inside the loads) → R = I + 2Q + 2Q² + 2Q³ + Q⁴ (J, K, K), float32.
 
 Packing (spec §4.1): row-major strict upper triangle, Q[r, c] = θ[p(r, c)] and Q[c, r] = −θ[p(r, c)] for
 r < c with p(r, c) = r(2K − r − 1)/2 + (c − r − 1).
@@ -11,7 +11,7 @@ Forward, three kernels (grid-wide dependencies separate them):
   0. Q — the skew construction: every program loads one Q tile from θ through that index map (masked on
      the diagonal; each θ entry is read twice, once per triangle) and stores it dense, so that the product
      kernels read Q with contiguous, pipelined tile loads (reading it through the index map inside their
-     loops ran the products at a fraction of the tensor cores' rate on the H100, BENCHMARKS.md run 1).
+     loops ran the products at a fraction of the tensor cores' rate, docs/benchmark_log.md run 1).
   1. Q² — symmetric (Q² = (Qᵀ)²), so only tiles I ≤ J are computed and each is also stored transposed.
   2. R — with S = I + 2Q² + Q⁴ symmetric and A = 2Q + 2Q³ skew (Q³ = Q²·Q, Q⁴ = Q²·Q²), the program
      of tile (I, J), I ≤ J, writes R[I, J] = S + A and R[J, I] = (S − A)ᵀ: half of the products.
@@ -55,15 +55,15 @@ def num_packed(block_size: int) -> int:
     return block_size * (block_size - 1) // 2
 
 
-def skew_reference(theta_BxP, block_size: int):
+def skew_reference(theta_JxP, block_size: int):
     """(..., P) → (..., K, K) skew-symmetric Q (a gather by a constant index map)."""
     r, c = np.triu_indices(block_size, 1)
     idx = np.zeros((block_size, block_size), np.int32)
     sign = np.zeros((block_size, block_size), np.float32)
     idx[r, c] = idx[c, r] = np.arange(len(r))
     sign[r, c], sign[c, r] = 1.0, -1.0
-    q = jnp.take(theta_BxP, jnp.asarray(idx.reshape(-1)), axis=-1) * jnp.asarray(sign.reshape(-1), theta_BxP.dtype)
-    return q.reshape(*theta_BxP.shape[:-1], block_size, block_size)
+    q = jnp.take(theta_JxP, jnp.asarray(idx.reshape(-1)), axis=-1) * jnp.asarray(sign.reshape(-1), theta_JxP.dtype)
+    return q.reshape(*theta_JxP.shape[:-1], block_size, block_size)
 
 
 def cayley_neumann_reference(theta, block_size: int, num_terms: int = 3):

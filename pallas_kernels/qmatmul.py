@@ -1,19 +1,19 @@
 """Matmul with a uint8 group-quantized weight, dequantized tile by tile inside the kernel (POET-XQ, spec §9.4).
 
 Legend: T tokens (leading dims flattened), N rows of the weight (the contraction of the forward),
-M columns, G group size, NG = N/G groups per column.
+M columns, Gq group size, NGq = N/Gq groups per column.
 
-    codes (N, M) uint8, scale (NG, M) float32, zero (NG, M) uint8
-    Ŵ[n, m] = (codes[n, m] − zero[n // G, m]) · scale[n // G, m]        (float32, then the activation dtype)
+    codes (N, M) uint8, scale (NGq, M) float32, zero (NGq, M) uint8
+    Ŵ[n, m] = (codes[n, m] − zero[n // Gq, m]) · scale[n // Gq, m]        (float32, then the activation dtype)
     qmatmul(a, codes, scale, zero) = a (T, N) @ Ŵ (N, M)  →  (T, M)
 
-Groups are G consecutive rows of one column: the contraction axis of the forward, which is the spec's
+Groups are Gq consecutive rows of one column: the contraction axis of the forward, which is the spec's
 "groups along d_in" of a PyTorch (out, in) weight written in our (in, out) layout.
 
 Forward kernel: a program owns block_t tokens × block_n columns and loops over N in block_k steps
-(block_k divides G, so a step lies in one group): it loads the uint8 tile and that group's scale/zero
+(block_k divides Gq, so a step lies in one group): it loads the uint8 tile and that group's scale/zero
 row, dequantizes in float32, casts to a's dtype and accumulates the product in float32 registers.
-Backward (d a = g @ Ŵᵀ): a program owns block_t tokens × block_n rows of Ŵ (block_n divides G: one
+Backward (d a = g @ Ŵᵀ): a program owns block_t tokens × block_n rows of Ŵ (block_n divides Gq: one
 group per program) and loops over M. The weight is frozen: there is no dW, and the only residuals are
 the inputs themselves (the uint8 codes and the small scale/zero), never a dequantized copy. Nothing
 accumulates across grid programs (JAX_NOTES pitfall 2).
@@ -65,12 +65,12 @@ class QMatmulConfig:
 
 
 def check_quantized(codes, scale, zero) -> int:
-    """The group size G of a quantized weight; ValueError naming the bad shape or dtype."""
+    """The group size Gq of a quantized weight; ValueError naming the bad shape or dtype."""
     if codes.ndim != 2 or codes.dtype != jnp.uint8:
         raise ValueError(f"codes must be a 2-D uint8 array (N, M), got shape {tuple(codes.shape)} dtype {codes.dtype}")
     n, m = codes.shape
     if scale.ndim != 2 or scale.shape[1] != m or scale.shape[0] == 0 or n % scale.shape[0]:
-        raise ValueError(f"scale must have shape (N/G, M) for codes of shape {(n, m)}, got {tuple(scale.shape)}")
+        raise ValueError(f"scale must have shape (N/Gq, M) for codes of shape {(n, m)}, got {tuple(scale.shape)}")
     if tuple(zero.shape) != tuple(scale.shape) or zero.dtype != jnp.uint8:
         raise ValueError(f"zero must be uint8 of scale's shape {tuple(scale.shape)}, "
                          f"got shape {tuple(zero.shape)} dtype {zero.dtype}")
@@ -78,7 +78,7 @@ def check_quantized(codes, scale, zero) -> int:
 
 
 def dequantize_reference(codes_NxM, scale_NGxM, zero_NGxM, dtype=jnp.float32):
-    """Ŵ (N, M) = (codes − zero) · scale per group of G rows, computed in float32, returned in ``dtype``."""
+    """Ŵ (N, M) = (codes − zero) · scale per group of Gq rows, computed in float32, returned in ``dtype``."""
     g = codes_NxM.shape[0] // scale_NGxM.shape[0]
     q = codes_NxM.astype(jnp.float32).reshape(-1, g, codes_NxM.shape[1])
     z = zero_NGxM.astype(jnp.float32)[:, None, :]
@@ -125,7 +125,7 @@ def _bwd_kernel(g_ref, q_ref, s_ref, z_ref, o_ref, *, t, m, g, bt, bk, bn, preci
     rows = i * bt + jnp.arange(bt)
     row_ok = (rows < t)[:, None]
     wrows = r * bn + jnp.arange(bn)
-    grp = (r * bn) // g  # bn divides G: the program's weight rows lie in one group
+    grp = (r * bn) // g  # bn divides Gq: the program's weight rows lie in one group
 
     def body(step, acc):
         k0 = step * bk
@@ -155,12 +155,12 @@ def _apply(x, codes, scale, zero, cfg, interpret, *, transposed: bool):
     n, m = codes.shape
     g = n // scale.shape[0]
     if transposed:
-        # Output tiles over N stay inside one group (block_n divides G); the contraction over M only
+        # Output tiles over N stay inside one group (block_n divides Gq); the contraction over M only
         # needs block_k to divide M.
         bk, bn = max_tile(m, cfg.block_k), max_tile(g, cfg.block_n)
         return _launch(_bwd_kernel, x, codes, scale, zero, n, cfg=cfg, interpret=interpret, name="qmatmul_t",
                        m=m, g=g, bt=cfg.block_t, bk=bk, bn=bn)
-    # block_k divides G (a loop step stays in one group; G divides N), block_n divides M.
+    # block_k divides Gq (a loop step stays in one group; Gq divides N), block_n divides M.
     bk, bn = max_tile(g, cfg.block_k), max_tile(m, cfg.block_n)
     return _launch(_fwd_kernel, x, codes, scale, zero, m, cfg=cfg, interpret=interpret, name="qmatmul",
                    n=n, g=g, bt=cfg.block_t, bk=bk, bn=bn)
@@ -189,7 +189,7 @@ def qmatmul(a, codes, scale, zero, *, interpret: bool = False, config: QMatmulCo
 
     Differentiable in ``a`` only (the weight is frozen): its backward runs the transposed kernel,
     re-dequantizing the tiles, so no (N, M) float copy of the weight ever exists. Needs N, M multiples
-    of 16 and G a multiple of 16 (Triton tiles are powers of two ≥ 16).
+    of 16 and Gq a multiple of 16 (Triton tiles are powers of two ≥ 16).
     """
     g = check_quantized(codes, scale, zero)
     n, m = codes.shape

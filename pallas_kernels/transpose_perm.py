@@ -9,7 +9,7 @@ feature-major side, ``idx`` a permutation of range(R) (int32, length R).
 Why. A POET-X layer permutes the feature axis of its activations twice per pass (spec §5.1). On the
 token-major (T, C) layout that is a gather along the contiguous axis: every warp touches ~32 scattered
 2-byte elements per access, and both XLA's gather and in-kernel gathered loads ran far below the memory
-bandwidth on the H100 (BENCHMARKS.md, run 1). On a feature-major (R, T) layout the same permutation moves
+bandwidth (docs/benchmark_log.md, run 1). On a feature-major (R, T) layout the same permutation moves
 whole contiguous rows of T. These kernels do the permutation while changing layout, so every load and
 every store is contiguous: a program owns a (block_t × block_c) tile, reads it with coalesced loads,
 transposes it in registers/shared memory and writes block_c rows of block_t contiguous tokens each
@@ -187,7 +187,7 @@ def _check_rows(idx, what: str) -> int:
     r = int(idx.shape[0])
     if r % 16:
         raise ValueError(f"{what}: idx has length {r}; the kernels need a multiple of 16 (a POET block side "
-                         "B·K with K a multiple of 16)")
+                         "J·K with K a multiple of 16)")
     return r
 
 

@@ -1,7 +1,7 @@
 """Default kernel configurations, by kernel and block size.
 
 ``TABLE`` holds configurations chosen by measurement on a GPU: run
-``python benchmarks/layer_bench.py --sweep`` on the target GPU, which times a small grid of tiles, warps
+``python benchmarks/layer_bench.py --sweep`` (``benchmarks/kernel_sweep.py``) on the target GPU, which times a small grid of tiles, warps
 and stages per kernel and prints the best ones as a ``TABLE`` literal to paste here (with the device
 and date in the comment). Block sizes missing from the table use the heuristics below, which are
 reasoned guesses, not measurements.
@@ -22,7 +22,8 @@ import dataclasses
 from pallas_kernels._common import (BlockMatmulConfig, CayleyConfig, LoopConfig, ReduceConfig, RotateConfig,
                                     check_block_size, fit_cayley, fit_loop, fit_reduce, fit_rotate, supports_chunk)
 
-# Measured defaults. Empty until a sweep has been run on the H100 (see the module docstring).
+# Measured defaults (read-only data: the kernels look entries up, nothing assigns them at run time); each entry's
+# comment names the device, the date and the sweep that chose it (see the module docstring).
 # NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2, 2026-11-23, python benchmarks/layer_bench.py --sweep
 TABLE: dict[tuple[str, int], dict] = {
     ('rotate_fwd', 256): {'block_t': 64, 'block_k': 16, 'block_n': 0, 'num_warps': 8, 'num_stages': 4},  # 1.093 ms

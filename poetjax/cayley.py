@@ -1,6 +1,6 @@
 """Packed skew-symmetric generators and the Cayley–Neumann map (POET spec §4).
 
-Shape legend: K block size, B number of blocks, P = K(K−1)/2 packed entries per block.
+Shape legend: K block size, J number of blocks, P = K(K−1)/2 packed entries per block.
 
 Packing (spec §4.1): block j's generator Q_j = −Q_jᵀ is stored as its strict upper triangle in
 row-major ``triu_indices(K, 1)`` order: (0,1), (0,2), …, (0,K−1), (1,2), …  Q[r_k, c_k] = θ_k,
@@ -16,8 +16,8 @@ Since (I+Q) and (I−Q)⁻¹ commute, R_k = C·(I − Q^{k+1}) with C the exact 
 RᵀR − I = −(Q^{k+1})ᵀ − Q^{k+1} + (Q^{k+1})ᵀQ^{k+1} and ‖RᵀR − I‖₂ ≤ 2‖Q‖₂^{k+1} + ‖Q‖₂^{2(k+1)}
 (``neumann_orthogonality_bound``).
 
-Ragged dimensions: a dimension D that K does not divide gets B = ⌈D/K⌉ blocks of size K whose last one
-only uses its leading ``tail = D − (B−1)K`` coordinates. Its generator entries outside the tail×tail
+Ragged dimensions: a dimension D that K does not divide gets J = ⌈D/K⌉ blocks of size K whose last one
+only uses its leading ``tail = D − (J−1)K`` coordinates. Its generator entries outside the tail×tail
 corner are masked to zero (``block_mask``), so that block is blockdiag(R_tail, I): the padded
 coordinates never mix with real ones and the rotation of the real D coordinates stays exactly
 orthogonal. All blocks therefore share one shape, which keeps batched matmuls and kernels uniform.
@@ -40,8 +40,8 @@ class BlockLayout(NamedTuple):
 
     dim: int          # D, the real dimension
     block_size: int   # K
-    num_blocks: int   # B = ceil(D / K)
-    padded: int       # B·K ≥ D
+    num_blocks: int   # J = ceil(D / K)
+    padded: int       # J·K ≥ D
     tail: int         # size of the last block's active corner (== K when K divides D)
 
     @property
@@ -54,7 +54,7 @@ class BlockLayout(NamedTuple):
 
     @property
     def num_params(self) -> int:
-        """Free generator parameters: (B−1)·P + tail(tail−1)/2."""
+        """Free generator parameters: (J−1)·P + tail(tail−1)/2."""
         return (self.num_blocks - 1) * self.num_packed + self.tail * (self.tail - 1) // 2
 
 
@@ -105,13 +105,13 @@ def _mask_np(layout: BlockLayout) -> np.ndarray | None:
 
 
 def block_mask(layout: BlockLayout) -> np.ndarray | None:
-    """(B, P) 0/1 mask of the generator entries that exist (None when K divides D)."""
+    """(J, P) 0/1 mask of the generator entries that exist (None when K divides D)."""
     return _mask_np(layout)
 
 
-def mask_generators(theta_BxP: jax.Array, layout: BlockLayout) -> jax.Array:
+def mask_generators(theta_JxP: jax.Array, layout: BlockLayout) -> jax.Array:
     mask = block_mask(layout)
-    return theta_BxP if mask is None else theta_BxP * jnp.asarray(mask, theta_BxP.dtype)
+    return theta_JxP if mask is None else theta_JxP * jnp.asarray(mask, theta_JxP.dtype)
 
 
 def block_size_from_packed(p: int) -> int:
@@ -122,42 +122,42 @@ def block_size_from_packed(p: int) -> int:
 
 
 @jax.custom_vjp
-def skew_from_packed(theta_BxP: jax.Array) -> jax.Array:
+def skew_from_packed(theta_JxP: jax.Array) -> jax.Array:
     """(..., P) packed generators → (..., K, K) skew-symmetric Q (gather forward, gather backward)."""
-    k = block_size_from_packed(theta_BxP.shape[-1])
+    k = block_size_from_packed(theta_JxP.shape[-1])
     if k == 1:  # 1×1 blocks have no generator entries: Q = 0 (and R = I)
-        return jnp.zeros((*theta_BxP.shape[:-1], 1, 1), theta_BxP.dtype)
+        return jnp.zeros((*theta_JxP.shape[:-1], 1, 1), theta_JxP.dtype)
     idx, sign = _unpack_maps(k)
-    q = jnp.take(theta_BxP, jnp.asarray(idx), axis=-1, mode="fill", fill_value=0)
-    q = q * jnp.asarray(sign, theta_BxP.dtype)
-    return q.reshape(*theta_BxP.shape[:-1], k, k)
+    q = jnp.take(theta_JxP, jnp.asarray(idx), axis=-1, mode="fill", fill_value=0)
+    q = q * jnp.asarray(sign, theta_JxP.dtype)
+    return q.reshape(*theta_JxP.shape[:-1], k, k)
 
 
 def _skew_fwd(theta):
     return skew_from_packed(theta), None
 
 
-def _skew_bwd(_, dq_BxKxK):
-    return (packed_from_skew_grad(dq_BxKxK),)
+def _skew_bwd(_, dq_JxKxK):
+    return (packed_from_skew_grad(dq_JxKxK),)
 
 
 skew_from_packed.defvjp(_skew_fwd, _skew_bwd)
 
 
-def packed_from_skew_grad(dq_BxKxK: jax.Array) -> jax.Array:
+def packed_from_skew_grad(dq_JxKxK: jax.Array) -> jax.Array:
     """Cotangent of the packed entries: ∂θ_k = ∂Q[r_k, c_k] − ∂Q[c_k, r_k]."""
-    k = dq_BxKxK.shape[-1]
+    k = dq_JxKxK.shape[-1]
     r, c = _triu(k)
-    flat = dq_BxKxK.reshape(*dq_BxKxK.shape[:-2], k * k)
+    flat = dq_JxKxK.reshape(*dq_JxKxK.shape[:-2], k * k)
     return (jnp.take(flat, jnp.asarray(r * k + c), axis=-1)
             - jnp.take(flat, jnp.asarray(c * k + r), axis=-1))
 
 
-def packed_from_skew(q_BxKxK: jax.Array) -> jax.Array:
+def packed_from_skew(q_JxKxK: jax.Array) -> jax.Array:
     """The packed strict upper triangle of (..., K, K) matrices (inverse of ``skew_from_packed``)."""
-    k = q_BxKxK.shape[-1]
+    k = q_JxKxK.shape[-1]
     r, c = _triu(k)
-    return q_BxKxK.reshape(*q_BxKxK.shape[:-2], k * k)[..., jnp.asarray(r * k + c)]
+    return q_JxKxK.reshape(*q_JxKxK.shape[:-2], k * k)[..., jnp.asarray(r * k + c)]
 
 
 @jax.custom_vjp
@@ -187,7 +187,7 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 CAYLEY_PRECISIONS = {"highest": HIGHEST, "default": jax.lax.Precision.DEFAULT, "bf16": "bf16"}
 
 
-def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST) -> jax.Array:
+def cayley_neumann(q_JxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST) -> jax.Array:
     """R = (I+Q)·Σ_{i=0..num_terms} Qⁱ for (..., K, K) matrices Q (any Q; skew-symmetric in POET).
 
     ``precision`` of the float32 products: HIGHEST (float32-exact) by default; DEFAULT lets a GPU use one
@@ -204,15 +204,15 @@ def cayley_neumann(q_BxKxK: jax.Array, num_terms: int = 3, *, precision=HIGHEST)
     def _mm(a, b):
         return block_product(a, b, precision)
 
-    eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
+    eye = jnp.eye(q_JxKxK.shape[-1], dtype=q_JxKxK.dtype)
     if num_terms == 3:
         # I + 2Q + 2Q² + 2Q³ + Q⁴ = I + 2(Q + Q² + Q²·Q) + Q²·Q²: three matmuls (spec §4.2).
-        q2 = _mm(q_BxKxK, q_BxKxK)
-        return eye + 2.0 * (q_BxKxK + q2 + _mm(q2, q_BxKxK)) + _mm(q2, q2)
+        q2 = _mm(q_JxKxK, q_JxKxK)
+        return eye + 2.0 * (q_JxKxK + q2 + _mm(q2, q_JxKxK)) + _mm(q2, q2)
     s = eye
     for _ in range(num_terms):  # Horner: S = I + Q·S  ⇒  S = Σ_{i=0..k} Qⁱ
-        s = eye + _mm(q_BxKxK, s)
-    return s + _mm(q_BxKxK, s)
+        s = eye + _mm(q_JxKxK, s)
+    return s + _mm(q_JxKxK, s)
 
 
 def block_product(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
@@ -223,33 +223,33 @@ def block_product(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
     return jnp.matmul(a, b, precision=precision)
 
 
-def batched_solve(a_BxKxK: jax.Array, b_BxKxC: jax.Array) -> jax.Array:
+def batched_solve(a_JxKxK: jax.Array, b_JxKxC: jax.Array) -> jax.Array:
     """X with a·X = b for every block (any leading dims): ``jnp.linalg.solve`` (LU), except on the CPU
     backend. There two LAPACK triangular solves that XLA runs concurrently (two layers, or two sides of
     one) can hang the process for good (jaxlib 0.10.2), so the CPU solves by Gauss–Jordan elimination with
     partial pivoting in plain XLA ops: K steps, each a rank-1 update of the (K, K + C) system."""
     if jax.default_backend() != "cpu":
-        return jnp.linalg.solve(a_BxKxK, b_BxKxC)
-    lead, k, c = a_BxKxK.shape[:-2], a_BxKxK.shape[-1], b_BxKxC.shape[-1]
+        return jnp.linalg.solve(a_JxKxK, b_JxKxC)
+    lead, k, c = a_JxKxK.shape[:-2], a_JxKxK.shape[-1], b_JxKxC.shape[-1]
     rows = jnp.arange(k)
 
-    def eliminate(p, m_BxKxKC):
-        col = jnp.where(rows >= p, jnp.abs(m_BxKxKC[:, :, p]), -1.0)            # candidates at or below p
+    def eliminate(p, m_JxKxKC):
+        col = jnp.where(rows >= p, jnp.abs(m_JxKxKC[:, :, p]), -1.0)            # candidates at or below p
         q = jnp.argmax(col, axis=-1)
         swap = jnp.where(rows == p, q[:, None], jnp.where(rows == q[:, None], p, rows))
-        m_BxKxKC = jnp.take_along_axis(m_BxKxKC, swap[:, :, None], axis=1)      # rows p and q exchanged
-        pivot = m_BxKxKC[:, p, :] / m_BxKxKC[:, p, p][:, None]
-        m_BxKxKC = m_BxKxKC - m_BxKxKC[:, :, p][:, :, None] * pivot[:, None, :]  # column p zero everywhere
-        return jnp.where((rows == p)[None, :, None], pivot[:, None, :], m_BxKxKC)
+        m_JxKxKC = jnp.take_along_axis(m_JxKxKC, swap[:, :, None], axis=1)      # rows p and q exchanged
+        pivot = m_JxKxKC[:, p, :] / m_JxKxKC[:, p, p][:, None]
+        m_JxKxKC = m_JxKxKC - m_JxKxKC[:, :, p][:, :, None] * pivot[:, None, :]  # column p zero everywhere
+        return jnp.where((rows == p)[None, :, None], pivot[:, None, :], m_JxKxKC)
 
-    m = jnp.concatenate([a_BxKxK.reshape(-1, k, k), b_BxKxC.reshape(-1, k, c)], axis=-1)
+    m = jnp.concatenate([a_JxKxK.reshape(-1, k, k), b_JxKxC.reshape(-1, k, c)], axis=-1)
     return jax.lax.fori_loop(0, k, eliminate, m)[:, :, k:].reshape(*lead, k, c)
 
 
-def cayley_exact(q_BxKxK: jax.Array) -> jax.Array:
+def cayley_exact(q_JxKxK: jax.Array) -> jax.Array:
     """R = (I+Q)(I−Q)⁻¹ = (I−Q)⁻¹(I+Q) (the factors commute), by a linear solve."""
-    eye = jnp.eye(q_BxKxK.shape[-1], dtype=q_BxKxK.dtype)
-    return batched_solve(eye - q_BxKxK, jnp.broadcast_to(eye + q_BxKxK, q_BxKxK.shape))
+    eye = jnp.eye(q_JxKxK.shape[-1], dtype=q_JxKxK.dtype)
+    return batched_solve(eye - q_JxKxK, jnp.broadcast_to(eye + q_JxKxK, q_JxKxK.shape))
 
 
 def neumann_orthogonality_bound(q_norm, num_terms: int = 3):
@@ -258,16 +258,16 @@ def neumann_orthogonality_bound(q_norm, num_terms: int = 3):
     return 2.0 * q_norm ** e + q_norm ** (2 * e)
 
 
-def rotations(theta_BxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
+def rotations(theta_JxP: jax.Array, layout: BlockLayout, num_terms: int = 3, *,
               exact: bool = False, impl: str = "xla", precision: str = "highest") -> jax.Array:
-    """Orthogonal blocks (B, K, K) in float32 from packed generators (masked for a ragged tail).
+    """Orthogonal blocks (J, K, K) in float32 from packed generators (masked for a ragged tail).
 
     impl="pallas" runs the Neumann series through the fused kernel ``pallas_kernels.cayley_neumann``
     (in the interpreter when there is no GPU); the exact map always uses XLA. ``precision``: "highest"
     (float32-exact products), "default" (one TF32 pass on a GPU: see ``cayley_neumann``; the kernel's
     "tf32"; CPUs compute float32) or "bf16" (product operands rounded to bfloat16 on every backend).
     """
-    theta = mask_generators(theta_BxP.astype(jnp.float32), layout)
+    theta = mask_generators(theta_JxP.astype(jnp.float32), layout)
     return _blocks_from_masked(theta, layout.block_size, num_terms, exact, impl, precision)
 
 
@@ -288,8 +288,8 @@ def rotation_group(items, num_terms: int = 3, *, exact: bool = False, impl: str 
                    precision: str = "highest") -> list[jax.Array]:
     """``[rotations(theta, layout, …) for theta, layout in items]`` in one batched map per block size.
 
-    Each θ may carry leading axes (e.g. the layer axis of stacked layers, (L, B, P) → (L, B, K, K)). The
-    blocks of every item with the same block size are flattened and concatenated into one (ΣB, P) map, so
+    Each θ may carry leading axes (e.g. the layer axis of stacked layers, (G, J, P) → (G, J, K, K)). The
+    blocks of every item with the same block size are flattened and concatenated into one (ΣJ, P) map, so
     the Cayley–Neumann series of a whole POET layer, transformer block or model costs one launch of each
     kernel instead of one per side and projection (at a few dozen blocks a map is mostly launch latency;
     thousands of blocks fill the GPU). Same numbers as separate maps: every block is computed alone.

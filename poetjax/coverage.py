@@ -28,14 +28,14 @@ from flax import nnx
 from poetjax.cayley import mask_generators, skew_from_packed
 
 
-def rotated_coordinates(theta_BxP: jax.Array, layout) -> jax.Array:
+def rotated_coordinates(theta_JxP: jax.Array, layout) -> jax.Array:
     """(layout.padded,) bool: the permuted-space coordinates a generator of this shape can rotate.
 
     ``layout`` is a ``cayley.BlockLayout`` (POET-BS) or an ``fs.SubsetLayout`` (POET-FS: the first K
     coordinates). Coordinates past the blocks (FS) or in a 1×1 block are never rotated.
     """
-    free = mask_generators(jnp.ones(theta_BxP.shape, jnp.float32), layout)
-    coupled = jnp.any(skew_from_packed(free) != 0, axis=-1).reshape(-1)  # (B·K,)
+    free = mask_generators(jnp.ones(theta_JxP.shape, jnp.float32), layout)
+    coupled = jnp.any(skew_from_packed(free) != 0, axis=-1).reshape(-1)  # (J·K,)
     return jnp.pad(coupled, (0, layout.padded - coupled.shape[0]))
 
 

@@ -96,13 +96,13 @@ def spectrum_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
     return stats
 
 
-def blocks_orthogonality_error(r_BxKxK: jax.Array, dim: int) -> jax.Array:
+def blocks_orthogonality_error(r_JxKxK: jax.Array, dim: int) -> jax.Array:
     """‖R Rᵀ − I‖_F / √dim for R = the (permuted) block-diagonal matrix of blocks r (dim real coordinates).
 
     Permutations do not change Frobenius norms, and blockdiag(R)·blockdiag(R)ᵀ − I is block diagonal, so
     the error is the root of the summed per-block errors. A ragged tail block is identity on its padding.
     """
-    r = r_BxKxK.astype(jnp.float32)
+    r = r_JxKxK.astype(jnp.float32)
     eye = jnp.eye(r.shape[-1], dtype=jnp.float32)
     err = jnp.matmul(r, jnp.swapaxes(r, -1, -2), precision="highest") - eye
     return jnp.sqrt(jnp.sum(err ** 2)) / jnp.sqrt(jnp.float32(dim))

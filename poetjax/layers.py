@@ -243,7 +243,7 @@ def _shared_layers(module: nnx.Module) -> list[tuple[str, POETLinear]]:
 def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{path: (R_in, R_out)} for every POET-BS layer under ``module``, from as few Cayley maps as possible
     (one per distinct ``training_cayley_args``, normally one). Stacked layers give stacked blocks
-    (L, I, K, K): all L slices are mapped in the same call."""
+    (G, I, K, K): all G slices are mapped in the same call."""
     groups: dict[tuple, list[tuple[str, POETLinear]]] = {}
     for path, lay in _shared_layers(module):
         groups.setdefault(lay.training_cayley_args(), []).append((path, lay))
@@ -295,7 +295,7 @@ class CayleyScopeHook:
     """A model's block hook (``poetjax.models.Llama.block_hook``, installed by ``poetize``) that shares Cayley
     maps: scope "block" maps all POET layers of a block in one call inside the block (so inside its remat);
     "model" maps every layer's once before the layers run (``prepare``), and each block rotates with its
-    slice (stacked layers: the scan slices the (L, …) blocks like the weights)."""
+    slice (stacked layers: the scan slices the (G, …) blocks like the weights)."""
 
     scope: str
 

@@ -55,24 +55,24 @@ class LayerPerms(NamedTuple):
     perm_out_inv: jax.Array  # (Mp,)
 
 
-def block_rotate(x_TxD: jax.Array, r_BxKxK: jax.Array, *, precision=None) -> jax.Array:
+def block_rotate(x_TxD: jax.Array, r_JxKxK: jax.Array, *, precision=None) -> jax.Array:
     """Right-multiply the last axis by blockdiag(R): out[..., j, :] = x[..., j, :] @ R[j].
 
     A reshape (free) and one batched contraction; the (D, D) block-diagonal matrix is never formed.
     """
-    nb, k, _ = r_BxKxK.shape
+    nb, k, _ = r_JxKxK.shape
     lead = x_TxD.shape[:-1]
-    x_TxBxK = x_TxD.reshape(*lead, nb, k)
-    y = jnp.einsum("...bk,bkc->...bc", x_TxBxK, r_BxKxK, precision=precision)
+    x_TxJxK = x_TxD.reshape(*lead, nb, k)
+    y = jnp.einsum("...bk,bkc->...bc", x_TxJxK, r_JxKxK, precision=precision)
     return y.reshape(*lead, nb * k)
 
 
-def block_rotate_rows(x_DxT: jax.Array, r_BxKxK: jax.Array, *, precision=None) -> jax.Array:
+def block_rotate_rows(x_DxT: jax.Array, r_JxKxK: jax.Array, *, precision=None) -> jax.Array:
     """``block_rotate`` on feature-major activations: out[j·K:(j+1)·K] = R[j]ᵀ @ x[j·K:(j+1)·K] for (D, T)
     x, i.e. the transpose of ``block_rotate(x.T, r)``. One batched product with the blocks as batch."""
-    nb, k, _ = r_BxKxK.shape
+    nb, k, _ = r_JxKxK.shape
     t = x_DxT.shape[1]
-    y = jnp.einsum("bkc,bkt->bct", r_BxKxK, x_DxT.reshape(nb, k, t), precision=precision)
+    y = jnp.einsum("bkc,bkt->bct", r_JxKxK, x_DxT.reshape(nb, k, t), precision=precision)
     return y.reshape(nb * k, t)
 
 

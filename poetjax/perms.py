@@ -1,10 +1,10 @@
 """Permutations as int32 index arrays (POET spec §0, §12.1).
 
 "Apply p" is the gather ``x[..., p]``. Its VJP is the gather of the cotangent with the inverse index,
-never a scatter-add (a scatter-add backward made the whole layer 3.7× slower on the H100).
+never a scatter-add (measured much slower on a GPU: docs/benchmark_log.md, run 1).
 
 One side of a POET layer may also change length: the input side pads D real coordinates up to the
-B·K coordinates of its blocks, the output side drops the padding again. Both are gathers with an
+J·K coordinates of its blocks, the output side drops the padding again. Both are gathers with an
 out-of-range index that reads 0 (``mode="fill"``), so one primitive covers permute, permute+pad and
 permute+crop:
 
@@ -15,7 +15,7 @@ so that ``u = x[..., perm_in]`` and, backward, ``g_x = g_u[..., perm_in_inv]``; 
 and ``g_z = g_y[..., perm_out_inv]`` (the padding gets a zero cotangent).
 
 Sorted within blocks (``block_size`` given, as layers do): the block-side vectors ``perm_in`` and
-``perm_out_inv`` (both of length B·K) are sorted inside every block of K. Only *which* coordinates share
+``perm_out_inv`` (both of length J·K) are sorted inside every block of K. Only *which* coordinates share
 a block matters to POET — the order inside a block is a relabeling to which everything is equivariant:
 Q ↦ ΣᵀQΣ keeps Q skew and the Neumann series commutes with it, Adam is elementwise and sign-symmetric,
 W_s is re-stored for the new permutations at every merge, θ restarts from 0. So the distribution of
@@ -74,7 +74,7 @@ def full_output_index(perm_out: jax.Array, perm_out_inv: jax.Array) -> jax.Array
 
 
 def _sort_within_blocks(idx: jax.Array, block_size: int | None) -> jax.Array:
-    """Sort every run of ``block_size`` entries of a (B·K,) index (padding values, the largest, stay last)."""
+    """Sort every run of ``block_size`` entries of a (J·K,) index (padding values, the largest, stay last)."""
     if block_size is None:
         return idx
     if idx.shape[0] % block_size:

@@ -1,9 +1,9 @@
 """POET-XQ: the frozen base weight in 8 bits, group-wise asymmetric (POET spec §9.4), pure jnp.
 
 Shape legend: Np × Mp the stored (padded, pre-permuted) base weight W_s in our (in, out) layout,
-G the group size, NG = Np/G groups per output column.
+Gq the group size, NGq = Np/Gq groups per output column.
 
-Groups are G consecutive entries of one output column along the in axis — the contraction axis of the
+Groups are Gq consecutive entries of one output column along the in axis — the contraction axis of the
 layer's matmul. That is exactly the spec's grouping ("consecutive chunks of the row-major d_out×d_in
 weight", i.e. runs along d_in within a row) written in the transposed layout, so a dequantized tile of
 the matmul needs one scale row. Per group (w_min, w_max over the group):
@@ -20,7 +20,7 @@ float32: a bf16 scale (8 significant bits) would carry a relative error up to 2�
 |q − z| ≤ 255 is up to half a step on top of the rounding, doubling the worst-case error for 4 bytes
 per 256 weights (1.6 % of the codes). Padding rows of W_s are zeros and stay exactly 0 (q = z).
 
-Storage per weight: 1 byte of code + 5/G bytes of scale and zero (≈1.02 bytes at G = 256) instead of 2
+Storage per weight: 1 byte of code + 5/Gq bytes of scale and zero (≈1.02 bytes at Gq = 256) instead of 2
 (bf16) or 4 (float32).
 
 ``quantized_matmul`` is the XLA path of x @ Ŵ: a custom VJP whose residuals are the codes, scale and zero
@@ -44,11 +44,11 @@ MIN_RANGE = 1e-5
 
 
 class QuantizedWeight(NamedTuple):
-    """A group-quantized (Np, Mp) weight; groups of G rows per column."""
+    """A group-quantized (Np, Mp) weight; groups of Gq rows per column."""
 
     codes: jax.Array  # (Np, Mp) uint8
-    scale: jax.Array  # (NG, Mp) float32
-    zero: jax.Array   # (NG, Mp) uint8
+    scale: jax.Array  # (NGq, Mp) float32
+    zero: jax.Array   # (NGq, Mp) uint8
 
     @property
     def group_size(self) -> int:

@@ -452,7 +452,7 @@ def test_xq_variant_trains_from_the_script_like_float_poet(uninterrupted, tmp_pa
 
 
 def test_first_merge_compilation_is_not_counted_in_tokens_per_second(tmp_path, data_cache, monkeypatch):
-    """The first merge call compiles (a minute for llama_20m on the H200, run 8): it is timed apart and left out
+    """The first merge call compiles (up to a minute on a GPU at llama_20m): it is timed apart and left out
     of the throughput samples; the merges after it are training time. Made visible by a merge step whose first
     call sleeps 1.5 s."""
     from poetjax.train import loop

@@ -1,16 +1,16 @@
 """LLaMA in Flax NNX, the reference's model family (POET spec §11).
 
-Shape legend: B batch, T sequence, D hidden, H heads, G key/value heads, E = D/H head dim,
-F intermediate, V vocab.
+Shape legend (docs/design.md): B batch, L sequence, D hidden, H heads, Hkv key/value heads, E = D/H head
+dim, F intermediate, V vocab, G the stacked-layer axis.
 
-    x = embed(tokens)                                       (B, T, D)
+    x = embed(tokens)                                       (B, L, D)
     for each layer:
         x = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))   causal attention
         x = x + down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))                       SwiGLU
-    logits = lm_head(norm(x))                               (B, T, V); norm(x) · embedᵀ when tied
+    logits = lm_head(norm(x))                               (B, L, V); norm(x) · embedᵀ when tied
 
-Attention has H query heads and G = ``num_kv_heads`` key/value heads (H/G query heads share one; G = H
-is multi-head attention, G < H grouped-query attention): q_proj is D → H·E, k_proj and v_proj D → G·E.
+Attention has H query heads and Hkv = ``num_kv_heads`` key/value heads (H/Hkv query heads share one; Hkv = H
+is multi-head attention, Hkv < H grouped-query attention): q_proj is D → H·E, k_proj and v_proj D → Hkv·E.
 With ``tie_embeddings`` there is no lm_head: the output layer is the embedding table, transposed.
 
 RMSNorm(x) = x / sqrt(mean(x²) + eps) · g, computed in float32 (eps 1e-6). RoPE is the HF LLaMA form
@@ -26,8 +26,8 @@ a named policy.
 
 Layer layouts. ``scan_layers=False`` (default): ``model.layers`` is an ``nnx.List`` of ``Block``s and the
 forward pass unrolls them. ``scan_layers=True``: ``model.layers`` is one ``Block`` whose every Variable has
-a leading layer axis (L, …), and the forward pass is a ``lax.scan`` over it, so XLA compiles one layer
-instead of L (the compile time of a 24–48 layer model drops from minutes to seconds). The two layouts
+a leading layer axis (G, …), and the forward pass is a ``lax.scan`` over it, so XLA compiles one layer
+instead of num_layers (the compile time of a 24–48 layer model drops from minutes to seconds). The two layouts
 hold the same numbers: ``stack_layers``/``unstack_layers`` convert a model between them, and
 ``layer_view`` gives the per-layer (list) view of either, which the per-layer utilities (diagnostics,
 phase probes, export) use; ``poetjax.merge`` merges a stacked POET layer one layer slice at a time.
@@ -65,7 +65,7 @@ class LlamaConfig:
                  head dim it supports, else xla).
     scan_layers: store the layers stacked (one Block with a leading layer axis) and run them with
                  ``lax.scan``: one layer is compiled instead of ``num_layers`` (see the module docstring).
-    num_kv_heads: key/value heads G; 0 means num_heads (multi-head attention), fewer is grouped-query
+    num_kv_heads: key/value heads Hkv; 0 means num_heads (multi-head attention), fewer is grouped-query
                  attention (num_heads must be a multiple of it).
     tie_embeddings: compute the logits with the embedding table (no lm_head).
     init_from:   "" (weights drawn from the run's seed) or "hf:DIR", a Hugging Face LLaMA checkpoint whose
@@ -125,12 +125,12 @@ class LlamaConfig:
 
     @property
     def kv_heads(self) -> int:
-        """G, the number of key/value heads (``num_kv_heads``, or num_heads when that is 0)."""
+        """Hkv, the number of key/value heads (``num_kv_heads``, or num_heads when that is 0)."""
         return self.num_kv_heads or self.num_heads
 
 
 def llama_param_formula(cfg: LlamaConfig) -> int:
-    """Parameters of the plain model: V·D (embed) + L·(2D² + 2·D·G·E + 3·D·F + 2D) + D (final norm) + D·V
+    """Parameters of the plain model: V·D (embed) + n_layers·(2D² + 2·D·Hkv·E + 3·D·F + 2D) + D (final norm) + D·V
     (lm_head, absent when tied)."""
     v, d, f, n = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     kv = cfg.kv_heads * cfg.head_dim
@@ -148,20 +148,20 @@ def _remat_policy(name: str):
 
 
 def rope_tables(positions_T: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin), each (T, E) float32, for the rotate-half RoPE."""
+    """(cos, sin), each (L, E) float32, for the rotate-half RoPE."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BxTxHxE: jax.Array, cos_TxE: jax.Array, sin_TxE: jax.Array) -> jax.Array:
+def apply_rope(x_BxLxHxE: jax.Array, cos_LxE: jax.Array, sin_LxE: jax.Array) -> jax.Array:
     """x·cos + rotate_half(x)·sin in float32, cast back to x's dtype; rotate_half(x) = (−x₂, x₁)."""
-    x = x_BxTxHxE.astype(jnp.float32)
+    x = x_BxLxHxE.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x * cos_TxE[:, None, :] + rotated * sin_TxE[:, None, :]
-    return out.astype(x_BxTxHxE.dtype)
+    out = x * cos_LxE[:, None, :] + rotated * sin_LxE[:, None, :]
+    return out.astype(x_BxLxHxE.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -201,13 +201,13 @@ class Attention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.impl = _attention_impl(cfg)
 
-    def __call__(self, x_BxTxD, cos_TxE, sin_TxE):
-        b, t, _ = x_BxTxD.shape
+    def __call__(self, x_BxLxD, cos_LxE, sin_LxE):
+        b, t, _ = x_BxLxD.shape
         split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)
-        q = apply_rope(split(self.q_proj(x_BxTxD), self.num_heads), cos_TxE, sin_TxE)       # (B, T, H, E)
-        k = apply_rope(split(self.k_proj(x_BxTxD), self.kv_heads), cos_TxE, sin_TxE)        # (B, T, G, E)
-        v = split(self.v_proj(x_BxTxD), self.kv_heads)
-        # G < H: query head h reads key/value head h // (H/G), as in HF's repeat_kv
+        q = apply_rope(split(self.q_proj(x_BxLxD), self.num_heads), cos_LxE, sin_LxE)       # (B, L, H, E)
+        k = apply_rope(split(self.k_proj(x_BxLxD), self.kv_heads), cos_LxE, sin_LxE)        # (B, L, Hkv, E)
+        v = split(self.v_proj(x_BxLxD), self.kv_heads)
+        # Hkv < H: query head h reads key/value head h // (H/Hkv), as in HF's repeat_kv
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -240,7 +240,7 @@ def _run_block(block: Block, x, cos, sin, aux):
 
 
 class Llama(nnx.Module):
-    """tokens (B, T) int → logits (B, T, V) in the compute dtype."""
+    """tokens (B, L) int → logits (B, L, V) in the compute dtype."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, LlamaConfig):
@@ -263,12 +263,12 @@ class Llama(nnx.Module):
         # It must be hashable (it is part of the model's static structure).
         self.block_hook = None
 
-    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        return self.forward_embeddings(self.embed(tokens_BxT))
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        return self.forward_embeddings(self.embed(tokens_BxL))
 
-    def forward_embeddings(self, x_BxTxD: jax.Array) -> jax.Array:
-        """Logits (B, T, V) from input embeddings (the model after its embedding lookup)."""
-        t = x_BxTxD.shape[-2]
+    def forward_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Logits (B, L, V) from input embeddings (the model after its embedding lookup)."""
+        t = x_BxLxD.shape[-2]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = rope_tables(jnp.arange(t), self.cfg.head_dim, self.cfg.rope_theta)
@@ -277,7 +277,7 @@ class Llama(nnx.Module):
         if self.cfg.remat != "none":
             run = nnx.remat(run, policy=_remat_policy(self.cfg.remat))
         values = None if hook is None else hook.prepare(self.layers)
-        x = x_BxTxD.astype(jnp.dtype(self.cfg.dtype))
+        x = x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
@@ -314,7 +314,7 @@ def rngs_at(key: jax.Array, count) -> nnx.Rngs:
 
 
 def _stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
-    """One Block whose Variables are the L layers' stacked along a new leading axis, with the numbers of
+    """One Block whose Variables are the num_layers layers' stacked along a new leading axis, with the numbers of
     the unstacked model: layer l draws the keys that ``Block`` l would draw from ``rngs`` in the list
     layout (each Block draws one key per projection), in one vmapped program."""
     stream = rngs.params

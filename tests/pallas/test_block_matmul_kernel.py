@@ -13,7 +13,7 @@ from poetjax.testing import assert_close
 
 from _modes import MODES, input_perm, output_perm
 
-# (T, N, K, perm kind): T is never a multiple of every token tile; N < B·K means padded indices.
+# (T, N, K, perm kind): T is never a multiple of every token tile; N < J·K means padded indices.
 CASES = [
     (45, 40, 16, "random"),     # 3 blocks, 8 padding columns
     (64, 64, 32, "reversed"),
@@ -182,7 +182,7 @@ def test_input_errors_quote_the_values():
         pk.permuted_block_matmul(x, jnp.arange(32, dtype=jnp.int32), r, interpret=True, config=bad)
 
 
-# Chunked index vectors (poetjax.perms with perm_chunk): (T, N, M, K, chunk). N, M < B·K: padded runs.
+# Chunked index vectors (poetjax.perms with perm_chunk): (T, N, M, K, chunk). N, M < J·K: padded runs.
 CHUNK_CASES = [
     (45, 96, 80, 32, 16),     # output side: one padding run of 16
     (70, 192, 160, 64, 32),   # input side exact, output side one padding run of 32

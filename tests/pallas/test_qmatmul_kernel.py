@@ -68,7 +68,7 @@ def test_qmatmul_rejects_bad_inputs_with_their_shapes():
         pk.qmatmul(a[:, :48], *qw)
     with pytest.raises(ValueError, match="codes must be a 2-D uint8"):
         pk.qmatmul(a, qw.codes.astype(jnp.int32), qw.scale, qw.zero)
-    with pytest.raises(ValueError, match=r"scale must have shape \(N/G, M\)"):
+    with pytest.raises(ValueError, match=r"scale must have shape \(N/Gq, M\)"):
         pk.qmatmul(a, qw.codes, qw.scale[:, :16], qw.zero)
     q24 = quant.quantize(jnp.ones((48, 32)), 24)
     with pytest.raises(ValueError, match="group size to be a multiple of 16, got group size=24"):

@@ -11,7 +11,7 @@ from pallas_kernels import TransposeConfig
 from _modes import MODES
 
 # (T, C, R, perm kind): T not a multiple of the token tiles; C < R is a ragged side (padding rows);
-# R covers the block sides B·K of K ∈ {16, 32, 64, 128, 256}.
+# R covers the block sides J·K of K ∈ {16, 32, 64, 128, 256}.
 CASES = [
     (45, 40, 48, "random"),      # K=16, 3 blocks, 8 padding rows
     (64, 64, 64, "reversed"),    # K=32
