@@ -49,6 +49,21 @@ ROWS: dict[str, list[str]] = {
     "poet_b128_base1e-3": ["optimizer.name=poet", "poet.block_size=128", "optimizer.poet_lr=2e-3",
                            "optimizer.lr=1e-3"],
 }
+# The levers of issue 26 (poetjax.lie, POETConfig.init/init_scale), each alone on the best POET row
+# (poet_b256_plr2e-3), then all together. A learning-rate grid is a row per value, e.g.
+# "lever_ns_2e-2:optimizer.name=poet;poet.block_size=256;optimizer.generator_update=ns;optimizer.poet_lr=2e-2".
+_POET = ROWS["poet_b256_plr2e-3"]
+_LEVERS = {
+    "mup4": ["poet.init=mup", "poet.init_scale=4"],
+    "nesterov": ["optimizer.generator_update=momentum", "optimizer.poet_lr=2e-2"],
+    "nesterov_carry": ["optimizer.generator_update=momentum", "optimizer.carry_moment=true", "optimizer.poet_lr=2e-2"],
+    "ns": ["optimizer.generator_update=ns", "optimizer.poet_lr=1e-2"],
+    "ns_cap": ["optimizer.generator_update=ns", "optimizer.poet_lr=1e-2", "optimizer.max_angle=0.02"],
+    "alternate": ["optimizer.alternate_sides=true"],
+}
+ROWS.update({f"lever_{name}": _POET + extra for name, extra in _LEVERS.items()})
+ROWS["lever_all"] = _POET + _LEVERS["mup4"] + _LEVERS["ns_cap"] + ["optimizer.carry_moment=true",
+                                                                   "optimizer.alternate_sides=true"]
 
 
 def row_overrides(row: str) -> list[str]:

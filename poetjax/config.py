@@ -18,7 +18,7 @@ CAYLEY_PRECISIONS = ("highest", "default", "bf16")
 IMPLS = ("auto", "xla", "pallas")
 CAYLEY_SCOPES = ("auto", "linear", "block", "model")
 COMPUTES = ("auto", "activations", "weight")
-INIT_SCHEMES = ("normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
+INIT_SCHEMES = ("normalized", "mup", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 # The variants the papers name, as POETConfig fields: POET-X fast/mem (BS), POET-FS, POET-XQ fast/mem.
 VARIANTS = {"fast": {}, "mem": {"memory": "mem"}, "fs": {"family": "fs"}, "xq": {"base": "uint8"},
             "xq_mem": {"memory": "mem", "base": "uint8"}}
@@ -93,12 +93,14 @@ class POETConfig:
     cayley:         "neumann" (the papers' truncated series) or "exact" ((I+Q)(I−Q)⁻¹ by a solve: exactly
                     orthogonal, slower; for checks and research).
     init:           how W0 is formed from the wrapped Linear's weight (spec §2): "normalized" (reference
-                    default: every neuron, a kernel column, scaled to unit L2 norm), "normalized_gaussian"
-                    (fresh N(0,1) draw, neurons normalized), "standard" (fresh N(0, init_std²)), "xavier"
-                    (fresh Glorot normal), "uniform_spectrum" (U·Vᵀ of the weight: every singular value 1),
-                    "keep" (exact copy: the converted model computes the same function).
-    init_std:       standard deviation of W0's fresh draws: the "standard" scheme, and the weight drawn when
-                    a layer is built without one (``build_poetized``).
+                    default: every neuron, a kernel column, scaled to unit L2 norm), "mup" (neurons normalized,
+                    then scaled so that ‖W0‖₂ ≈ sqrt(M/N), the μP spectral condition: see
+                    ``poetjax.initializers``), "normalized_gaussian" (fresh N(0,1) draw, neurons normalized),
+                    "standard" (fresh N(0, 0.02²)), "xavier" (fresh Glorot normal), "uniform_spectrum" (U·Vᵀ
+                    of the weight: every singular value 1), "keep" (exact copy: the converted model computes
+                    the same function).
+    init_scale:     α, a multiplier of W0 after its scheme: W0's spectrum, which POET keeps for the whole run,
+                    scales with it (1: the scheme as defined; "keep" needs 1 to keep the function).
     quant_group_size: G of the uint8 base: consecutive in-dimension entries of one output column that share a
                     scale and zero point (spec default 256); must divide every layer's padded in-dimension.
     perm_chunk:     how many consecutive coordinates the random permutations move together (default 1:
@@ -116,7 +118,7 @@ class POETConfig:
     num_terms: int = 3
     cayley: str = "neumann"
     init: str = "normalized"
-    init_std: float = 0.02
+    init_scale: float = 1.0
     quant_group_size: int = 256
     perm_chunk: int = 1
     exec: ExecConfig = dataclasses.field(default_factory=ExecConfig)
@@ -137,8 +139,8 @@ class POETConfig:
         _positive_int("num_terms", self.num_terms)
         _one_of("cayley", self.cayley, CAYLEY_MAPS)
         _one_of("init", self.init, INIT_SCHEMES)
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got init_std={self.init_std!r}")
+        if not self.init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got init_scale={self.init_scale!r}")
         _positive_int("quant_group_size", self.quant_group_size)
         _positive_int("perm_chunk", self.perm_chunk)
         if self.family == "fs":

@@ -74,7 +74,7 @@ class POETLinear(nnx.Module):
         self.layout_out = layout(self.out_features, config.block_size, name="out_features")
 
         w = base_weight(config.init, rngs.params(), (self.in_features, self.out_features), kernel=kernel,
-                        std=config.init_std)
+                        scale=config.init_scale)
         if config.perm_chunk > 1:  # clear errors naming the layer's side, before any permutation is drawn
             check_chunk(config.perm_chunk, self.in_features, self.layout_in.block_size, "in_features")
             check_chunk(config.perm_chunk, self.out_features, self.layout_out.block_size, "out_features")

@@ -12,7 +12,8 @@ from functools import partial
 import jax
 from flax import nnx
 
-from poetjax.layers import POETLinear
+from poetjax.layers import Permutation, POETLinear
+from poetjax.lie import carry_moments
 from poetjax.optim import reset_generator_state
 from poetjax.surgery import fold_in_each, poet_layers, stack_trees, stacked_depth, view_order
 
@@ -68,11 +69,15 @@ def merge(model: nnx.Module, key: jax.Array) -> None:
 
 def merge_and_reset(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> None:
     """The merge step of a training loop: ``merge`` plus the reset of the generators' Adam moments and
-    bias-correction count, done together so that one cannot happen without the other.
+    bias-correction count (a carried momentum is re-expressed in the new blocks instead,
+    ``poetjax.lie.carry_moments``), done together so that one cannot happen without the other.
 
     Call it right after the optimizer update whose completed-step count is a multiple of
     ``merge_interval``; the next update then starts from θ = 0 with fresh moments.
     """
+    before = nnx.as_pure(nnx.state(model, Permutation))
     merge(model, key)
-    fresh = reset_generator_state(nnx.as_pure(optimizer.opt_state))
+    after = nnx.as_pure(nnx.state(model, Permutation))
+    fresh = reset_generator_state(nnx.as_pure(optimizer.opt_state),
+                                  carry=lambda mu: carry_moments(mu, before, after))
     nnx.update(optimizer.opt_state, nnx.state(fresh))

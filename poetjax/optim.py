@@ -25,6 +25,8 @@ from flax import nnx
 
 from poetjax.config import POETConfig
 from poetjax.layers import GENERATOR_NAMES, Generator
+from poetjax.lie import (GENERATOR_UPDATES, CarriedLieMomentumState, LieMomentumState, alternate_sides,
+                         clip_block_angle, lie_momentum, side_of)
 
 POET_LABEL = "poet"
 BASE_LABEL = "base"
@@ -172,8 +174,9 @@ def warmup_cosine_schedule(peak: float, total_steps: int, warmup_steps: int = 0,
 def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_decay: float = 0.0, *,
                    poet_learning_rate: ScalarOrSchedule | None = None, poet_scale: float = 0.5,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, max_grad_norm: float | None = None,
-                   clip_warmup_steps: int = 2000, mu_dtype=None,
-                   generator_mu_dtype=None) -> optax.GradientTransformation:
+                   clip_warmup_steps: int = 2000, mu_dtype=None, generator_mu_dtype=None,
+                   generator_update: str = "adam", generator_momentum: float = 0.95, carry_moment: bool = False,
+                   max_angle: float = 0.0, alternate: bool = False) -> optax.GradientTransformation:
     """The POET optimizer: Adam (lr × poet_scale, no decay) on generators, AdamW on the rest.
 
     config:             the layers' POETConfig (its merge_interval times the post-merge clip warm-up).
@@ -186,6 +189,13 @@ def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_d
     mu_dtype:           storage dtype of both moments of every group (None: each parameter's dtype).
     generator_mu_dtype: storage dtype of the generators' moments only (overrides mu_dtype for them; e.g.
                         bfloat16 halves the generators' optimizer state, measured in BENCHMARKS.md).
+    generator_update:   the generators' rule (``poetjax.lie``): "adam" (POETAdamW), "momentum" (Nesterov
+                        momentum ``generator_momentum`` in the Lie algebra) or "ns" (that momentum
+                        Newton–Schulz-orthogonalized per block: the learning rate is then the step's angle).
+    carry_moment:       keep the momentum of "momentum"/"ns" across merges, re-expressed in the new blocks
+                        (``poetjax.lie.carry_moments``); otherwise a merge zeroes it.
+    max_angle:          if > 0, cap each block's step at this rotation angle (``poetjax.lie.clip_block_angle``).
+    alternate:          odd steps update only the input-side generators, even steps the output side.
     """
     if not isinstance(config, POETConfig):
         raise TypeError(f"config must be a POETConfig, got {type(config).__name__}")
@@ -196,8 +206,22 @@ def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_d
     plr = learning_rate if poet_learning_rate is None else poet_learning_rate
     scale = poet_scale
     gen_lr = (lambda s: plr(s) * scale) if callable(plr) else plr * scale
+    if generator_update not in GENERATOR_UPDATES:
+        raise ValueError(f"generator_update must be one of {GENERATOR_UPDATES}, got generator_update={generator_update!r}")
+    if carry_moment and generator_update == "adam":
+        raise ValueError("carry_moment keeps the momentum of generator_update='momentum' or 'ns'; "
+                         "got generator_update='adam'")
+    if generator_update == "adam":
+        gen = [poet_adamw(gen_lr, b1, b2, eps, 0.0, mu_dtype=generator_mu_dtype or mu_dtype)]
+    else:
+        gen = [lie_momentum(generator_momentum, orthogonalize=generator_update == "ns", carry=carry_moment),
+               optax.scale_by_learning_rate(gen_lr)]
+    if max_angle:
+        gen.append(clip_block_angle(max_angle))
+    if alternate:
+        gen.append(alternate_sides(side_of))
     tx = optax.partition(
-        {POET_LABEL: poet_adamw(gen_lr, b1, b2, eps, 0.0, mu_dtype=generator_mu_dtype or mu_dtype),
+        {POET_LABEL: gen[0] if len(gen) == 1 else optax.chain(*gen),
          BASE_LABEL: poet_adamw(learning_rate, b1, b2, eps, weight_decay,
                                 mask=_decay_mask, mu_dtype=mu_dtype)},
         param_labels)
@@ -214,17 +238,26 @@ def _is_partition(x) -> bool:
     return isinstance(x, optax.transforms.PartitionState)
 
 
-def reset_generator_state(opt_state):
-    """Pure: the optimizer state with the generators' mu, nu and bias-correction count zeroed.
+_GENERATOR_STATES = (PoetAdamState, LieMomentumState, CarriedLieMomentumState)
 
-    Finds every ``optax.partition`` state and resets the ``PoetAdamState`` under its "poet" label; the
-    learning-rate step counter and every other group's state are kept.
+
+def reset_generator_state(opt_state, carry: Callable[[Any], Any] | None = None):
+    """Pure: the optimizer state with the generators' moments (and Adam's bias-correction count) zeroed, as
+    a merge needs them; a carried momentum (``carry_moment``) is mapped by ``carry`` instead (the merge
+    passes ``poetjax.lie.carry_moments`` of its permutations; None keeps it as it is).
+
+    Finds every ``optax.partition`` state and resets the generator states under its "poet" label; the
+    learning-rate step counters and every other group's state are kept.
     """
 
     def reset_adam(node):
         if isinstance(node, PoetAdamState):
             return node._replace(count=jnp.zeros_like(node.count), mu=jax.tree.map(jnp.zeros_like, node.mu),
                                  nu=jax.tree.map(jnp.zeros_like, node.nu))
+        if isinstance(node, LieMomentumState):
+            return node._replace(mu=jax.tree.map(jnp.zeros_like, node.mu))
+        if isinstance(node, CarriedLieMomentumState) and carry is not None:
+            return node._replace(mu=carry(node.mu))
         return node
 
     def reset_partition(node):
@@ -232,7 +265,7 @@ def reset_generator_state(opt_state):
             return node
         inner = dict(node.inner_states)
         inner[POET_LABEL] = jax.tree.map(reset_adam, inner[POET_LABEL],
-                                         is_leaf=lambda x: isinstance(x, PoetAdamState))
+                                         is_leaf=lambda x: isinstance(x, _GENERATOR_STATES))
         return node._replace(inner_states=inner)
 
     found = []

@@ -339,8 +339,7 @@ def diff_saved(saved: dict, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
 
 def migrate_saved(saved: dict) -> dict:
     """A config dict written by an earlier version in today's layout: the POET fields of ``optimizer``
-    moved to ``poet``/``poet.exec``, ``variant`` split into family/memory/base, ``layout`` dropped, and
-    W0's init std taken from the model's (what those versions used)."""
+    moved to ``poet``/``poet.exec``, ``variant`` split into family/memory/base, ``layout`` dropped."""
     opt = saved.get("optimizer")
     if not isinstance(opt, dict) or not any(f"optimizer.{k}" in MOVED for k in opt):
         return saved
@@ -355,9 +354,6 @@ def migrate_saved(saved: dict) -> dict:
     if "variant" in opt:
         poet.update(VARIANTS[opt.pop("variant")])
     opt.pop("layout", None)
-    model = saved.get("model") or {}
-    if "init_std" in model:
-        poet["init_std"] = model["init_std"]
     return {**saved, "optimizer": opt, "poet": {**poet, "exec": exec_}}
 
 

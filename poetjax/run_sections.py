@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from poetjax.data.sources import ENCODING_ERRORS
+from poetjax.lie import GENERATOR_UPDATES
 
 OPTIMIZERS = ("poet", "adamw", "muon")
 MOMENT_DTYPES = ("float32", "bfloat16")
@@ -80,6 +81,13 @@ class OptimizerConfig:
     clip_warmup_steps: steps during which poet ramps the clip threshold after each merge (spec §7.3).
     generator_moment_dtype: storage of the generators' Adam moments ("float32" | "bfloat16": half the
                     generators' optimizer state; the update itself is computed in float32 either way).
+    generator_update: the generators' rule (``poetjax.lie``): "adam" (POETAdamW), "momentum" (Nesterov
+                    momentum in the Lie algebra) or "ns" (that momentum Newton–Schulz-orthogonalized per
+                    block, Muon-style: poet_lr × poet_scale is then each step's rotation angle).
+    generator_momentum: the momentum coefficient of "momentum" and "ns".
+    carry_moment:   keep that momentum across merges, re-expressed in the new blocks (else zeroed).
+    max_angle:      cap of each block's rotation angle per step, in radians (0 = no cap).
+    alternate_sides: odd steps update only the input-side generators, even steps the output side.
     """
 
     name: str = "poet"
@@ -94,6 +102,11 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     clip_warmup_steps: int = 2000
     generator_moment_dtype: str = "float32"
+    generator_update: str = "adam"
+    generator_momentum: float = 0.95
+    carry_moment: bool = False
+    max_angle: float = 0.0
+    alternate_sides: bool = False
 
     def __post_init__(self):
         require(self.name in OPTIMIZERS, f"name must be one of {OPTIMIZERS}, got name={self.name!r}")
@@ -106,6 +119,13 @@ class OptimizerConfig:
         require(self.clip_warmup_steps >= 0, f"clip_warmup_steps must be >= 0, got {self.clip_warmup_steps!r}")
         require(self.generator_moment_dtype in MOMENT_DTYPES, f"generator_moment_dtype must be one of "
                f"{MOMENT_DTYPES}, got generator_moment_dtype={self.generator_moment_dtype!r}")
+        require(self.generator_update in GENERATOR_UPDATES, f"generator_update must be one of {GENERATOR_UPDATES}, "
+                f"got generator_update={self.generator_update!r}")
+        require(0.0 <= self.generator_momentum < 1.0,
+                f"generator_momentum must be in [0, 1), got generator_momentum={self.generator_momentum!r}")
+        require(not (self.carry_moment and self.generator_update == "adam"),
+                "carry_moment keeps the momentum of generator_update=momentum or ns, not of adam")
+        require(self.max_angle >= 0, f"max_angle must be >= 0 (0 = no cap), got max_angle={self.max_angle!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -249,7 +249,7 @@ def build_poetized(make_model: Callable[[], nnx.Module], config: POETConfig, *, 
     ~40 GB): the model is traced abstractly (``nnx.eval_shape``); its unconverted state (embedding,
     norms, excluded Linears, biases) comes from its own initializers in one jitted program whose unused
     outputs — the converted kernels — XLA drops; each converted Linear becomes a POETLinear whose W0 is
-    drawn from N(0, init_std²) and transformed by ``config.init`` (what ``poetize`` does with a freshly
+    drawn from N(0, 0.02²) and transformed by ``config.init`` (what ``poetize`` does with a freshly
     initialized Linear's kernel) inside one jitted program per layer shape, so at most one layer's float
     weight exists at a time. Layer i (nnx graph order) uses ``fold_in(key, i)``.
 

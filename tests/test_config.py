@@ -18,7 +18,7 @@ import poetjax as pj
     ({"base": "int4"}, "base='int4'"),
     ({"cayley": "pade"}, "cayley='pade'"),
     ({"num_terms": 0}, "num_terms=0"),
-    ({"init_std": 0.0}, "init_std=0.0"),
+    ({"init_scale": 0.0}, "init_scale=0.0"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(")):

@@ -97,7 +97,6 @@ def test_defaults_are_the_default_job():
     assert cfg == RunConfig()
     assert cfg.data.source == "data/tinyshakespeare" and cfg.optimizer.name == "poet"
     assert (cfg.poet.block_size, cfg.poet.merge_interval) == (32, 100)  # the small default model's
-    assert cfg.poet.init_std == cfg.model.init_std
 
 
 def test_a_partial_poet_section_keeps_the_run_defaults(tmp_path):
@@ -134,7 +133,7 @@ def test_a_checkpoint_config_of_the_old_layout_reads_as_the_same_run():
     old = {k: v for k, v in old.items() if k != "poet"}
     old["optimizer"] = opt
     assert diff_saved(old, cfg) == []
-    assert migrate_saved(old)["poet"]["init_std"] == cfg.model.init_std
+    assert migrate_saved(old)["poet"]["base"] == "uint8"
     opt["merge_interval"] = 50
     assert diff_saved(old, cfg) == [("poet.merge_interval", 50, 100)]
 
@@ -163,6 +162,10 @@ def test_yaml_base_chain_and_overrides(tmp_path):
     (["data.seq_len=4096"], r"data.seq_len=4096 exceeds model.max_seq_len"),
     (["train.batch_size=10", "train.microbatches=3"], r"batch_size=10 is not divisible by microbatches=3"),
     (["lr"], r"not of the form key=value"),
+    (["optimizer.generator_update=sgd"], r"generator_update must be one of \('adam', 'momentum', 'ns'\)"),
+    (["optimizer.carry_moment=true"], r"carry_moment keeps the momentum of generator_update=momentum or ns"),
+    (["optimizer.max_angle=-1"], r"max_angle must be >= 0"),
+    (["poet.init_scale=0"], r"init_scale must be > 0"),
 ])
 def test_bad_overrides_fail_with_a_message_naming_them(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import poetjax as pj
-from poetjax.initializers import base_weight
+from poetjax.initializers import base_weight, mup_factor
 from poetjax.testing import assert_close
 
 
@@ -67,7 +67,8 @@ def test_w0_gets_no_gradient_and_no_optimizer_state():
     assert any("theta_in" in p for p in opt_paths) and not any("w0" in p for p in opt_paths)
 
 
-@pytest.mark.parametrize("scheme", ["normalized", "normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep"])
+@pytest.mark.parametrize("scheme", ["normalized", "mup", "normalized_gaussian", "standard", "xavier", "uniform_spectrum",
+                                    "keep"])
 def test_init_schemes(scheme):
     key = jax.random.key(0)
     kernel = jax.random.normal(jax.random.key(1), (24, 16)) * 3.0
@@ -84,6 +85,20 @@ def test_init_schemes(scheme):
         assert abs(w.std() - 0.02) < 0.004
     if scheme == "xavier":
         assert abs(w.std() - np.sqrt(2 / 40)) < 0.05
+
+
+@pytest.mark.parametrize("n,m,scale", [(256, 256, 1.0), (128, 512, 4.0), (512, 128, 0.5)])
+def test_mup_scheme_meets_the_spectral_condition_times_init_scale(n, m, scale):
+    """"mup": unit-norm neurons times mup_factor, so ‖W0‖₂ ≈ scale · sqrt(M/N) (within the finite-size
+    deviation of the Marchenko–Pastur edge: 10% at these sizes), for both aspect ratios; init_scale
+    multiplies every scheme."""
+    kernel = jax.random.normal(jax.random.key(1), (n, m))
+    w = np.asarray(base_weight("mup", jax.random.key(0), (n, m), kernel=kernel, scale=scale), np.float64)
+    assert abs(np.linalg.norm(w, 2) / (scale * np.sqrt(m / n)) - 1.0) < 0.1
+    np.testing.assert_allclose(np.linalg.norm(w, axis=0), scale * mup_factor(n, m), rtol=1e-5)
+    lay = pj.POETLinear(n, m, config=pj.POETConfig(block_size=32, init="normalized", init_scale=scale),
+                        rngs=nnx.Rngs(0), kernel=kernel)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(lay.effective_kernel()), axis=0), scale, rtol=1e-5)
 
 
 def test_poetize_without_linears_is_an_error():

@@ -59,6 +59,8 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     if o.name == "poet":
         return poet_optimizer(cfg.poet, sched["lr"], o.weight_decay, poet_learning_rate=sched["poet_lr"],
                               poet_scale=o.poet_scale, b1=o.b1, b2=o.b2, eps=o.eps,
+                              generator_update=o.generator_update, generator_momentum=o.generator_momentum,
+                              carry_moment=o.carry_moment, max_angle=o.max_angle, alternate=o.alternate_sides,
                               max_grad_norm=clip, clip_warmup_steps=o.clip_warmup_steps,
                               generator_mu_dtype=jnp.dtype(o.generator_moment_dtype))
     if o.name == "adamw":

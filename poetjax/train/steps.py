@@ -31,6 +31,7 @@ from poetjax.diagnostics import PhaseProbe, diagnostic_groups, expand_diagnostic
 from poetjax.merge import merge as merge_model
 from poetjax.models.hf import SHAPE_FIELDS, shape_diff
 from poetjax.models.llama import Llama, from_hf
+from poetjax.lie import carry_moments
 from poetjax.optim import reset_generator_state
 from poetjax.run_config import RunConfig
 from poetjax.surgery import build_poetized, poetize
@@ -225,7 +226,8 @@ def make_merge_step(graphdef, *, jit: bool = True, donate: bool = True):
         probe = PhaseProbe.advance(state.probe, model)  # the rotations about to be folded into W0
         merge_model(model, sub)
         _, params, frozen = split_model(model)
-        return state._replace(params=params, frozen=frozen, opt_state=reset_generator_state(state.opt_state),
+        opt_state = reset_generator_state(state.opt_state, carry=lambda mu: carry_moments(mu, state.frozen, frozen))
+        return state._replace(params=params, frozen=frozen, opt_state=opt_state,
                               merges=state.merges + 1, key=jax.random.key_data(key), probe=probe)
 
     if not jit:
