@@ -68,14 +68,14 @@ def max_tile(block_size: int, cap: int) -> int:
     return min(t, cap)
 
 
-def _check_tile(owner: str, name: str, value: int, block_size: int | None) -> None:
+def check_tile(owner: str, name: str, value: int, block_size: int | None) -> None:
     if not is_pow2(value) or value < MIN_TILE:
         raise ValueError(f"{owner}.{name}={value!r} must be a power of two ≥ {MIN_TILE}")
     if block_size is not None and block_size % value:
         raise ValueError(f"{owner}.{name}={value} does not divide block_size={block_size}")
 
 
-def _check_launch(owner: str, num_warps: int, num_stages: int) -> None:
+def check_launch(owner: str, num_warps: int, num_stages: int) -> None:
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"{owner}.num_warps={num_warps!r} must be one of 1, 2, 4, 8, 16")
     if not isinstance(num_stages, int) or not 1 <= num_stages <= 8:
@@ -97,11 +97,11 @@ class RotateConfig:
     num_stages: int = 3
 
     def validate(self, block_size: int | None = None) -> "RotateConfig":
-        _check_tile("RotateConfig", "block_t", self.block_t, None)
-        _check_tile("RotateConfig", "block_k", self.block_k, block_size)
+        check_tile("RotateConfig", "block_t", self.block_t, None)
+        check_tile("RotateConfig", "block_k", self.block_k, block_size)
         if self.block_n:
-            _check_tile("RotateConfig", "block_n", self.block_n, block_size)
-        _check_launch("RotateConfig", self.num_warps, self.num_stages)
+            check_tile("RotateConfig", "block_n", self.block_n, block_size)
+        check_launch("RotateConfig", self.num_warps, self.num_stages)
         return self
 
     def n_tile(self, block_size: int) -> int:
@@ -137,12 +137,12 @@ class ReduceConfig:
     num_stages: int = 3
 
     def validate(self, block_size: int | None = None) -> "ReduceConfig":
-        _check_tile("ReduceConfig", "block_t", self.block_t, None)
-        _check_tile("ReduceConfig", "block_m", self.block_m, block_size)
-        _check_tile("ReduceConfig", "block_n", self.block_n, block_size)
+        check_tile("ReduceConfig", "block_t", self.block_t, None)
+        check_tile("ReduceConfig", "block_m", self.block_m, block_size)
+        check_tile("ReduceConfig", "block_n", self.block_n, block_size)
         if not isinstance(self.num_chunks, int) or self.num_chunks < 0:
             raise ValueError(f"ReduceConfig.num_chunks={self.num_chunks!r} must be an int ≥ 0 (0 = automatic)")
-        _check_launch("ReduceConfig", self.num_warps, self.num_stages)
+        check_launch("ReduceConfig", self.num_warps, self.num_stages)
         return self
 
     def chunks(self, num_tokens: int, num_blocks: int, block_size: int) -> int:
@@ -171,14 +171,14 @@ class LoopConfig:
     num_stages: int = 3
 
     def validate(self, block_size: int | None = None) -> "LoopConfig":
-        _check_tile("LoopConfig", "block_t", self.block_t, None)
-        _check_tile("LoopConfig", "block_n", self.block_n, block_size)
-        _check_tile("LoopConfig", "block_p", self.block_p, block_size)
+        check_tile("LoopConfig", "block_t", self.block_t, None)
+        check_tile("LoopConfig", "block_n", self.block_n, block_size)
+        check_tile("LoopConfig", "block_p", self.block_p, block_size)
         if not isinstance(self.num_chunks, int) or self.num_chunks < 0:
             raise ValueError(f"LoopConfig.num_chunks={self.num_chunks!r} must be an int ≥ 0 (0 = automatic)")
         if not isinstance(self.waves, int) or self.waves < 1:
             raise ValueError(f"LoopConfig.waves={self.waves!r} must be an int ≥ 1")
-        _check_launch("LoopConfig", self.num_warps, self.num_stages)
+        check_launch("LoopConfig", self.num_warps, self.num_stages)
         return self
 
     def chunks(self, num_tokens: int, num_blocks: int, block_size: int) -> int:
@@ -244,8 +244,8 @@ class CayleyConfig:
 
     def validate(self, block_size: int | None = None) -> "CayleyConfig":
         for name in ("block_m", "block_k"):
-            _check_tile("CayleyConfig", name, getattr(self, name), block_size)
-        _check_launch("CayleyConfig", self.num_warps, self.num_stages)
+            check_tile("CayleyConfig", name, getattr(self, name), block_size)
+        check_launch("CayleyConfig", self.num_warps, self.num_stages)
         if self.precision not in PRECISIONS:
             raise ValueError(f"CayleyConfig.precision={self.precision!r} must be one of {PRECISIONS}")
         return self

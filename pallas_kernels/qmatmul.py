@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (MIN_TILE, _check_launch, _check_tile, compiler_params, dot, dot_precision,
+from pallas_kernels._common import (MIN_TILE, check_launch, check_tile, compiler_params, dot, dot_precision,
                                     max_tile)
 
 _NT = (((1,), (0,)), ((), ()))    # a @ b
@@ -59,8 +59,8 @@ class QMatmulConfig:
 
     def validate(self) -> "QMatmulConfig":
         for name in ("block_t", "block_k", "block_n"):
-            _check_tile("QMatmulConfig", name, getattr(self, name), None)
-        _check_launch("QMatmulConfig", self.num_warps, self.num_stages)
+            check_tile("QMatmulConfig", name, getattr(self, name), None)
+        check_launch("QMatmulConfig", self.num_warps, self.num_stages)
         return self
 
 

@@ -37,7 +37,7 @@ import jax.experimental.pallas.triton as plt
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import _check_launch, _check_tile, check_index_vector, compiler_params, max_tile
+from pallas_kernels._common import check_index_vector, check_launch, check_tile, compiler_params, max_tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +54,9 @@ class TransposeConfig:
     num_stages: int = 1
 
     def validate(self) -> "TransposeConfig":
-        _check_tile("TransposeConfig", "block_t", self.block_t, None)
-        _check_tile("TransposeConfig", "block_c", self.block_c, None)
-        _check_launch("TransposeConfig", self.num_warps, self.num_stages)
+        check_tile("TransposeConfig", "block_t", self.block_t, None)
+        check_tile("TransposeConfig", "block_c", self.block_c, None)
+        check_launch("TransposeConfig", self.num_warps, self.num_stages)
         return self
 
     def c_tile(self, rows: int) -> int:

@@ -1,8 +1,8 @@
 """poetjax: POET / POET-X (orthogonal equivalence transformation) training in JAX.
 
-Array shapes in docstrings use one legend (B batch, L sequence, T = B·L tokens, N/M in/out features,
+Array shapes in docstrings use one legend (B batch, S sequence, T = B·S tokens, N/M in/out features,
 K block size, I/O blocks of a side, J blocks of one batched call, Np/Mp padded sizes, c perm_chunk, Gq the
-quantization group, G stacked-layer group): docs/design.md, "Shape legend".
+quantization group, L stacked layers): docs/design.md, "Shape legend".
 """
 
 from poetjax.config import ExecConfig, POETConfig

@@ -288,7 +288,7 @@ def rotation_group(items, num_terms: int = 3, *, exact: bool = False, impl: str 
                    precision: str = "highest") -> list[jax.Array]:
     """``[rotations(theta, layout, …) for theta, layout in items]`` in one batched map per block size.
 
-    Each θ may carry leading axes (e.g. the layer axis of stacked layers, (G, J, P) → (G, J, K, K)). The
+    Each θ may carry leading axes (e.g. the layer axis of stacked layers, (L, J, P) → (L, J, K, K)). The
     blocks of every item with the same block size are flattened and concatenated into one (ΣJ, P) map, so
     the Cayley–Neumann series of a whole POET layer, transformer block or model costs one launch of each
     kernel instead of one per side and projection (at a few dozen blocks a map is mostly launch latency;

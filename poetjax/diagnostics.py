@@ -262,7 +262,7 @@ def _layer_groups(view: nnx.Module) -> dict[str, list[tuple[str, nnx.Module]]]:
 def grouped_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | None = None,
                         s_ref: dict[str, jax.Array] | None = None, num_sv: int = 16) -> dict[str, dict[str, jax.Array]]:
     """``model_diagnostics`` with every quantity stacked over the layers of a ``diagnostic_groups`` group:
-    {group key: {name: (G, ...)}}, and ``s_ref`` likewise {group key: (G, n)}. A jitted program of it has a
+    {group key: {name: (L, ...)}}, and ``s_ref`` likewise {group key: (L, n)}. A jitted program of it has a
     few outputs per layer shape instead of several per layer (``expand_diagnostics`` splits them on the host)."""
     out = {}
     for key, members in _layer_groups(layer_view(model)).items():
@@ -281,7 +281,7 @@ def grouped_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | No
         else:
             kernels, bases = jnp.stack([m.kernel[...].astype(jnp.float32) for m in layers]), None
             d = {}
-        s = singular_values(kernels)  # (G, n): one batched SVD per group
+        s = singular_values(kernels)  # (L, n): one batched SVD per group
         n = s.shape[-1]
         d.update({"singular_values": s, "sv": s[:, sampled_ranks(n, num_sv)], "svd_entropy": svd_entropy(s),
                   "spectral_norm": s[:, 0]})

@@ -22,8 +22,6 @@ recompiles.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from collections.abc import Callable
@@ -172,24 +170,26 @@ class POETLinear(nnx.Module):
 
     def training_cayley_args(self) -> tuple:
         """(num_terms, exact, impl, precision) of the forward pass's Cayley map: layers with equal
-        arguments can share one map (``shared_rotations``)."""
+        arguments can share one map (``compute_rotations``)."""
         c = self.config
         return (c.num_terms, c.cayley == "exact", self.plan().impl, c.exec.cayley_precision)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rotations: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """``rotations``: (R_in, R_out) of this layer's generators mapped elsewhere (a Cayley map shared by many
+        layers, ``compute_rotations``; the model's ``CayleyScopeHook`` passes them) instead of mapping its own."""
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         if self.config.family == "fs":
+            if rotations is not None:
+                raise ValueError("a POET-FS layer maps its own subset rotations; got rotations=")
             r_in, r_out = self.rotation_blocks()
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
-            _, _, impl, precision = self.training_cayley_args()
-            shared = (_SHARED.get() or {}).get(id(self))
-            if shared is not None and shared[0] is self:
-                r_in, r_out = shared[1]
-            else:
-                r_in, r_out = self.rotation_blocks(impl=impl, precision=precision)
+            if rotations is None:
+                _, _, impl, precision = self.training_cayley_args()
+                rotations = self.rotation_blocks(impl=impl, precision=precision)
+            r_in, r_out = rotations
             plan = self.plan(math.prod(x.shape[:-1]))
             y = ops.poet_x_linear(x.astype(dtype), self.base, r_in, r_out, self.perms, plan,
                                   precision=self.precision)
@@ -227,11 +227,8 @@ class POETLinear(nnx.Module):
 
 # -- shared Cayley maps ---------------------------------------------------------------------------
 # The rotation blocks of many POET layers computed in one batched Cayley–Neumann map (cayley.rotation_group)
-# and handed to the layers' forward passes: a trace-time table {id(layer): (layer, (R_in, R_out))} that
-# POETLinear.__call__ consults. Pure bookkeeping: the blocks are the same function of the same generators,
-# so values and gradients are those of per-layer maps (tests/test_cayley_scope.py).
-
-_SHARED: contextvars.ContextVar = contextvars.ContextVar("poetjax_shared_rotations", default=None)
+# and passed to the layers' calls as an argument. Pure bookkeeping: the blocks are the same function of the
+# same generators, so values and gradients are those of per-layer maps (tests/test_cayley_scope.py).
 
 
 def _shared_layers(module: nnx.Module) -> list[tuple[str, POETLinear]]:
@@ -243,7 +240,7 @@ def _shared_layers(module: nnx.Module) -> list[tuple[str, POETLinear]]:
 def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{path: (R_in, R_out)} for every POET-BS layer under ``module``, from as few Cayley maps as possible
     (one per distinct ``training_cayley_args``, normally one). Stacked layers give stacked blocks
-    (G, I, K, K): all G slices are mapped in the same call."""
+    (L, I, K, K): all L slices are mapped in the same call."""
     groups: dict[tuple, list[tuple[str, POETLinear]]] = {}
     for path, lay in _shared_layers(module):
         groups.setdefault(lay.training_cayley_args(), []).append((path, lay))
@@ -257,20 +254,6 @@ def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Arra
             out[path] = (blocks[2 * j], blocks[2 * j + 1])
     return out
 
-
-@contextlib.contextmanager
-def shared_rotations(module: nnx.Module, rotations: dict | None = None):
-    """Within this context the POET layers under ``module`` rotate with ``rotations`` ({path: (R_in,
-    R_out)} as ``compute_rotations(module)`` returns, e.g. computed once outside a scan and sliced) instead
-    of mapping their own generators; ``rotations=None`` computes them now, in one map for all of them.
-    Layers missing from ``rotations`` map their own blocks."""
-    rotations = compute_rotations(module) if rotations is None else rotations
-    table = {id(lay): (lay, rotations[path]) for path, lay in _shared_layers(module) if path in rotations}
-    token = _SHARED.set({**(_SHARED.get() or {}), **table})
-    try:
-        yield
-    finally:
-        _SHARED.reset(token)
 
 
 def resolve_scope(config: POETConfig) -> str:
@@ -295,7 +278,8 @@ class CayleyScopeHook:
     """A model's block hook (``poetjax.models.Llama.block_hook``, installed by ``poetize``) that shares Cayley
     maps: scope "block" maps all POET layers of a block in one call inside the block (so inside its remat);
     "model" maps every layer's once before the layers run (``prepare``), and each block rotates with its
-    slice (stacked layers: the scan slices the (G, …) blocks like the weights)."""
+    slice (stacked layers: the scan slices the (L, …) blocks like the weights). The blocks reach each layer
+    as its call's ``rotations`` argument (the block's per-projection call arguments)."""
 
     scope: str
 
@@ -313,8 +297,9 @@ class CayleyScopeHook:
 
     def wrap(self, run: Callable) -> Callable:
         def run_shared(block, x, cos, sin, rotations):
-            with shared_rotations(block, rotations if self.scope == "model" else None):
-                return run(block, x, cos, sin, rotations)
+            if self.scope == "block":
+                rotations = compute_rotations(block)
+            return run(block, x, cos, sin, {path: {"rotations": r} for path, r in (rotations or {}).items()})
 
         return run_shared
 

@@ -2,7 +2,7 @@
 compose with ``poetjax.optim`` (shape legend: docs/design.md; J blocks, K block size, P = K(K−1)/2).
 
 A generator θ (J, P) packs J skew-symmetric K×K blocks Q (``poetjax.cayley.skew_from_packed``); a stacked
-model adds a leading layer axis (G, J, P). Every transform here works on any leading axes.
+model adds a leading layer axis (L, J, P). Every transform here works on any leading axes.
 
 * ``lie_momentum``: heavy-ball momentum of the generator gradients (Nesterov by default), with
   ``orthogonalize`` each block's update replaced by its Newton–Schulz orthogonalization (Muon's quintic

@@ -2,7 +2,7 @@
 builds a model already converted, one layer at a time (for models too large to exist in float first).
 
 Stacked layers (a LLaMA with ``scan_layers=True``): an ``nnx.Linear`` whose kernel has a leading layer
-axis (G, N, M) becomes one POETLinear with a leading layer axis on every Variable; layer slice l is
+axis (L, N, M) becomes one POETLinear with a leading layer axis on every Variable; layer slice l is
 converted exactly as an unstacked Linear would be, with its own key (``stacked_depth``, ``view_order``).
 """
 
@@ -139,7 +139,7 @@ _POET_DRAWS = 2
 
 
 def _convert_stacked(lin: nnx.Linear, config: POETConfig, key: jax.Array, counts: Sequence[int]) -> POETLinear:
-    """A stacked Linear (kernel (G, N, M)) as one POETLinear stacked the same way; slice l is built from
+    """A stacked Linear (kernel (L, N, M)) as one POETLinear stacked the same way; slice l is built from
     ``rngs_at(key, counts[l])``, as an unstacked Linear converted at that point of the stream would be."""
     bias = None if lin.bias is None else lin.bias[...]
 

@@ -1,4 +1,4 @@
-"""Shared Cayley maps (``POETConfig.cayley_scope``, ``poetjax.layers.shared_rotations``): one batched map
+"""Shared Cayley maps (``ExecConfig.cayley_scope``, ``poetjax.layers.CayleyScopeHook``): one batched map
 for many layers' blocks computes the same rotations, losses and gradients as per-layer maps, and really
 does use fewer maps."""
 
@@ -10,8 +10,9 @@ from flax import nnx
 
 import poetjax as pj
 from poetjax import cayley
-from poetjax.layers import compute_rotations, shared_rotations
+from poetjax.layers import compute_rotations
 from poetjax.models import Llama, LlamaConfig, stack_layers
+from poetjax.models.llama import rope_tables
 from poetjax.testing import assert_close, poet_config
 from poetjax.train.steps import loss_fn, split_model
 
@@ -129,18 +130,21 @@ def test_shared_rotations_are_the_layers_own_and_provided_ones_are_used():
     assert_close(rots["attn/q_proj"][0], own_in, jnp.float32, "same", what="R_in")
     assert_close(rots["attn/q_proj"][1], own_out, jnp.float32, "same", what="R_out")
     y = lay(x)
-    with shared_rotations(block):
-        assert_close(lay(x), y, jnp.float32, "same", what="shared-map output")
+    assert_close(lay(x, rotations=rots["attn/q_proj"]), y, jnp.float32, "same", what="shared-map output")
     # provided blocks are really what the layer uses: identity rotations give x · W_s-as-dense
-    eye = {p: (jnp.broadcast_to(jnp.eye(8), r_in.shape), jnp.broadcast_to(jnp.eye(8), r_out.shape))
-           for p, (r_in, r_out) in rots.items()}
-    with shared_rotations(block, eye):
-        y_eye = lay(x)
-    w_plain = pj.ops.effective_kernel(lay.base_weight(), *eye["attn/q_proj"], lay.perms)
+    eye = (jnp.broadcast_to(jnp.eye(8), rots["attn/q_proj"][0].shape),
+           jnp.broadcast_to(jnp.eye(8), rots["attn/q_proj"][1].shape))
+    y_eye = lay(x, rotations=eye)
+    w_plain = pj.ops.effective_kernel(lay.base_weight(), *eye, lay.perms)
     assert_close(y_eye, x @ w_plain, jnp.float32, what="identity-rotation output")
     assert rel_diff(y_eye, y) > 1e-2  # and differs from the real rotations'
-    # outside the context the layer maps its own generators again
-    assert_close(lay(x), y, jnp.float32, "same", what="after the context")
+    # the block passes them per projection (what the model's hook hands it)
+    cos, sin = rope_tables(jnp.arange(5), CFG.head_dim, CFG.rope_theta)
+    args = {p: {"rotations": r} for p, r in rots.items()}
+    assert_close(block(x, cos, sin, args), block(x, cos, sin), jnp.float32, "same", what="block with shared maps")
+    with pytest.raises(ValueError, match="POET-FS layer maps its own"):
+        pj.POETLinear(16, 16, config=pj.POETConfig(family="fs", block_size=0.5), rngs=nnx.Rngs(0))(
+            x[..., :16], rotations=eye)
 
 
 def rel_diff(a, b):

@@ -31,7 +31,7 @@ def _layer(n, m, k, *, use_bias=False, variant="fast", seed=0, scale=0.1, kernel
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_forward_equals_dense_effective_weight(n, m, k, use_bias):
     lay, w0 = _layer(n, m, k, use_bias=use_bias)
-    x = jax.random.normal(jax.random.key(7), (2, 3, 5, n))  # (B, L, N)-style batch dims
+    x = jax.random.normal(jax.random.key(7), (2, 3, 5, n))  # (B, S, N)-style batch dims
     dense = dense_effective(lay.theta_in[...], lay.theta_out[...], w0, lay.perm_in[...], lay.perm_out[...], k)
     b = lay.bias[...] if use_bias else 0.0
     y = lay(x)

@@ -1,8 +1,8 @@
 """The training hot path's data: numpy only (memmap reads), deterministic from a seed and a position.
 
-Training batches (``BatchSampler``): the token stream of N tokens is cut into W = (N − L) // L windows of
-L + 1 tokens (L = seq_len; neighbouring windows share one token, so every token is a target once per
-epoch). Epoch e shifts the window grid by an offset o_e ∈ [0, L) and visits the windows in a random
+Training batches (``BatchSampler``): the token stream of N tokens is cut into W = (N − S) // S windows of
+S + 1 tokens (S = seq_len; neighbouring windows share one token, so every token is a target once per
+epoch). Epoch e shifts the window grid by an offset o_e ∈ [0, S) and visits the windows in a random
 order π_e, both drawn from ``np.random.default_rng([seed, e])``. Sequence i of the run is window
 π_{i // W}[i mod W] of epoch i // W, and batch p holds sequences p·B … p·B + B − 1. A batch is therefore
 a pure function of (seed, p): the position p is all a checkpoint needs to resume the exact stream.
@@ -21,7 +21,7 @@ from poetjax.data.sources import DataError
 
 
 class BatchSampler:
-    """``batch(p)`` → int32 (B, L + 1) tokens of batch number ``p`` (see module doc)."""
+    """``batch(p)`` → int32 (B, S + 1) tokens of batch number ``p`` (see module doc)."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
         n = int(tokens.shape[0])
@@ -56,7 +56,7 @@ class BatchSampler:
         return out
 
     def batch(self, position: int, rows: slice | None = None) -> np.ndarray:
-        """int32 (B, L + 1) tokens of batch ``position``; with ``rows``, only those rows of it (what one
+        """int32 (B, S + 1) tokens of batch ``position``; with ``rows``, only those rows of it (what one
         host of a multi-host run reads: ``poetjax.distributed.global_batch``)."""
         ln = self.seq_len + 1
         seqs = [np.asarray(self.tokens[s:s + ln], np.int32) for s in self.starts(position, rows)]
@@ -68,7 +68,7 @@ class BatchSampler:
 
 def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
                  max_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tokens int32 (B, L + 1), weights float32 (B,)) over consecutive valid windows (see module doc)."""
+    """(tokens int32 (B, S + 1), weights float32 (B,)) over consecutive valid windows (see module doc)."""
     n = int(tokens.shape[0])
     count = (n - 1) // seq_len
     if count < 1:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from poetjax.data.sources import DataError, TextSource, _hash_files, open_source, resolve_path
+from poetjax.data.sources import DataError, TextSource, hash_files, open_source, resolve_path
 from poetjax.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
@@ -104,7 +104,7 @@ def prepare(source: str, *, tokenizer: str = "bpe", vocab_size: int, cache_dir: 
         tok_id = f"bpe:{vocab_size}"
     else:
         try:
-            tok_id = f"file:{_hash_files([resolve_path(tokenizer)])}"
+            tok_id = f"file:{hash_files([resolve_path(tokenizer)])}"
         except DataError:
             raise DataError(f"tokenizer file {tokenizer!r} does not exist (data.tokenizer takes 'bpe', a "
                             f"tokenizer.json or a SentencePiece .model)") from None

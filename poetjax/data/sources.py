@@ -115,7 +115,7 @@ def _file_chunks(paths: list[str], max_chars: int = 0, errors: str = "strict") -
     return _group(_lines(paths, errors), max_chars)
 
 
-def _hash_files(paths: list[str]) -> str:
+def hash_files(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(os.path.basename(p).encode())
@@ -191,13 +191,13 @@ def local_source(path: str, valid_fraction: float = 0.1, max_chars: int = 0, err
             train, valid = sorted(train)[:1], sorted(valid)[:1]
             splits = {"train": lambda: _file_chunks(train, max_chars, errors),
                       "valid": lambda: _file_chunks(valid, max_chars, errors)}
-            return TextSource(f"{path} (train/valid files)", _hash_files(train + valid) + f":{max_chars}{tag}",
+            return TextSource(f"{path} (train/valid files)", hash_files(train + valid) + f":{max_chars}{tag}",
                               splits)
         if not files:
             raise DataError(f"data source folder {path!r} holds no text files ({', '.join(TEXT_SUFFIXES)})")
     else:
         files = [path]
-    fp = _hash_files(files) + f":{valid_fraction}:{max_chars}{tag}"
+    fp = hash_files(files) + f":{valid_fraction}:{max_chars}{tag}"
     return TextSource(f"{path} ({len(files)} file(s), last {valid_fraction:.0%} held out)", fp,
                       _split_tail(files, valid_fraction, max_chars, errors))
 

@@ -1,13 +1,13 @@
 """LLaMA in Flax NNX, the reference's model family (POET spec §11).
 
-Shape legend (docs/design.md): B batch, L sequence, D hidden, H heads, Hkv key/value heads, E = D/H head
-dim, F intermediate, V vocab, G the stacked-layer axis.
+Shape legend (docs/design.md): B batch, S sequence, D hidden, H heads, Hkv key/value heads, E = D/H head
+dim, F intermediate, V vocab, L the stacked-layer axis.
 
-    x = embed(tokens)                                       (B, L, D)
+    x = embed(tokens)                                       (B, S, D)
     for each layer:
         x = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))   causal attention
         x = x + down_proj(silu(gate_proj(n2(x))) * up_proj(n2(x)))                       SwiGLU
-    logits = lm_head(norm(x))                               (B, L, V); norm(x) · embedᵀ when tied
+    logits = lm_head(norm(x))                               (B, S, V); norm(x) · embedᵀ when tied
 
 Attention has H query heads and Hkv = ``num_kv_heads`` key/value heads (H/Hkv query heads share one; Hkv = H
 is multi-head attention, Hkv < H grouped-query attention): q_proj is D → H·E, k_proj and v_proj D → Hkv·E.
@@ -26,7 +26,7 @@ a named policy.
 
 Layer layouts. ``scan_layers=False`` (default): ``model.layers`` is an ``nnx.List`` of ``Block``s and the
 forward pass unrolls them. ``scan_layers=True``: ``model.layers`` is one ``Block`` whose every Variable has
-a leading layer axis (G, …), and the forward pass is a ``lax.scan`` over it, so XLA compiles one layer
+a leading layer axis (L, …), and the forward pass is a ``lax.scan`` over it, so XLA compiles one layer
 instead of num_layers (the compile time of a 24–48 layer model drops from minutes to seconds). The two layouts
 hold the same numbers: ``stack_layers``/``unstack_layers`` convert a model between them, and
 ``layer_view`` gives the per-layer (list) view of either, which the per-layer utilities (diagnostics,
@@ -148,20 +148,20 @@ def _remat_policy(name: str):
 
 
 def rope_tables(positions_T: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin), each (L, E) float32, for the rotate-half RoPE."""
+    """(cos, sin), each (S, E) float32, for the rotate-half RoPE."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BxLxHxE: jax.Array, cos_LxE: jax.Array, sin_LxE: jax.Array) -> jax.Array:
+def apply_rope(x_BxSxHxE: jax.Array, cos_SxE: jax.Array, sin_SxE: jax.Array) -> jax.Array:
     """x·cos + rotate_half(x)·sin in float32, cast back to x's dtype; rotate_half(x) = (−x₂, x₁)."""
-    x = x_BxLxHxE.astype(jnp.float32)
+    x = x_BxSxHxE.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x * cos_LxE[:, None, :] + rotated * sin_LxE[:, None, :]
-    return out.astype(x_BxLxHxE.dtype)
+    out = x * cos_SxE[:, None, :] + rotated * sin_SxE[:, None, :]
+    return out.astype(x_BxSxHxE.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -201,15 +201,17 @@ class Attention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.impl = _attention_impl(cfg)
 
-    def __call__(self, x_BxLxD, cos_LxE, sin_LxE):
-        b, t, _ = x_BxLxD.shape
+    def __call__(self, x_BxSxD, cos_SxE, sin_SxE, proj_args=None):
+        """``proj_args``: {projection name: keyword arguments of its call} (see ``Block``)."""
+        pa = proj_args or {}
+        b, t, _ = x_BxSxD.shape
         split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)
-        q = apply_rope(split(self.q_proj(x_BxLxD), self.num_heads), cos_LxE, sin_LxE)       # (B, L, H, E)
-        k = apply_rope(split(self.k_proj(x_BxLxD), self.kv_heads), cos_LxE, sin_LxE)        # (B, L, Hkv, E)
-        v = split(self.v_proj(x_BxLxD), self.kv_heads)
+        q = apply_rope(split(self.q_proj(x_BxSxD, **pa.get("q_proj", {})), self.num_heads), cos_SxE, sin_SxE)
+        k = apply_rope(split(self.k_proj(x_BxSxD, **pa.get("k_proj", {})), self.kv_heads), cos_SxE, sin_SxE)
+        v = split(self.v_proj(x_BxSxD, **pa.get("v_proj", {})), self.kv_heads)  # q (B, S, H, E); k, v (B, S, Hkv, E)
         # Hkv < H: query head h reads key/value head h // (H/Hkv), as in HF's repeat_kv
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
-        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim), **pa.get("o_proj", {}))
 
 
 class MLP(nnx.Module):
@@ -218,8 +220,10 @@ class MLP(nnx.Module):
         self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
         self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, proj_args=None):
+        pa = proj_args or {}
+        h = jax.nn.silu(self.gate_proj(x, **pa.get("gate_proj", {}))) * self.up_proj(x, **pa.get("up_proj", {}))
+        return self.down_proj(h, **pa.get("down_proj", {}))
 
 
 class Block(nnx.Module):
@@ -230,17 +234,22 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin):
-        x = x + self.attn(self.input_norm(x), cos, sin)
-        return x + self.mlp(self.post_attn_norm(x))
+    def __call__(self, x, cos, sin, proj_args=None):
+        """``proj_args``: {"attn/q_proj": {keyword: value}, …}, extra keyword arguments of a projection's call,
+        for projections that a reparameterization replaced and that take them (see ``Llama.block_hook``);
+        plain ``nnx.Linear``s take none."""
+        pa = proj_args or {}
+        sub = lambda prefix: {k.partition("/")[2]: v for k, v in pa.items() if k.partition("/")[0] == prefix}
+        x = x + self.attn(self.input_norm(x), cos, sin, sub("attn"))
+        return x + self.mlp(self.post_attn_norm(x), sub("mlp"))
 
 
-def _run_block(block: Block, x, cos, sin, aux):
-    return block(x, cos, sin)
+def _run_block(block: Block, x, cos, sin, proj_args):
+    return block(x, cos, sin, proj_args)
 
 
 class Llama(nnx.Module):
-    """tokens (B, L) int → logits (B, L, V) in the compute dtype."""
+    """tokens (B, S) int → logits (B, S, V) in the compute dtype."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         if not isinstance(cfg, LlamaConfig):
@@ -256,19 +265,20 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
-        # An optional hook around the layer stack (None: none), e.g. installed by a reparameterization of the
+        # An optional hook around the layer stack (None: none), installed by a reparameterization of the
         # projections: ``prepare(layers)`` runs once before the layers, outside any remat and scan, and returns
         # per-layer values (a list for list layers, arrays with a leading layer axis for stacked ones, or
-        # None); ``wrap(run)`` returns the function that runs one block, run(block, x, cos, sin, value).
+        # None); ``wrap(run)`` returns the function that runs one block, run(block, x, cos, sin, value), which
+        # may call ``run`` with the block's per-projection call arguments (``Block``) as its last argument.
         # It must be hashable (it is part of the model's static structure).
         self.block_hook = None
 
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        return self.forward_embeddings(self.embed(tokens_BxL))
+    def __call__(self, tokens_BxS: jax.Array) -> jax.Array:
+        return self.forward_embeddings(self.embed(tokens_BxS))
 
-    def forward_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
-        """Logits (B, L, V) from input embeddings (the model after its embedding lookup)."""
-        t = x_BxLxD.shape[-2]
+    def forward_embeddings(self, x_BxSxD: jax.Array) -> jax.Array:
+        """Logits (B, S, V) from input embeddings (the model after its embedding lookup)."""
+        t = x_BxSxD.shape[-2]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = rope_tables(jnp.arange(t), self.cfg.head_dim, self.cfg.rope_theta)
@@ -277,7 +287,7 @@ class Llama(nnx.Module):
         if self.cfg.remat != "none":
             run = nnx.remat(run, policy=_remat_policy(self.cfg.remat))
         values = None if hook is None else hook.prepare(self.layers)
-        x = x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
+        x = x_BxSxD.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 

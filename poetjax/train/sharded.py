@@ -35,7 +35,7 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh):
 
 def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, shardings, mesh: Mesh, *,
                             microbatches: int = 1, lr_schedule=None, donate: bool = True):
-    """``train_step(state, tokens (B, L+1)) -> (state, metrics)`` with the state laid out as ``shardings``
+    """``train_step(state, tokens (B, S+1)) -> (state, metrics)`` with the state laid out as ``shardings``
     (``state_shardings``), tokens as ``batch_sharding`` and the metrics replicated."""
     # jitted by core.make_train_step itself, so a wrapper of it (tests poison one step) still sees every call
     return core.make_train_step(graphdef, tx, microbatches=microbatches, lr_schedule=lr_schedule, donate=donate,
@@ -44,7 +44,7 @@ def make_sharded_train_step(graphdef, tx: optax.GradientTransformation, sharding
 
 
 def make_sharded_eval_step(graphdef, shardings, mesh: Mesh):
-    """``eval_step(params, frozen, tokens (B, L+1), weights (B,)) -> (Σ NLL, Σ tokens)``, replicated."""
+    """``eval_step(params, frozen, tokens (B, S+1), weights (B,)) -> (Σ NLL, Σ tokens)``, replicated."""
     step = core.under_mesh(core.make_eval_step(graphdef, jit=False), mesh)
     return jax.jit(step, in_shardings=(shardings.params, shardings.frozen, batch_sharding(mesh),
                                        batch_sharding(mesh, 1)),

@@ -6,7 +6,7 @@ The model lives as ``(graphdef, params, frozen)`` from ``nnx.split``: ``params``
 the whole ``TrainState`` is an ordinary pytree: it can be jitted with ``donate_argnums``, given
 ``in_shardings``/``out_shardings``, checkpointed by orbax, and compared leaf by leaf.
 
-* ``make_train_step(graphdef, tx)``: state, tokens (B, L+1) → state, metrics (loss, grad_norm, lr).
+* ``make_train_step(graphdef, tx)``: state, tokens (B, S+1) → state, metrics (loss, grad_norm, lr).
 * ``make_eval_step(graphdef)``: params, frozen, tokens, weights (B,) → (Σ weighted token NLL, Σ tokens).
 * ``make_merge_step(graphdef)``: POET merge-then-reinitialize of every layer (``poetjax.merge``) and the
   reset of the generators' Adam state (``poetjax.optim.reset_generator_state``), one compiled program
@@ -126,21 +126,21 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Arr
     return graphdef, state
 
 
-def token_losses(graphdef, params, frozen, tokens_BxL1: jax.Array) -> jax.Array:
-    """Next-token negative log-likelihood (B, L) in float32."""
+def token_losses(graphdef, params, frozen, tokens_BxS1: jax.Array) -> jax.Array:
+    """Next-token negative log-likelihood (B, S) in float32."""
     model = nnx.merge(graphdef, params, frozen)
-    logits = model(tokens_BxL1[:, :-1]).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxL1[:, 1:])
+    logits = model(tokens_BxS1[:, :-1]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxS1[:, 1:])
 
 
-def loss_fn(graphdef, params, frozen, tokens_BxL1: jax.Array) -> jax.Array:
-    return jnp.mean(token_losses(graphdef, params, frozen, tokens_BxL1))
+def loss_fn(graphdef, params, frozen, tokens_BxS1: jax.Array) -> jax.Array:
+    return jnp.mean(token_losses(graphdef, params, frozen, tokens_BxS1))
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches: int = 1,
                     lr_schedule: Callable | None = None, jit: bool = True, donate: bool = True,
                     axis_name: str | None = None, in_shardings=None, out_shardings=None, mesh=None):
-    """``train_step(state, tokens (B, L+1) int32) -> (state, metrics)``.
+    """``train_step(state, tokens (B, S+1) int32) -> (state, metrics)``.
 
     With ``microbatches = m`` the batch is split into m equal chunks whose gradients are averaged (a
     ``lax.scan``), giving the same update as the whole batch at 1/m of the activation memory. Chunk i
@@ -205,7 +205,7 @@ def under_mesh(fn: Callable, mesh) -> Callable:
 
 
 def make_eval_step(graphdef, *, jit: bool = True):
-    """``eval_step(params, frozen, tokens (B, L+1), weights (B,)) -> (Σ NLL, Σ tokens)`` in float32."""
+    """``eval_step(params, frozen, tokens (B, S+1), weights (B,)) -> (Σ NLL, Σ tokens)`` in float32."""
 
     def eval_step(params, frozen, tokens, weights):
         nll = token_losses(graphdef, params, frozen, tokens)

@@ -169,7 +169,7 @@ def test_input_errors_quote_the_values():
     r = jnp.ones((2, 16, 16))
     with pytest.raises(ValueError, match="perm has length 30, expected 32"):
         pk.permuted_block_matmul(x, jnp.arange(30, dtype=jnp.int32), r, interpret=True)
-    with pytest.raises(ValueError, match=r"r must have shape \(B, K, K\), got \(2, 16, 8\)"):
+    with pytest.raises(ValueError, match=r"r must have shape \(J, K, K\), got \(2, 16, 8\)"):
         pk.permuted_block_matmul(x, jnp.arange(32, dtype=jnp.int32), jnp.ones((2, 16, 8)), interpret=True)
     with pytest.raises(ValueError, match="block_size=24 is not supported"):
         pk.permuted_block_matmul(x, jnp.arange(48, dtype=jnp.int32), jnp.ones((2, 24, 24)), interpret=True)
