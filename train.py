@@ -16,6 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a che
 # OpenBLAS then deadlocked a sharded run's first SVD (reproduced with mesh.data=8).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+else:
+    # Virtual CPU devices run their collectives in-process: every participant of an all-reduce blocks a
+    # thread of XLA's CPU pools, which have one thread per core unless NPROC says otherwise. Eight devices
+    # on a 2-core machine deadlocked there (XLA aborts the process after its collective timeout), so give
+    # the pools two threads per device. Read when the backend starts, so setting it here is in time.
+    _count = os.environ["XLA_FLAGS"].split("xla_force_host_platform_device_count=")[1].split()[0]
+    if _count.isdigit():
+        os.environ.setdefault("NPROC", str(max(2 * int(_count), os.cpu_count() or 1)))
 
 from poetjax.train.cli import main  # noqa: E402
 

@@ -280,13 +280,14 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
 
     def evaluate(max_batches: int) -> tuple[float, float]:
         t0 = time.perf_counter()
-        tot = cnt = 0.0
+        sums = []
         for toks, w in eval_windows(valid_tokens, batch, seq_len, max_batches):
             toks = dist.global_batch(toks.__getitem__, toks.shape, tokens_sharding)  # this host's rows
             w = dist.global_batch(w.__getitem__, w.shape, weights_sharding)
-            s, c = eval_step(state.params, state.frozen, toks, w)
-            tot, cnt = tot + s, cnt + c
-        loss = float(tot) / float(cnt)
+            sums.append(eval_step(state.params, state.frozen, toks, w))
+        # Summed on the host in float64 (one transfer per batch at the end, no eager op per batch on the mesh).
+        tot, cnt = (math.fsum(float(x) for x in column) for column in zip(*sums))
+        loss = tot / cnt
         timing.setdefault("first_eval_s", time.perf_counter() - t0)
         return loss, math.exp(loss)
 
