@@ -49,11 +49,12 @@ def model_leaves(cfg) -> list[tuple[str, tuple[int, ...], int]]:
     from flax import nnx
 
     from poetjax import distributed as dist
+    from poetjax.layers import path_keys
     from poetjax.train import steps as core
 
     graphdef, params, frozen = core.split_model(nnx.eval_shape(lambda: core.build_model(cfg)))
     roles = dist.leaf_roles(graphdef, params, frozen)
-    return [(roles[dist._path_key(path)], tuple(leaf.shape), int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize)
+    return [(roles[path_keys(path)], tuple(leaf.shape), int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize)
             for tree in (params, frozen) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 

@@ -75,7 +75,8 @@ def num_packed(block_size: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _triu(block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def packed_pairs(block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the packed entries of a K×K block, in packing order."""
     r, c = np.triu_indices(block_size, 1)
     return r.astype(np.int32), c.astype(np.int32)
 
@@ -83,7 +84,7 @@ def _triu(block_size: int) -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def _unpack_maps(block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(K·K,) gather index into θ (P = out of range → 0 on the diagonal) and the (K·K,) sign."""
-    r, c = _triu(block_size)
+    r, c = packed_pairs(block_size)
     p = len(r)
     idx = np.full((block_size, block_size), p, np.int32)
     sign = np.zeros((block_size, block_size), np.float32)
@@ -98,7 +99,7 @@ def _unpack_maps(block_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _mask_np(layout: BlockLayout) -> np.ndarray | None:
     if not layout.ragged:
         return None
-    r, c = _triu(layout.block_size)
+    r, c = packed_pairs(layout.block_size)
     mask = np.ones((layout.num_blocks, len(r)), np.float32)
     mask[-1] = ((r < layout.tail) & (c < layout.tail)).astype(np.float32)
     return mask
@@ -147,7 +148,7 @@ skew_from_packed.defvjp(_skew_fwd, _skew_bwd)
 def packed_from_skew_grad(dq_JxKxK: jax.Array) -> jax.Array:
     """Cotangent of the packed entries: ∂θ_k = ∂Q[r_k, c_k] − ∂Q[c_k, r_k]."""
     k = dq_JxKxK.shape[-1]
-    r, c = _triu(k)
+    r, c = packed_pairs(k)
     flat = dq_JxKxK.reshape(*dq_JxKxK.shape[:-2], k * k)
     return (jnp.take(flat, jnp.asarray(r * k + c), axis=-1)
             - jnp.take(flat, jnp.asarray(c * k + r), axis=-1))
@@ -156,7 +157,7 @@ def packed_from_skew_grad(dq_JxKxK: jax.Array) -> jax.Array:
 def packed_from_skew(q_JxKxK: jax.Array) -> jax.Array:
     """The packed strict upper triangle of (..., K, K) matrices (inverse of ``skew_from_packed``)."""
     k = q_JxKxK.shape[-1]
-    r, c = _triu(k)
+    r, c = packed_pairs(k)
     return q_JxKxK.reshape(*q_JxKxK.shape[:-2], k * k)[..., jnp.asarray(r * k + c)]
 
 

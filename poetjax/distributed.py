@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from poetjax.layers import FrozenWeight, Generator, Permutation
+from poetjax.layers import FrozenWeight, Generator, Permutation, path_keys
 from poetjax.run_sections import DISTRIBUTED_MODES
 
 MESH_AXES = ("data", "fsdp")
@@ -159,19 +159,6 @@ def initialize_distributed(mode: str = "auto", environ=None) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # sharding rules
 
-def _path_key(path) -> tuple:
-    """A path as a tuple of plain keys (dict keys, sequence indices, attribute names)."""
-    out = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
-
-
 def leaf_roles(graphdef, params, frozen) -> dict[tuple, str]:
     """{path (relative to the model) → role} for every array of the model's ``params`` and ``frozen``
     trees, from the types of the Variables that hold them (leaves may be arrays or ShapeDtypeStructs)."""
@@ -227,7 +214,7 @@ def state_specs(graphdef, state, mesh: Mesh, *, min_shard_size: int = 1 << 16):
     by_param: dict[tuple, tuple[tuple, P]] = {}  # param path → (shape, spec), for the optimizer state
 
     def model_spec(path, leaf):
-        key = _path_key(path)
+        key = path_keys(path)
         spec = spec_for(roles.get(key, OTHER), tuple(leaf.shape), mesh, min_shard_size)
         by_param[key] = (tuple(leaf.shape), spec)
         return spec
@@ -237,7 +224,7 @@ def state_specs(graphdef, state, mesh: Mesh, *, min_shard_size: int = 1 << 16):
 
     def follow(path, leaf):
         # Optimizer leaves that mirror a parameter end with that parameter's path (mu['layers'][0]...).
-        key = _path_key(path)
+        key = path_keys(path)
         for start in range(len(key)):
             hit = by_param.get(key[start:])
             if hit is not None and hit[0] == tuple(np.shape(leaf)):

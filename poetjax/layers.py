@@ -52,6 +52,19 @@ class Permutation(nnx.Variable):
 GENERATOR_NAMES = ("theta_in", "theta_out")
 
 
+def path_keys(path) -> tuple:
+    """A pytree path as a tuple of plain keys (dict keys, sequence indices, attribute names)."""
+    out = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
 class POETLinear(nnx.Module):
     """y = x · W_eff (+ bias) with W_eff = R · W0 · P, computed input-centrically (POET-X)."""
 

@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from poetjax.cayley import block_size_from_packed, packed_from_skew, skew_from_packed
+from poetjax.cayley import block_size_from_packed, packed_from_skew, packed_pairs, skew_from_packed
+from poetjax.layers import GENERATOR_NAMES, path_keys
 
 # Muon's quintic Newton–Schulz coefficients (5 steps): fast convergence of the singular values towards 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -46,10 +46,10 @@ def newton_schulz_skew(q_JxKxK: jax.Array, steps: int = 5, coeffs=NS_COEFFS) -> 
     a, b, c = coeffs
     x = q_JxKxK.astype(jnp.float32)
     x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + 1e-7)
-    hi = jax.lax.Precision.DEFAULT
+    prec = jax.lax.Precision.DEFAULT
     for _ in range(steps):
-        gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=hi)
-        x = a * x + jnp.matmul(b * gram + c * jnp.matmul(gram, gram, precision=hi), x, precision=hi)
+        gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=prec)
+        x = a * x + jnp.matmul(b * gram + c * jnp.matmul(gram, gram, precision=prec), x, precision=prec)
     return 0.5 * (x - jnp.swapaxes(x, -1, -2))  # skew in exact arithmetic; exactly skew after rounding too
 
 
@@ -97,8 +97,8 @@ def clip_block_angle(max_angle: float) -> optax.GradientTransformation:
         raise ValueError(f"max_angle must be > 0, got max_angle={max_angle!r}")
 
     def clip(u):
-        q = skew_from_packed(u.astype(jnp.float32))
-        angle = 2.0 * jnp.sqrt(jnp.sum(q * q, axis=(-2, -1)))
+        # ‖ΔQ‖_F² = 2·Σθ²: every packed entry stands twice in the skew block
+        angle = 2.0 * jnp.sqrt(2.0 * jnp.sum(jnp.square(u.astype(jnp.float32)), axis=-1))
         factor = jnp.minimum(1.0, max_angle / jnp.maximum(angle, 1e-30))
         return (u * factor[..., None]).astype(u.dtype)
 
@@ -112,9 +112,9 @@ class AlternateState(NamedTuple):
     count: jax.Array  # updates so far
 
 
-def alternate_sides(side_of) -> optax.GradientTransformation:
-    """Odd-numbered updates (1st, 3rd, …) move the input-side generators only, even ones the output side;
-    ``side_of(path) -> "in" | "out"`` names a leaf's side from its tree path."""
+def alternate_sides() -> optax.GradientTransformation:
+    """Odd-numbered updates (1st, 3rd, …) move the input-side generators only, even ones the output side
+    (``side_of`` each leaf's tree path)."""
 
     def init(params):
         return AlternateState(count=jnp.zeros([], jnp.int32))
@@ -133,10 +133,6 @@ def alternate_sides(side_of) -> optax.GradientTransformation:
 
 # -- carrying a moment across a merge ----------------------------------------------------------------
 
-def _pair_index(k: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.triu_indices(k, 1)  # the packed order of poetjax.cayley (row-major upper triangle)
-
-
 def transport_side(m_JxP: jax.Array, old_pos2coord: jax.Array, old_coord2pos: jax.Array,
                    new_pos2coord: jax.Array) -> jax.Array:
     """One side's packed moment (J, P), written for the old permutation, in the blocks of the new one.
@@ -147,7 +143,7 @@ def transport_side(m_JxP: jax.Array, old_pos2coord: jax.Array, old_coord2pos: ja
     else 0 (so does any padding position)."""
     k = block_size_from_packed(m_JxP.shape[-1])
     q_old = skew_from_packed(m_JxP.astype(jnp.float32))                # (J, K, K)
-    rows, cols = _pair_index(k)
+    rows, cols = packed_pairs(k)
     nb = m_JxP.shape[-2]
     base = (jnp.arange(nb) * k)[:, None]
     c1 = new_pos2coord[base + rows[None, :]]                              # (J, P)
@@ -178,7 +174,7 @@ def carry_moments(mu: Any, old_frozen: Any, new_frozen: Any) -> Any:
     new_flat = _perm_table(new_frozen)
 
     def move(path, m):
-        keys = _strip(tuple(_key(k) for k in path))
+        keys = _strip(path_keys(path))
         layer, name = keys[:-1], keys[-1]
         side = "in" if name == "theta_in" else "out"
         old_pos2coord, old_coord2pos = _side_maps(old_flat[layer], side)
@@ -191,13 +187,6 @@ def carry_moments(mu: Any, old_frozen: Any, new_frozen: Any) -> Any:
     return jax.tree_util.tree_map_with_path(move, mu)
 
 
-def _key(k):
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
-
-
 def _strip(keys: tuple) -> tuple:
     while keys and keys[-1] in ("value", "raw_value"):  # the array inside an nnx.Variable
         keys = keys[:-1]
@@ -206,14 +195,14 @@ def _strip(keys: tuple) -> tuple:
 
 def side_of(path) -> str:
     """"in" or "out": the side of a generator leaf (``theta_in`` / ``theta_out``) from its tree path."""
-    return "in" if _strip(tuple(_key(k) for k in path))[-1] == "theta_in" else "out"
+    return "in" if _strip(path_keys(path))[-1] == GENERATOR_NAMES[0] else "out"
 
 
 def _perm_table(frozen) -> dict:
     """{layer path (tuple): {"perm_in": …, …}} of every permutation leaf in a frozen state."""
     table: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]:
-        keys = _strip(tuple(_key(k) for k in path))
+        keys = _strip(path_keys(path))
         if keys and str(keys[-1]).startswith("perm_"):
             table.setdefault(keys[:-1], {})[keys[-1]] = leaf
     return table

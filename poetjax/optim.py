@@ -24,9 +24,9 @@ import optax
 from flax import nnx
 
 from poetjax.config import POETConfig
-from poetjax.layers import GENERATOR_NAMES, Generator
+from poetjax.layers import GENERATOR_NAMES, Generator, path_keys
 from poetjax.lie import (GENERATOR_UPDATES, CarriedLieMomentumState, LieMomentumState, alternate_sides,
-                         clip_block_angle, lie_momentum, side_of)
+                         clip_block_angle, lie_momentum)
 
 POET_LABEL = "poet"
 BASE_LABEL = "base"
@@ -83,13 +83,6 @@ def poet_adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
     return optax.GradientTransformation(init, update)
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def param_labels(params) -> Any:
     """"poet" for generator leaves (by Variable type or by name), "base" for everything else.
 
@@ -97,7 +90,7 @@ def param_labels(params) -> Any:
     """
 
     def label(path, leaf):
-        if isinstance(leaf, Generator) or any(_key_name(k) in GENERATOR_NAMES for k in path):
+        if isinstance(leaf, Generator) or any(str(k) in GENERATOR_NAMES for k in path_keys(path)):
             return POET_LABEL
         return BASE_LABEL
 
@@ -219,7 +212,7 @@ def poet_optimizer(config: POETConfig, learning_rate: ScalarOrSchedule, weight_d
     if max_angle:
         gen.append(clip_block_angle(max_angle))
     if alternate:
-        gen.append(alternate_sides(side_of))
+        gen.append(alternate_sides())
     tx = optax.partition(
         {POET_LABEL: gen[0] if len(gen) == 1 else optax.chain(*gen),
          BASE_LABEL: poet_adamw(learning_rate, b1, b2, eps, weight_decay,
