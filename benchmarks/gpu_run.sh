@@ -11,9 +11,9 @@
 #   profile  layer_bench.py on one case by source location, CUDA graphs off: $PROFILE_ARGS
 #            [--cases 16384x4096x4096x256 --impls pallas_f --no-cayley]
 #   quality  time to result of $QUALITY_CONFIG    [configs/quality/gutenberg_60m.yaml]: POET ($QUALITY_POET), then
-#            AdamW ($QUALITY_ADAMW), each alone on a fresh compilation cache, then POET again on its warm cache up
-#            to its first step; benchmarks/ttr_report.py compares them. Needs .gutenberg and its prepared shards
-#            (data/cache/.gutenberg-*) carried. $QUALITY_OVERRIDES go to every run.
+#            AdamW ($QUALITY_ADAMW), each alone on a fresh compilation cache, then POET again on its warm cache;
+#            benchmarks/ttr_report.py compares them. Needs .gutenberg and its prepared shards (data/cache/.gutenberg-*)
+#            carried. $QUALITY_OVERRIDES go to every run.
 # STAGE_LIMIT caps one stage's seconds (default: per stage below).
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -56,8 +56,8 @@ for stage in ${1//,/ }; do
              rm -rf runs/ttr
              run quality_poet 260 $Q $POET ${QUALITY_OVERRIDES:-} train.compilation_cache=runs/ttr/cache_poet name=poet
              run quality_adamw 260 $Q $ADAMW ${QUALITY_OVERRIDES:-} train.compilation_cache=runs/ttr/cache_adamw name=adamw
-             run quality_warm 90 $Q $POET ${QUALITY_OVERRIDES:-} train.compilation_cache=runs/ttr/cache_poet \
-               name=poet_warm train.stop_after=1
+             run quality_warm 200 $Q $POET ${QUALITY_OVERRIDES:-} train.compilation_cache=runs/ttr/cache_poet \
+               name=poet_warm
              python benchmarks/ttr_report.py runs/ttr/poet runs/ttr/adamw runs/ttr/poet_warm | tee "$OUT/quality.txt" ;;
     *) echo "unknown stage $stage (stages: info, tests, layers, sweep, e2e, profile, quality)" ;;
   esac

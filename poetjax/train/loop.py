@@ -40,6 +40,7 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
 
 from poetjax import distributed as dist
 from poetjax.checkpoint import Checkpointer, CheckpointError
@@ -48,6 +49,7 @@ from poetjax.diagnostics import diagnostics_record
 from poetjax.run_config import ConfigError, RunConfig, diff_saved
 from poetjax.surgery import EXCLUDE
 from poetjax.train import sharded, steps as core
+from poetjax.train.ahead import RARE_OPTIONS, Ahead, spec_of
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 from poetjax.train.signals import StopSignals
@@ -192,15 +194,16 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     # -- resume and train ----------------------------------------------------------------------------
     ckpt = Checkpointer(checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
-        return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-                      mesh, shardings, signals, t_run, timing)
+        with Ahead() as ahead:
+            return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
+                          mesh, shardings, signals, t_run, timing, ahead)
     finally:
         progress.close()
         ckpt.close()
 
 
 def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-           mesh, shardings, signals, t_run, timing) -> RunResult:
+           mesh, shardings, signals, t_run, timing, ahead: Ahead) -> RunResult:
     """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report.
     ``timing`` (the setup's seconds so far) gains the first calls' and goes into the logs at the end."""
     main = jax.process_index() == 0
@@ -215,11 +218,30 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         say("diagnostics off: not supported on a mesh of several CPU devices (logging.diagnostics_interval "
             "is ignored)")
         diag_every = 0
+    # Every program starts compiling now, side by side (poetjax.train.ahead); each call below waits only
+    # for its own. A resumed state has the shapes and shardings of the fresh one.
+    poet = cfg.optimizer.name == "poet"
+    tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
+    state_spec = spec_of(state)
+    tokens_spec = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32, sharding=tokens_sharding)
+    sched = lr_schedules(cfg)
+    train_step = ahead.submit(
+        sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
+                                        lr_schedule=sched["lr"]), state_spec, tokens_spec)
     diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
+    if diag_every:
+        ref_shapes = core.reference_shapes(diag_step, state)
+        diag_step.program = ahead.submit(diag_step.program, state_spec, ref_shapes, options=RARE_OPTIONS)
+    merge_step = (ahead.submit(sharded.make_sharded_merge_step(graphdef, shardings, mesh), state_spec,
+                               options=RARE_OPTIONS) if poet else None)
+    eval_step = ahead.submit(sharded.make_sharded_eval_step(graphdef, shardings, mesh), state_spec.params,
+                             state_spec.frozen, tokens_spec,
+                             jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
+                             after=train_step)  # its matrix shapes are the train step's: autotuned once
     # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
     t0 = time.perf_counter()
-    s_ref, diag0 = core.reference_spectra(diag_step, state) if diag_every else (None, None)
-    if diag_every:  # the diagnostics program's first call (this compiles it); it is also step 0's record
+    s_ref, diag0 = core.reference_spectra(diag_step, state, ref_shapes) if diag_every else (None, None)
+    if diag_every:  # the diagnostics program's first call (its compile, or the wait for it); step 0's record
         timing["first_diagnostics_s"] = time.perf_counter() - t0
     on_disk = ckpt.steps()
     if on_disk:
@@ -269,14 +291,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
 
     if diag_every and not resumed:
         metrics.write({"step": 0, "diagnostics": diagnostics_record(diag0, exclude)})
-    sched = lr_schedules(cfg)
-    train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
-                                              lr_schedule=sched["lr"])
-    eval_step = sharded.make_sharded_eval_step(graphdef, shardings, mesh)
-    poet = cfg.optimizer.name == "poet"
-    merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
     merge_interval = cfg.poet.merge_interval
-    tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
 
     def evaluate(max_batches: int) -> tuple[float, float]:
         t0 = time.perf_counter()

@@ -254,24 +254,30 @@ def make_diagnostics_step(graphdef, *, num_sv: int = 16, jit: bool = True):
 
     program = jax.jit(grouped_step) if jit else grouped_step
 
-    def diagnostics_step(state: TrainState, s_ref):
-        return expand_diagnostics(jax.device_get(program(state, s_ref)), groups)
+    def diagnostics_step(state: TrainState, s_ref):  # .program: replaceable by its compiled form
+        return expand_diagnostics(jax.device_get(diagnostics_step.program(state, s_ref)), groups)
 
     diagnostics_step.program, diagnostics_step.groups = program, groups
     return diagnostics_step
 
 
-def reference_spectra(diagnostics_step, state: TrainState) -> tuple[dict[str, jax.Array], dict]:
+def reference_shapes(diagnostics_step, state: TrainState) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of ``reference_spectra``'s s_ref (one float32 array per layer group), by tracing only."""
+    shapes = jax.eval_shape(diagnostics_step.program, state, None)
+    return {k: jax.ShapeDtypeStruct(v["singular_values"].shape, jnp.float32) for k, v in shapes.items()}
+
+
+def reference_spectra(diagnostics_step, state: TrainState,
+                      shapes: dict | None = None) -> tuple[dict[str, jax.Array], dict]:
     """(s_ref, diagnostics) of ``state``: s_ref = the singular values of its linear layers stacked by layer
     group, the reference of later drifts, and the diagnostics of ``state`` itself (its "drift" is 0, the
     drift from itself), from one call of the same compiled program (the reference argument only sets
-    shapes here, so no second program is compiled). The spectra come back as uncommitted arrays, as the
+    shapes here, so no second program is compiled; ``shapes``: ``reference_shapes``, when known). The spectra come back as uncommitted arrays, as the
     placeholder was: the program's outputs carry the mesh's sharding, and passing those as the reference
     compiled a second program (seconds, at step 0 of a sharded run)."""
-    program = diagnostics_step.program
-    shapes = jax.eval_shape(program, state, None)
-    dummy = {k: jnp.ones(v["singular_values"].shape, jnp.float32) for k, v in shapes.items()}
-    grouped = jax.device_get(program(state, dummy))
+    shapes = shapes or reference_shapes(diagnostics_step, state)
+    dummy = {k: jnp.ones(s.shape, s.dtype) for k, s in shapes.items()}
+    grouped = jax.device_get(diagnostics_step.program(state, dummy))
     for d in grouped.values():
         d["drift"] = np.zeros_like(d["drift"])
     s_ref = {k: jnp.asarray(v["singular_values"]) for k, v in grouped.items()}

@@ -1,0 +1,74 @@
+"""A run's programs compiled side by side, on worker threads, before their first call.
+
+Compiled on first call, a cold run pays the train step's, the diagnostics', the merge's and the eval
+step's compile times one after the other. XLA compiles with the GIL released, so ``Ahead`` lowers and
+compiles each on a worker thread as soon as the state exists, and the run waits only for the program it
+calls next (BENCHMARKS.md, "Time to result").
+
+The programs that run once in hundreds of steps (merge, diagnostics) and the one that builds the initial
+state (``poetjax.train.sharded``) are compiled with ``RARE_OPTIONS``: no GPU autotuning, which is a large
+share of their compile time and buys them little; their outputs are the same up to rounding (autotuning
+picks among kernels of the same computation).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import jax
+
+RARE_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
+def spec_of(tree):
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` with their sharding (committed arrays only: an
+    uncommitted one may be placed anywhere, as at a call)."""
+    def spec(x):
+        sharding = x.sharding if isinstance(x, jax.Array) and x.committed else None
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(spec, tree)
+
+
+class Ahead:
+    """``submit(program, *specs)`` → a callable that runs ``program`` compiled for ``specs`` (shapes,
+    dtypes, shardings), waiting on its first call for the compile started on a worker. A compile error
+    is raised at that first call. Use as a context manager: leaving it drops the compiles not started and
+    waits for those under way (a run leaves no thread behind, and its cache entries are written)."""
+
+    def __init__(self, workers: int | None = None):
+        workers = workers or min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="poetjax-compile")
+
+    def __enter__(self) -> "Ahead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, program: Callable, *specs: Any, options: dict | None = None,
+               after: Callable | None = None) -> Callable:
+        """``program``: a ``jax.jit`` function (anything without ``lower``, e.g. a test's wrapper, is
+        returned unchanged and compiles on its first call as usual). ``options``: XLA compiler options of
+        this program. ``after``: a callable returned by ``submit`` whose compile this one waits for (so
+        that two programs with the same matrix shapes do not autotune at the same time)."""
+        if not hasattr(program, "lower"):
+            return program
+        before: Future | None = getattr(after, "future", None)
+
+        def build():
+            if before is not None:
+                before.result()
+            return program.lower(*specs).compile(compiler_options=options)
+
+        future = self._pool.submit(build)
+        compiled = []
+
+        def call(*args):
+            if not compiled:
+                compiled.append(future.result())
+            return compiled[0](*args)
+
+        call.future = future
+        return call
