@@ -9,11 +9,12 @@ tokens_per_s and the progress line's rate leave out compilation: the first step'
 Where the time before training goes: one ``{"kind": "timing", ...}`` line at the end of each invocation
 (also ``summary.json``'s "timing") holds, in seconds since ``run`` began or per phase: ``data_s``
 (tokenize or load the shards), ``build_s`` (model, optimizer and state on the devices), ``first_step_s``,
-``first_merge_s``, ``first_eval_s`` and ``first_diagnostics_s`` (each program's first call: compile, or load
-from the compilation cache, plus one run), ``to_first_step_s`` (from ``run``'s start to the first completed
-step), ``later_merges`` and ``later_merge_max_s`` (the merges after the first, each timed on its own),
-``diagnostics_calls``, ``diagnostics_s`` and ``diagnostics_share`` (the records after step 0's and their
-share of the loop's time after the first step) and ``total_s``; a program that did not run is left out.
+``first_merge_s``, ``first_eval_s`` and ``first_diagnostics_s`` (each program's first call: the wait for its
+compile or cache load, all started together by ``poetjax.train.ahead``, plus one run), ``to_first_step_s``
+(from ``run``'s start to the first completed step), ``later_merges`` and ``later_merge_max_s`` (the merges
+after the first, each timed on its own), ``diagnostics_calls``, ``diagnostics_s`` and ``diagnostics_share``
+(the records after step 0's and their share of the loop's time after the first step) and ``total_s``; a
+program that did not run is left out.
 ``compilation_cache`` names the folder of JAX's persistent cache (``poetjax.train.xla_cache``), or is null
 when it is off.
 

@@ -272,9 +272,10 @@ def reference_spectra(diagnostics_step, state: TrainState,
     """(s_ref, diagnostics) of ``state``: s_ref = the singular values of its linear layers stacked by layer
     group, the reference of later drifts, and the diagnostics of ``state`` itself (its "drift" is 0, the
     drift from itself), from one call of the same compiled program (the reference argument only sets
-    shapes here, so no second program is compiled; ``shapes``: ``reference_shapes``, when known). The spectra come back as uncommitted arrays, as the
-    placeholder was: the program's outputs carry the mesh's sharding, and passing those as the reference
-    compiled a second program (seconds, at step 0 of a sharded run)."""
+    shapes here, so no second program is compiled; ``shapes``: ``reference_shapes``, when known). The
+    spectra come back as uncommitted arrays, as the placeholder was: the program's outputs carry the mesh's
+    sharding, and passing those as the reference compiled a second program (seconds, at step 0 of a sharded
+    run)."""
     shapes = shapes or reference_shapes(diagnostics_step, state)
     dummy = {k: jnp.ones(s.shape, s.dtype) for k, s in shapes.items()}
     grouped = jax.device_get(diagnostics_step.program(state, dummy))
