@@ -5,10 +5,9 @@ step's compile times one after the other. XLA compiles with the GIL released, so
 compiles each on a worker thread as soon as the state exists, and the run waits only for the program it
 calls next (BENCHMARKS.md, "Time to result").
 
-The programs that run once in hundreds of steps (merge, diagnostics) and the one that builds the initial
-state (``poetjax.train.sharded``) are compiled with ``RARE_OPTIONS``: no GPU autotuning, which is a large
-share of their compile time and buys them little; their outputs are the same up to rounding (autotuning
-picks among kernels of the same computation).
+The programs that run once in hundreds of steps (merge, diagnostics) are compiled with ``RARE_OPTIONS``:
+no GPU autotuning, which buys them little; their outputs are the same up to rounding (autotuning picks among
+kernels of the same computation).
 """
 
 from __future__ import annotations

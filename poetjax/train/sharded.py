@@ -10,7 +10,6 @@ from jax.sharding import Mesh
 
 from poetjax.distributed import batch_sharding, place, replicated, state_shardings
 from poetjax.train import steps as core
-from poetjax.train.ahead import RARE_OPTIONS
 
 
 def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh):
@@ -30,8 +29,7 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh):
     shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
                                 min_shard_size=cfg.mesh.min_shard_size)
     params, frozen = place(params, shardings.params), place(frozen, shardings.frozen)
-    init = jax.jit(make, out_shardings=shardings, donate_argnums=(0, 1), compiler_options=RARE_OPTIONS)
-    state = init(params, frozen)
+    state = jax.jit(make, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
     return graphdef, state, shardings
 
 
