@@ -94,6 +94,29 @@ def test_the_run_logs_where_its_time_went(uninterrupted):
     assert 0 < timing["diagnostics_share"] < 1
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.steps=4", "poet.merge_interval=2", "train.eval_interval=0"], 4),  # merges and the final evaluation
+    (["train.steps=4", "train.stop_after=2", "poet.merge_interval=3", "train.eval_interval=0"], 2)])
+def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cache, monkeypatch, overrides,
+                                                              expected):
+    """Train step and diagnostics always; the merge when a merge step falls within the run; the eval step
+    when an evaluation does (here only the final one, which a run stopped by stop_after skips)."""
+    from poetjax.train import ahead
+
+    submitted = []
+    real = ahead.Ahead.submit
+
+    def counting(self, program, *specs, **kw):
+        submitted.append(program)
+        return real(self, program, *specs, **kw)
+
+    monkeypatch.setattr(ahead.Ahead, "submit", counting)
+    res = run(tiny(tmp_path, data_cache, "checkpoint.interval=0", "logging.diagnostics_interval=10",
+                   "schedule.warmup_steps=1", *overrides))
+    assert len(submitted) == expected
+    assert res.completed == (expected == 4)
+
+
 @pytest.mark.parametrize("budget", [0.0, 1e-9])
 def test_diagnostics_stay_within_their_share_of_the_loop(tmp_path, data_cache, budget):
     """Budget 0: a record every diagnostics_interval steps. A budget no call can keep to: after the first

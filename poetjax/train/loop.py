@@ -219,32 +219,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         say("diagnostics off: not supported on a mesh of several CPU devices (logging.diagnostics_interval "
             "is ignored)")
         diag_every = 0
-    # Every program starts compiling now, side by side (poetjax.train.ahead); each call below waits only
-    # for its own. A resumed state has the shapes and shardings of the fresh one.
-    poet = cfg.optimizer.name == "poet"
-    tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
-    state_spec = spec_of(state)
-    tokens_spec = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32, sharding=tokens_sharding)
-    sched = lr_schedules(cfg)
-    train_step = ahead.submit(
-        sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
-                                        lr_schedule=sched["lr"]), state_spec, tokens_spec)
-    diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
-    if diag_every:
-        ref_shapes = core.reference_shapes(diag_step, state)
-        diag_step.program = ahead.submit(diag_step.program, state_spec, ref_shapes, options=RARE_OPTIONS)
-    merge_step = (ahead.submit(sharded.make_sharded_merge_step(graphdef, shardings, mesh), state_spec,
-                               options=RARE_OPTIONS) if poet else None)
-    eval_step = ahead.submit(sharded.make_sharded_eval_step(graphdef, shardings, mesh), state_spec.params,
-                             state_spec.frozen, tokens_spec,
-                             jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
-                             after=train_step)  # its matrix shapes are the train step's: autotuned once
-    # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
-    t0 = time.perf_counter()
-    s_ref, diag0 = core.reference_spectra(diag_step, state, ref_shapes) if diag_every else (None, None)
-    if diag_every:  # the diagnostics program's first call (its compile, or the wait for it); step 0's record
-        timing["first_diagnostics_s"] = time.perf_counter() - t0
-    on_disk = ckpt.steps()
+    on_disk, step0 = ckpt.steps(), None  # a resume's checks first: nothing compiles for a run that cannot go on
     if on_disk:
         if not cfg.checkpoint.resume:
             raise CheckpointError(f"{ckpt_dir} already holds checkpoints {on_disk}; set checkpoint.resume=true to "
@@ -257,6 +232,41 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         where = f"checkpoint step {step0} in {ckpt_dir}"
         for note in check_resume_compatible(ckpt.read_meta(step0), cfg, data.meta, where):
             say(note)
+    begin, stop = step0 or 0, min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+
+    def reaches(interval: int) -> bool:  # a multiple of interval among the steps this invocation runs
+        return bool(interval) and stop // interval > begin // interval
+
+    # The programs this invocation will call start compiling now, side by side (poetjax.train.ahead); each
+    # call below waits only for its own (any other compiles at its first call). A resumed state has the
+    # shapes and shardings of the fresh one.
+    poet = cfg.optimizer.name == "poet"
+    tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
+    state_spec = spec_of(state)
+    tokens_spec = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32, sharding=tokens_sharding)
+    sched = lr_schedules(cfg)
+    train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
+                                                 lr_schedule=sched["lr"])
+    if begin < stop:
+        train_step = ahead.submit(train_step, state_spec, tokens_spec)
+    diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
+    if diag_every:
+        ref_shapes = core.reference_shapes(diag_step, state)
+        diag_step.program = ahead.submit(diag_step.program, state_spec, ref_shapes, options=RARE_OPTIONS)
+    merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
+    if poet and reaches(cfg.poet.merge_interval):
+        merge_step = ahead.submit(merge_step, state_spec, options=RARE_OPTIONS)
+    eval_step = sharded.make_sharded_eval_step(graphdef, shardings, mesh)
+    if stop >= cfg.train.steps or reaches(cfg.train.eval_interval):  # the final evaluation, or one on the way
+        eval_step = ahead.submit(eval_step, state_spec.params, state_spec.frozen, tokens_spec,
+                                 jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
+                                 after=train_step)  # its matrix shapes are the train step's: autotuned once
+    # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
+    t0 = time.perf_counter()
+    s_ref, diag0 = core.reference_spectra(diag_step, state, ref_shapes) if diag_every else (None, None)
+    if diag_every:  # the diagnostics program's first call (its compile, or the wait for it); step 0's record
+        timing["first_diagnostics_s"] = time.perf_counter() - t0
+    if step0 is not None:
         state, meta = ckpt.restore(step0, state, shardings=shardings)
         start, position, resumed = step0, int(meta["data_position"]), True
         say(f"resumed from {where} (data position {position}, {int(meta['merges'])} merges)")
@@ -319,7 +329,6 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     pending: list[tuple[int, dict]] = []
     losses: dict[int, float] = {}
     tokens_per_step = batch * seq_len
-    stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     watch = Stopwatch()
 
     def flush(step: int, timed: bool):
