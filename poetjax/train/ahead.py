@@ -62,12 +62,9 @@ class Ahead:
             return program.lower(*specs).compile(compiler_options=options)
 
         future = self._pool.submit(build)
-        compiled = []
 
         def call(*args):
-            if not compiled:
-                compiled.append(future.result())
-            return compiled[0](*args)
+            return future.result()(*args)  # a done future answers at once
 
         call.future = future
         return call

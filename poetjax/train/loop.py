@@ -224,7 +224,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         if not cfg.checkpoint.resume:
             raise CheckpointError(f"{ckpt_dir} already holds checkpoints {on_disk}; set checkpoint.resume=true to "
                                   f"continue that run or choose another name=...; nothing was deleted")
-        step0 = cfg.checkpoint.resume_step or on_disk[-1]
+        step0 = start = cfg.checkpoint.resume_step or on_disk[-1]
         later = [s for s in on_disk if s > step0]
         if later:
             raise CheckpointError(f"checkpoint.resume_step={step0} but {ckpt_dir} also holds later steps {later}; "
@@ -232,10 +232,10 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         where = f"checkpoint step {step0} in {ckpt_dir}"
         for note in check_resume_compatible(ckpt.read_meta(step0), cfg, data.meta, where):
             say(note)
-    begin, stop = step0 or 0, min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
 
     def reaches(interval: int) -> bool:  # a multiple of interval among the steps this invocation runs
-        return bool(interval) and stop // interval > begin // interval
+        return bool(interval) and stop // interval > start // interval
 
     # The programs this invocation will call start compiling now, side by side (poetjax.train.ahead); each
     # call below waits only for its own (any other compiles at its first call). A resumed state has the
@@ -247,7 +247,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     sched = lr_schedules(cfg)
     train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
                                                  lr_schedule=sched["lr"])
-    if begin < stop:
+    if start < stop:
         train_step = ahead.submit(train_step, state_spec, tokens_spec)
     diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
     if diag_every:
@@ -268,7 +268,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         timing["first_diagnostics_s"] = time.perf_counter() - t0
     if step0 is not None:
         state, meta = ckpt.restore(step0, state, shardings=shardings)
-        start, position, resumed = step0, int(meta["data_position"]), True
+        position, resumed = int(meta["data_position"]), True
         say(f"resumed from {where} (data position {position}, {int(meta['merges'])} merges)")
     if main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
