@@ -6,14 +6,17 @@
 Every row is one ``python train.py --config <config> <row overrides> <extra overrides> name=<row>
 out_dir=<out>`` in its own process (the command is printed, so a single row can be rerun by hand). Rows
 run ``--parallel`` at a time on the same accelerator; a small model leaves most of an H100 idle between
-kernel launches, so sharing it costs little per run (each process gets an equal slice of GPU memory).
+kernel launches, so sharing it costs little per run (each process gets an equal slice of GPU memory: the
+llama_60m quality config at 64 × 256 tokens needs more than 10 GB, so at most 5 rows at a time on an 80 GB
+card; 7 ran out of memory on an H100 on 2026-12-06).
 A row that fails or runs past ``--timeout`` is reported as such and keeps its log and metrics.
 
 After the runs: ``<out>/quality.md`` (the table: final validation perplexity over the whole held-out
 split, tokens seen, wall time, tokens/s, seconds to the first step and of the first merge from the run's
 timing record), ``<out>/quality_curves.png`` (training loss and validation
 perplexity against tokens) and, with ``--spectra``, each run's singular values of every transformer
-weight at step 0 and at the end (``<out>/<row>/spectra.npz``, plotted in ``quality_spectra.png``).
+weight at step 0 and at the end (``benchmarks/run_spectra.py``: ``<out>/<row>/spectra.npz``, plotted in
+``quality_spectra.png``) with the largest relative change of any of them as a table column.
 """
 
 from __future__ import annotations
@@ -123,7 +126,24 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize(rows: list[str], done: dict, args) -> list[dict]:
+def row_spectra(rows: list[str], args) -> dict[str, float]:
+    """{row: largest relative change of a singular value from step 0} of every row with a final checkpoint,
+    and their spectra plotted into ``<out>/quality_spectra.png``."""
+    from benchmarks.run_spectra import largest_change, plot, run_spectra
+    from poetjax.checkpoint import CheckpointError
+
+    runs = {}
+    for row in rows:
+        try:
+            runs[row_name(row)] = run_spectra(os.path.join(args.out, row_name(row)))
+        except (OSError, CheckpointError) as e:  # a row stopped before its final checkpoint
+            print(f"spectra of {row_name(row)}: skipped ({e})", flush=True)
+    if runs:
+        plot(runs, os.path.join(args.out, "quality_spectra.png"))
+    return {name: largest_change(sp) for name, sp in runs.items()}
+
+
+def summarize(rows: list[str], done: dict, args, spectra: dict) -> list[dict]:
     from poetjax.run_config import load_config
 
     table = []
@@ -146,14 +166,15 @@ def summarize(rows: list[str], done: dict, args) -> list[dict]:
             "wall_s": status.get("wall_s"), "rc": status.get("rc"), "timed_out": status.get("timed_out", False),
             "to_first_step_s": summary.get("timing", {}).get("to_first_step_s"),
             "first_merge_s": summary.get("timing", {}).get("first_merge_s"),
+            "sigma_change": spectra.get(name),
         })
     return table
 
 
 def write_table(table: list[dict], args) -> str:
     lines = ["| row | overrides | val PPL | steps | tokens | tokens/s (median, shared GPU) | wall s "
-             "| to first step s | first merge s | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| to first step s | first merge s | largest σ change | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     secs = lambda v: f"{v:.0f}" if v is not None else "—"
     for r in table:
         ppl = f"{r['val_ppl']:.2f}" if r["val_ppl"] else "—"
@@ -161,8 +182,9 @@ def write_table(table: list[dict], args) -> str:
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] else "—"
         status = ("timed out" if r["timed_out"] else "ok" if r["rc"] == 0 else
                   "collected" if r["rc"] is None else f"exit {r['rc']}")
+        sigma = f"{r['sigma_change']:.3g}" if r["sigma_change"] is not None else "—"
         lines.append(f"| {r['row']} | `{r['overrides']}` | {ppl} | {r['step']} | {r['tokens']:,} | {tps} | {wall} "
-                     f"| {secs(r['to_first_step_s'])} | {secs(r['first_merge_s'])} | {status} |")
+                     f"| {secs(r['to_first_step_s'])} | {secs(r['first_merge_s'])} | {sigma} | {status} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write(text)
@@ -209,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per row before it is stopped")
     ap.add_argument("--collect-only", action="store_true", help="only rebuild the table and plots from --out")
+    ap.add_argument("--spectra", action="store_true",
+                    help="singular values of every row's weights at step 0 and at its final checkpoint")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every row")
     args = ap.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
@@ -217,7 +241,8 @@ def main(argv=None) -> int:
     for row in rows:  # unknown rows and invalid configs fail before anything runs
         load_config(args.config, row_overrides(row) + list(args.overrides))
     done = {} if args.collect_only else launch(rows, args)
-    table = summarize(rows, done, args)
+    spectra = row_spectra(rows, args) if args.spectra else {}
+    table = summarize(rows, done, args, spectra)
     plot_curves(rows, args)
     print(write_table(table, args))
     return 0 if all(r["val_ppl"] for r in table) else 1

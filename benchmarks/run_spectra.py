@@ -54,11 +54,17 @@ def projection_type(path: str) -> str:
     return path.rstrip("/").split("/")[-1] if "/" in path else path
 
 
+def largest_change(spectra: dict[str, np.ndarray]) -> float:
+    """The largest relative change of any singular value of any weight from step 0 to the end."""
+    keys = [k[len("init/"):] for k in spectra if k.startswith("init/")]
+    return max(float(np.max(np.abs(spectra[f"final/{k}"] - spectra[f"init/{k}"]) / spectra[f"init/{k}"]))
+               for k in keys)
+
+
 def summarize(name: str, spectra: dict[str, np.ndarray]) -> str:
-    keys = sorted(k[len("init/"):] for k in spectra if k.startswith("init/"))
-    drift = max(float(np.max(np.abs(spectra[f"final/{k}"] - spectra[f"init/{k}"]) / spectra[f"init/{k}"]))
-                for k in keys)
-    return f"{name}: {len(keys)} weights; largest relative change of a singular value from step 0: {drift:.3g}"
+    count = sum(k.startswith("init/") for k in spectra)
+    return (f"{name}: {count} weights; largest relative change of a singular value from step 0: "
+            f"{largest_change(spectra):.3g}")
 
 
 def plot(runs: dict[str, dict[str, np.ndarray]], out: str) -> None:
