@@ -54,7 +54,7 @@ ROWS: dict[str, list[str]] = {
 }
 # The levers of issue 26 (poetjax.lie, POETConfig.init/init_scale), each alone on the best POET row
 # (poet_b256_plr2e-3), then all together. A learning-rate grid is a row per value, e.g.
-# "lever_ns_2e-2:optimizer.name=poet;poet.block_size=256;optimizer.generator_update=ns;optimizer.poet_lr=2e-2".
+# "lever_ns+optimizer.poet_lr=2e-2" (a later override wins).
 _POET = ROWS["poet_b256_plr2e-3"]
 _LEVERS = {
     "mup4": ["poet.init=mup", "poet.init_scale=4"],
@@ -70,17 +70,27 @@ ROWS["lever_all"] = _POET + _LEVERS["mup4"] + _LEVERS["ns_cap"] + ["optimizer.ca
 
 
 def row_overrides(row: str) -> list[str]:
-    """A named row, or ``name:key=value;key=value`` for an ad-hoc one."""
+    """A named row; a named row with more overrides, ``name+key=value+key=value`` (a learning-rate grid:
+    ``lever_ns+optimizer.poet_lr=5e-3``); or ``name:key=value;key=value`` for an ad-hoc one."""
     if ":" in row:
         _, _, spec = row.partition(":")
         return [kv for kv in spec.split(";") if kv]
-    if row not in ROWS:
-        raise SystemExit(f"unknown row {row!r}; known: {', '.join(ROWS)} (or name:key=value;key=value)")
-    return list(ROWS[row])
+    base, *extra = row.split("+")
+    if base not in ROWS:
+        raise SystemExit(f"unknown row {base!r}; known: {', '.join(ROWS)} (or name:key=value;key=value)")
+    bad = [kv for kv in extra if "=" not in kv]
+    if bad:
+        raise SystemExit(f"row {row!r}: {bad[0]!r} is not key=value")
+    return list(ROWS[base]) + extra
 
 
 def row_name(row: str) -> str:
-    return row.partition(":")[0]
+    """The run's folder name: ``lever_ns+optimizer.poet_lr=5e-3`` -> ``lever_ns_poet_lr5e-3``."""
+    if ":" in row:
+        return row.partition(":")[0]
+    base, *extra = row.split("+")
+    return "".join([base] + [f"_{key.rsplit('.', 1)[-1]}{value}" for key, _, value in
+                             (kv.partition("=") for kv in extra)])
 
 
 def command(config: str, row: str, out: str, extra: list[str]) -> list[str]:

@@ -216,3 +216,9 @@ def test_quality_rows_share_one_budget_and_schedule_and_differ_only_in_the_optim
     assert q.row_overrides("x:optimizer.lr=3e-3;optimizer.name=adamw") == ["optimizer.lr=3e-3", "optimizer.name=adamw"]
     with pytest.raises(SystemExit, match="unknown row 'nope'"):
         q.row_overrides("nope")
+    grid = "lever_ns+optimizer.poet_lr=5e-3"  # a named row with one more override, which wins
+    assert q.row_overrides(grid) == q.ROWS["lever_ns"] + ["optimizer.poet_lr=5e-3"]
+    assert load_config(path, q.row_overrides(grid)).optimizer.poet_lr == 5e-3
+    assert q.row_name(grid) == "lever_ns_poet_lr5e-3" and q.row_name("x:optimizer.lr=1") == "x"
+    with pytest.raises(SystemExit, match="'poet_lr' is not key=value"):
+        q.row_overrides("lever_ns+poet_lr")
