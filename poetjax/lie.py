@@ -6,7 +6,7 @@ model adds a leading layer axis (L, J, P). Every transform here works on any lea
 
 * ``lie_momentum``: heavy-ball momentum of the generator gradients (Nesterov by default), with
   ``orthogonalize`` each block's update replaced by its Newton–Schulz orthogonalization (Muon's quintic
-  iteration, ``newton_schulz_skew``): odd polynomials of a skew matrix are skew, so the update stays in
+  iteration, ``newton_schulz_skew``, batched over the blocks of every leaf of one size, ``orthogonalize_tree``): odd polynomials of a skew matrix are skew, so the update stays in
   the algebra, and with singular values near 1 the learning rate is the rotation angle of a step (the
   Cayley map of Q turns by about 2·‖Q‖₂). ``carry=True`` keeps the momentum across merges
   (``carry_moments`` re-expresses it in the new blocks); otherwise a merge zeroes it.
@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from poetjax.cayley import block_size_from_packed, packed_from_skew, packed_pairs, skew_from_packed
@@ -59,6 +60,25 @@ def orthogonalize_packed(theta_JxP: jax.Array, steps: int = 5) -> jax.Array:
     return packed_from_skew(newton_schulz_skew(skew_from_packed(theta_JxP), steps)).astype(theta_JxP.dtype)
 
 
+def orthogonalize_tree(tree: Any, steps: int = 5) -> Any:
+    """``orthogonalize_packed`` of every leaf (…, P), with the blocks of all leaves of one block size
+    concatenated into one batch: one Newton–Schulz iteration per block size instead of one per leaf, so the
+    program holds a few large batched products instead of hundreds of small ones (each block is still
+    normalized and iterated alone, so the result is that of ``orthogonalize_packed`` leaf by leaf)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    by_size: dict[int, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        by_size.setdefault(leaf.shape[-1], []).append(i)
+    out = list(leaves)
+    for p, members in by_size.items():
+        flat = jnp.concatenate([leaves[i].reshape(-1, p) for i in members])
+        done = orthogonalize_packed(flat, steps)
+        offsets = np.cumsum([0] + [leaves[i].size // p for i in members])
+        for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
+            out[i] = done[start:stop].reshape(leaves[i].shape)
+    return jax.tree.unflatten(treedef, out)
+
+
 class LieMomentumState(NamedTuple):
     mu: optax.Updates   # the momentum; zeroed at merges
 
@@ -85,7 +105,7 @@ def lie_momentum(momentum: float = 0.95, *, nesterov: bool = True, orthogonalize
         else:
             d = mu
         if orthogonalize:
-            d = jax.tree.map(lambda x: orthogonalize_packed(x, ns_steps), d)
+            d = orthogonalize_tree(d, ns_steps)
         return jax.tree.map(lambda x, g: x.astype(jnp.result_type(g)), d, grads), state_cls(mu=mu)
 
     return optax.GradientTransformation(init, update)

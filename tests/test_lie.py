@@ -12,7 +12,7 @@ from flax import nnx
 import poetjax as pj
 from poetjax.cayley import block_layout, mask_generators, packed_from_skew, skew_from_packed
 from poetjax.lie import (CarriedLieMomentumState, LieMomentumState, newton_schulz_skew, orthogonalize_packed,
-                         transport_side)
+                         orthogonalize_tree, transport_side)
 from poetjax.perms import input_permutation
 from poetjax.testing import assert_close
 
@@ -52,6 +52,24 @@ def test_orthogonalize_packed_keeps_a_ragged_tail_masked():
     np.testing.assert_array_equal(np.asarray(out)[np.asarray(theta) == 0], 0.0)
     q = np.asarray(skew_from_packed(out))
     np.testing.assert_allclose(q, -np.swapaxes(q, -1, -2), atol=0)
+
+
+def test_orthogonalize_tree_batches_by_block_size_and_matches_each_leaf():
+    """Leaves of two block sizes, one stacked (L, J, P) and one with a masked ragged tail: one batch per size
+    gives each leaf what ``orthogonalize_packed`` gives it alone."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    tail = block_layout(40, 16)
+    tree = {"a": jax.random.normal(keys[0], (2, 120)),            # K = 16
+            "b": {"stacked": jax.random.normal(keys[1], (3, 2, 28))},  # K = 8, three layers
+            "c": mask_generators(jax.random.normal(keys[2], (tail.num_blocks, tail.num_packed)), tail),
+            "d": jax.random.normal(keys[3], (1, 28))}
+    out = orthogonalize_tree(tree)
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    for got, leaf in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+        assert got.shape == leaf.shape
+        alone = orthogonalize_packed(leaf.reshape(-1, leaf.shape[-1])).reshape(leaf.shape)
+        assert_close(got, alone, jnp.float32, "same")
+    np.testing.assert_array_equal(np.asarray(out["c"])[np.asarray(tree["c"]) == 0], 0.0)
 
 
 def _dense_transport(m, old_pos2coord, new_pos2coord, k, width):
