@@ -6,9 +6,9 @@
 Every row is one ``python train.py --config <config> <row overrides> <extra overrides> name=<row>
 out_dir=<out>`` in its own process (the command is printed, so a single row can be rerun by hand). Rows
 run ``--parallel`` at a time on the same accelerator; a small model leaves most of an H100 idle between
-kernel launches, so sharing it costs little per run (each process gets an equal slice of GPU memory: the
-llama_60m quality config at 64 × 256 tokens needs more than 10 GB, so at most 5 rows at a time on an 80 GB
-card; 7 ran out of memory on an H100 on 2026-12-06).
+kernel launches, so sharing it costs little per run. Each process gets an equal slice of GPU memory, so
+``--parallel`` is bounded by what one row needs: a row that runs out of memory in its slice fails (the
+measured limit for the quality config is in BENCHMARKS.md).
 A row that fails or runs past ``--timeout`` is reported as such and keeps its log and metrics.
 
 After the runs: ``<out>/quality.md`` (the table: final validation perplexity over the whole held-out

@@ -56,11 +56,11 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 def build_model(cfg: RunConfig) -> nnx.Module:
     """The run's LLaMA; for ``optimizer.name == "poet"`` every projection is a POETLinear.
 
-    POET-XQ (variant xq/xq_mem) and stacked models (``model.scan_layers``: the 1B–34B configs) never build
+    POET-XQ (``poet.base=uint8``) and stacked models (``model.scan_layers``: the 1B–34B configs) never build
     the float model: ``poetjax.surgery.build_poetized`` converts layer by layer from an abstract model, so
-    building needs no more memory than training (float model + converted copy: 48 GiB of peak for Llama-8B
-    POET-X mem before this, against ~22 GiB for its training step), and a model whose float weights would
-    not fit the device can still be built in its quantized form. Same distribution as converting a built
+    building needs no more memory than training (a float model beside its converted copy would need about
+    twice the training step's), and a model whose float weights would not fit the device can still be built
+    in its quantized form. Same distribution as converting a built
     float model, other numbers (see ``build_poetized``).
 
     ``model.init_from=hf:DIR``: the weights of that Hugging Face checkpoint (``from_hf``), converted by
