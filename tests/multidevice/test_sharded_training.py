@@ -77,6 +77,19 @@ def test_fifty_steps_with_merges_give_the_same_losses_on_every_mesh(runs):
         assert meta["merges"] == STEPS // 10 and meta["data_position"] == STEPS
 
 
+def test_generator_levers_give_the_same_losses_on_a_mesh(tmp_path, data_cache):
+    """Newton–Schulz batched over the blocks of every generator leaf, a momentum carried across merges and
+    alternating sides: the same losses on a (2, 4) mesh as on one device, through two merges."""
+    levers = ["optimizer.generator_update=ns", "optimizer.poet_lr=1e-2", "optimizer.carry_moment=true",
+              "optimizer.alternate_sides=true", "train.stop_after=25"]
+    losses = {}
+    for mesh in [(1, 1), (2, 4)]:
+        cfg = tiny(tmp_path / f"m{mesh[0]}x{mesh[1]}", data_cache, "name=levers", *COMMON, *levers, *_mesh_args(mesh))
+        losses[mesh] = _losses(_run(cfg)[0], range(1, 26))
+    assert losses[(1, 1)][-1] < losses[(1, 1)][0] - 0.5  # it trained
+    assert_close(losses[(2, 4)], losses[(1, 1)], jnp.float32, "same", "lever losses on mesh (2, 4) vs one device")
+
+
 def test_checkpoint_from_8x1_restores_on_2x4_and_one_device_and_training_continues(runs, tmp_path, data_cache):
     src = runs[(8, 1)]
     cfg = tiny(tmp_path, data_cache, *COMMON)
