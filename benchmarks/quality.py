@@ -143,11 +143,11 @@ def row_spectra(rows: list[str], args) -> dict[str, float]:
     from poetjax.checkpoint import CheckpointError
 
     runs = {}
-    for row in rows:
+    for name in map(row_name, rows):
         try:
-            runs[row_name(row)] = run_spectra(os.path.join(args.out, row_name(row)))
+            runs[name] = run_spectra(os.path.join(args.out, name))
         except (OSError, CheckpointError) as e:  # a row stopped before its final checkpoint
-            print(f"spectra of {row_name(row)}: skipped ({e})", flush=True)
+            print(f"spectra of {name}: skipped ({e})", flush=True)
     if runs:
         plot(runs, os.path.join(args.out, "quality_spectra.png"))
     return {name: largest_change(sp) for name, sp in runs.items()}

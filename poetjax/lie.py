@@ -6,10 +6,11 @@ model adds a leading layer axis (L, J, P). Every transform here works on any lea
 
 * ``lie_momentum``: heavy-ball momentum of the generator gradients (Nesterov by default), with
   ``orthogonalize`` each block's update replaced by its Newton–Schulz orthogonalization (Muon's quintic
-  iteration, ``newton_schulz_skew``, batched over the blocks of every leaf of one size, ``orthogonalize_tree``): odd polynomials of a skew matrix are skew, so the update stays in
-  the algebra, and with singular values near 1 the learning rate is the rotation angle of a step (the
-  Cayley map of Q turns by about 2·‖Q‖₂). ``carry=True`` keeps the momentum across merges
-  (``carry_moments`` re-expresses it in the new blocks); otherwise a merge zeroes it.
+  iteration, ``newton_schulz_skew``, batched over the blocks of every leaf of one size: ``orthogonalize_tree``):
+  odd polynomials of a skew matrix are skew, so the update stays in the algebra, and with singular values
+  near 1 the learning rate is the rotation angle of a step (the Cayley map of Q turns by about 2·‖Q‖₂).
+  ``carry=True`` keeps the momentum across merges (``carry_moments`` re-expresses it in the new blocks);
+  otherwise a merge zeroes it.
 * ``clip_block_angle``: caps the angle of each block's step (after the learning rate): 2·‖ΔQ‖_F ≤ max_angle,
   the Frobenius norm bounding the spectral one.
 * ``alternate_sides``: odd steps update the input-side generators only, even steps the output side.
