@@ -6,9 +6,10 @@
 Every row is one ``python train.py --config <config> <row overrides> <extra overrides> name=<row>
 out_dir=<out>`` in its own process (the command is printed, so a single row can be rerun by hand). Rows
 run ``--parallel`` at a time on the same accelerator; a small model leaves most of an H100 idle between
-kernel launches, so sharing it costs little per run. Each process gets an equal slice of GPU memory, so
-``--parallel`` is bounded by what one row needs: a row that runs out of memory in its slice fails (the
-measured limit for the quality config is in BENCHMARKS.md).
+kernel launches, so sharing it costs little per run. Side by side, the processes allocate GPU memory as
+they need it instead of each preallocating an equal slice (equal slices ran out where a POET row's train
+step needed more than its share: BENCHMARKS.md, series E). A row whose folder already holds a run stops
+the whole call before anything starts: its old metrics would otherwise stand in the table as a new result.
 A row that fails or runs past ``--timeout`` is reported as such and keeps its log and metrics.
 
 After the runs: ``<out>/quality.md`` (the table: final validation perplexity over the whole held-out
@@ -101,7 +102,7 @@ def command(config: str, row: str, out: str, extra: list[str]) -> list[str]:
 def launch(rows: list[str], args) -> dict[str, dict]:
     env = dict(os.environ)
     if args.parallel > 1:
-        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.3f}")
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     pending, running, done = list(rows), {}, {}
     os.makedirs(args.out, exist_ok=True)
     while pending or running:
@@ -248,8 +249,11 @@ def main(argv=None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     from poetjax.run_config import load_config
 
-    for row in rows:  # unknown rows and invalid configs fail before anything runs
+    for row in rows:  # unknown rows, invalid configs and earlier runs in the way fail before anything runs
         load_config(args.config, row_overrides(row) + list(args.overrides))
+        if not args.collect_only and os.path.exists(os.path.join(args.out, row_name(row), "config.yaml")):
+            raise SystemExit(f"{os.path.join(args.out, row_name(row))} already holds a run; remove it or pick "
+                             f"another --out (--collect-only rebuilds the table from it)")
     done = {} if args.collect_only else launch(rows, args)
     spectra = row_spectra(rows, args) if args.spectra else {}
     table = summarize(rows, done, args, spectra)

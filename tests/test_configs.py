@@ -222,3 +222,14 @@ def test_quality_rows_share_one_budget_and_schedule_and_differ_only_in_the_optim
     assert q.row_name(grid) == "lever_ns_poet_lr5e-3" and q.row_name("x:optimizer.lr=1") == "x"
     with pytest.raises(SystemExit, match="'poet_lr' is not key=value"):
         q.row_overrides("lever_ns+poet_lr")
+
+
+def test_quality_refuses_a_row_whose_folder_already_holds_a_run(tmp_path):
+    """A row whose folder holds an earlier run would stop at its checkpoints while its old metrics stood in the
+    table as a new result: the call must stop before anything runs, naming the folder."""
+    q = _quality_module()
+    (tmp_path / "adamw_1e-3").mkdir()
+    (tmp_path / "adamw_1e-3" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit, match=r"adamw_1e-3 already holds a run"):
+        q.main(["--rows", "lever_ns,adamw_1e-3", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw_1e-3"]  # nothing was started
