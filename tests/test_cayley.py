@@ -115,6 +115,24 @@ def test_neumann_orthogonality_error_within_bound_and_shrinks():
     assert errs[0] / errs[1] > 12 and errs[1] / errs[2] > 12, errs
 
 
+@pytest.mark.parametrize("num_terms", [2, 3])
+def test_neumann_map_scales_each_rotation_plane_by_one_minus_its_angle_power(num_terms):
+    """Why a merge can move a spectrum: for a skew Q with eigenvalues ±iθ the truncated series scales each
+    plane by |1 − (iθ)^(k+1)| (k = num_terms), so with θ near 1 the merged R is far from orthogonal and the
+    singular values it bakes into W0 shrink (BENCHMARKS.md, series E: Newton–Schulz steps over 200 steps)."""
+    rng = np.random.default_rng(num_terms)
+    k = 16
+    q = _np_skew(rng.standard_normal(k * (k - 1) // 2), k)
+    for theta_max in (0.3, 0.9):
+        qs = q * theta_max / np.linalg.norm(q, ord=2)
+        theta = np.abs(np.linalg.eigvals(qs).imag)  # each angle twice (a plane has two eigenvalues)
+        expected = np.sort(np.abs(1 - (1j * theta) ** (num_terms + 1)))[::-1]
+        sigma = np.linalg.svd(_np_poly(qs, num_terms), compute_uv=False)
+        np.testing.assert_allclose(sigma, expected, rtol=1e-10)
+        assert_close(np.linalg.svd(np.asarray(cayley.cayley_neumann(jnp.asarray(qs, jnp.float32), num_terms)),
+                                   compute_uv=False), expected, jnp.float32)
+
+
 def test_ragged_layout_and_mask():
     lay = cayley.block_layout(688, 256)
     assert (lay.num_blocks, lay.padded, lay.tail) == (3, 768, 176)
