@@ -57,6 +57,23 @@ def singular_values(kernel: jax.Array) -> jax.Array:
     return jnp.linalg.svd(kernel.astype(jnp.float32), compute_uv=False)
 
 
+def gram_singular_values(kernel: jax.Array) -> jax.Array:
+    """Singular values (descending) of a (..., N, M) kernel as the square roots of the eigenvalues of its
+    smaller Gram matrix. Squaring the condition number costs accuracy: the error is about ‖K‖₂² · ε / σ
+    near σ, so small singular values are only good to ~1e-4 of σ_max in float32 (BENCHMARKS.md)."""
+    k = kernel.astype(jnp.float32)
+    if k.shape[-2] < k.shape[-1]:
+        k = jnp.swapaxes(k, -1, -2)
+    gram = jnp.matmul(jnp.swapaxes(k, -1, -2), k, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[..., ::-1], 0.0))
+
+
+def _logged_singular_values(kernel: jax.Array) -> jax.Array:
+    """The diagnostics' spectra: the SVD on a CPU, the Gram form on an accelerator, where the batched SVD
+    dominated a record's time (BENCHMARKS.md, issue 22). Chosen when the program is lowered, not traced."""
+    return jax.lax.platform_dependent(kernel, cpu=singular_values, default=gram_singular_values)
+
+
 def svd_entropy(s: jax.Array) -> jax.Array:
     """Normalized SVD entropy in [0, 1] of singular values s (..., n): 1 = flat spectrum."""
     s = s.astype(jnp.float32)
@@ -281,14 +298,14 @@ def grouped_diagnostics(model: nnx.Module, *, probes: dict[str, ProbeState] | No
         else:
             kernels, bases = jnp.stack([m.kernel[...].astype(jnp.float32) for m in layers]), None
             d = {}
-        s = singular_values(kernels)  # (L, n): one batched SVD per group
+        s = _logged_singular_values(kernels)  # (L, n): one batched call per group
         n = s.shape[-1]
         d.update({"singular_values": s, "sv": s[:, sampled_ranks(n, num_sv)], "svd_entropy": svd_entropy(s),
                   "spectral_norm": s[:, 0]})
         if s_ref is not None:
             d["drift"] = _rows_drift(s_ref[key], s)
         if bases is not None:
-            d["merge_drift"] = _rows_drift(singular_values(bases)[:, :n], s)
+            d["merge_drift"] = _rows_drift(_logged_singular_values(bases)[:, :n], s)
         out[key] = d
     return out
 

@@ -23,6 +23,30 @@ def _np_entropy(s):
     return -np.sum(p * np.log(p)) / np.log(len(s))
 
 
+@pytest.mark.parametrize("shape", [(3, 24, 16), (2, 16, 40)])
+def test_gram_singular_values_match_a_float64_svd(shape):
+    """The Gram form (eigenvalues of the smaller KᵀK or KKᵀ) gives the singular values of tall and wide
+    kernels, descending; well-conditioned here, so the squared condition number stays inside float32."""
+    k = np.random.default_rng(1).standard_normal(shape)
+    s = dg.gram_singular_values(jnp.asarray(k, jnp.float32))
+    assert s.shape == shape[:-2] + (min(shape[-2:]),)
+    assert_close(s, np.linalg.svd(k, compute_uv=False), jnp.float32)
+
+
+def test_logged_spectra_take_the_svd_on_a_cpu_and_the_gram_form_on_a_gpu():
+    """The choice is made per lowering platform, so a CPU never runs the Gram path and a GPU never the SVD."""
+    import re
+
+    from pallas_kernels._common import lower_for_gpu
+
+    x = jax.ShapeDtypeStruct((3, 24, 16), jnp.float32)
+    calls = lambda txt: set(re.findall(r"custom_call @(\w+)", txt))
+    cpu = calls(jax.jit(dg._logged_singular_values).trace(x).lower(lowering_platforms=("cpu",)).as_text())
+    gpu = calls(lower_for_gpu(dg._logged_singular_values, x))
+    assert any("gesdd" in c for c in cpu) and not any("syevd" in c for c in cpu), cpu
+    assert any("syevd" in c for c in gpu) and not any("gesvd" in c or "gesdd" in c for c in gpu), gpu
+
+
 def test_singular_values_entropy_norm_vs_numpy():
     k = np.random.default_rng(0).standard_normal((3, 24, 16))
     s_ref = np.linalg.svd(k, compute_uv=False)
