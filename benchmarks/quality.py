@@ -54,7 +54,7 @@ ROWS: dict[str, list[str]] = {
                            "optimizer.lr=1e-3"],
 }
 # The levers of issue 26 (poetjax.lie, POETConfig.init/init_scale), each alone on the best POET row
-# (poet_b256_plr2e-3), then all together. A learning-rate grid is a row per value, e.g.
+# (poet_b256_plr2e-3), then the best combination. A learning-rate grid is a row per value, e.g.
 # "lever_ns+optimizer.poet_lr=2e-2" (a later override wins).
 _POET = ROWS["poet_b256_plr2e-3"]
 _LEVERS = {
@@ -66,8 +66,9 @@ _LEVERS = {
     "alternate": ["optimizer.alternate_sides=true"],
 }
 ROWS.update({f"lever_{name}": _POET + extra for name, extra in _LEVERS.items()})
-ROWS["lever_all"] = _POET + _LEVERS["mup4"] + _LEVERS["ns_cap"] + ["optimizer.carry_moment=true",
-                                                                   "optimizer.alternate_sides=true"]
+# The best combination so far: Newton–Schulz (series E: 1.024x Muon), merged every 100 steps so that merges
+# keep its spectrum (series E moved it 0.051 at 200; the CPU table in BENCHMARKS.md). μP x4 measured worse.
+ROWS["lever_best"] = _POET + _LEVERS["ns"] + ["poet.merge_interval=100"]
 
 
 def row_overrides(row: str) -> list[str]:
