@@ -252,9 +252,10 @@ def main(argv=None) -> int:
 
     for row in rows:  # unknown rows, invalid configs and earlier runs in the way fail before anything runs
         load_config(args.config, row_overrides(row) + list(args.overrides))
-        if not args.collect_only and os.path.exists(os.path.join(args.out, row_name(row), "config.yaml")):
-            raise SystemExit(f"{os.path.join(args.out, row_name(row))} already holds a run; remove it or pick "
-                             f"another --out (--collect-only rebuilds the table from it)")
+        run_dir = os.path.join(args.out, row_name(row))
+        if not args.collect_only and os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise SystemExit(f"{run_dir} already holds a run; remove it or pick another --out (--collect-only "
+                             f"rebuilds the table from it)")
     done = {} if args.collect_only else launch(rows, args)
     spectra = row_spectra(rows, args) if args.spectra else {}
     table = summarize(rows, done, args, spectra)
