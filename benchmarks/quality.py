@@ -66,9 +66,10 @@ _LEVERS = {
     "alternate": ["optimizer.alternate_sides=true"],
 }
 ROWS.update({f"lever_{name}": _POET + extra for name, extra in _LEVERS.items()})
-# The best combination so far: Newton–Schulz (series E: 1.024x Muon), merged every 100 steps so that merges
-# keep its spectrum (series E moved it 0.051 at 200; the CPU table in BENCHMARKS.md). μP x4 measured worse.
-ROWS["lever_best"] = _POET + _LEVERS["ns"] + ["poet.merge_interval=100"]
+# The best combination: Newton–Schulz with the exact Cayley map, which keeps the spectrum where the
+# three-term series does not (series F in RESULTS.md: 1.023x Muon, largest σ change 0.011; merging the
+# series every 100 steps instead left 0.036). μP x4 measured worse.
+ROWS["lever_best"] = _POET + _LEVERS["ns"] + ["poet.cayley=exact"]
 
 
 def row_overrides(row: str) -> list[str]:
