@@ -2,7 +2,7 @@
 
     python benchmarks/ttr_report.py RUN_DIR [RUN_DIR ...]
 
-Columns (seconds unless noted): data, build, first diagnostics call, first step, start to first step,
+Columns (seconds unless noted): data, building the model (part of build), build, first diagnostics call, first step, start to first step,
 first merge, slowest later merge, diagnostics' share of the loop (%), whole run, steps, final validation
 perplexity. The last line gives each run's whole-run time as a ratio to the first completed run named
 "adamw" among the arguments, if there is one.
@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-COLUMNS = [("data", "data_s"), ("build", "build_s"), ("diag0", "first_diagnostics_s"), ("step1", "first_step_s"),
+COLUMNS = [("data", "data_s"), ("model", "model_s"), ("build", "build_s"), ("diag0", "first_diagnostics_s"), ("step1", "first_step_s"),
            ("to step1", "to_first_step_s"), ("merge1", "first_merge_s"), ("merge max", "later_merge_max_s"),
            ("diag %", "diagnostics_share"), ("total", "total_s")]
 
@@ -42,14 +42,15 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     rows = [(os.path.basename(os.path.normpath(d)), *timing_of(d)) for d in argv]
-    print(f"{'run':12s}" + "".join(f"{c:>10s}" for c, _ in COLUMNS) + f"{'steps':>7s}{'val ppl':>9s}")
+    w = max(12, *(len(name) + 1 for name, _, _ in rows))
+    print(f"{'run':{w}s}" + "".join(f"{c:>10s}" for c, _ in COLUMNS) + f"{'steps':>7s}{'val ppl':>9s}")
     for name, t, final in rows:
         cells = []
         for _, key in COLUMNS:
             v = t.get(key)
             cells.append("-" if v is None else f"{100 * v:.2f}" if key == "diagnostics_share" else f"{v:.1f}")
         ppl = f"{final['val_ppl']:.2f}" if final else "-"
-        print(f"{name:12s}" + "".join(f"{c:>10s}" for c in cells) + f"{t['step']:>7d}{ppl:>9s}")
+        print(f"{name:{w}s}" + "".join(f"{c:>10s}" for c in cells) + f"{t['step']:>7d}{ppl:>9s}")
     base = next(((n, t) for n, t, f in rows if n == "adamw" and f), None)
     if base:
         ratios = ", ".join(f"{n} {t['total_s'] / base[1]['total_s']:.2f}x" for n, t, f in rows if f)

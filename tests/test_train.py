@@ -82,6 +82,7 @@ def test_the_run_logs_where_its_time_went(uninterrupted):
     phases = ("data_s", "build_s", "first_diagnostics_s", "first_step_s", "first_merge_s", "first_eval_s")
     assert all(isinstance(timing[k], float) and timing[k] >= 0 for k in phases + ("to_first_step_s", "total_s"))
     assert timing["build_s"] > 0 and timing["first_step_s"] > 0 and timing["first_merge_s"] > 0
+    assert 0 < timing["model_s"] < timing["build_s"]  # the model is built inside the build phase
     before_step = sum(timing[k] for k in ("data_s", "build_s", "first_diagnostics_s", "first_step_s"))
     assert before_step <= timing["to_first_step_s"] + 0.01 <= timing["total_s"] + 0.01
     assert timing["first_merge_s"] + timing["first_eval_s"] <= timing["total_s"] - timing["to_first_step_s"]

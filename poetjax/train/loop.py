@@ -186,7 +186,7 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     tx = make_optimizer(cfg)
     mesh = dist.mesh_from_config(cfg.mesh)
     dist.check_batch(batch, mesh, cfg.train.microbatches)
-    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh)
+    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh, timing)
     jax.block_until_ready(state)
     timing["build_s"] = time.perf_counter() - t0
     say(_param_summary(state, cfg))
