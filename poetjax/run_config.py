@@ -84,6 +84,16 @@ class RunConfig:
             raise ConfigError(f"poet.init={p.init!r} would replace the weights of model.init_from="
                               f"{m.init_from!r}; use poet.init=keep to start POET from the loaded model")
 
+    def cautions(self) -> list[str]:
+        """One line per setting that runs but is measured to break something POET promises (train.py prints
+        them before it starts)."""
+        o, p = self.optimizer, self.poet
+        if o.name == "poet" and o.generator_update == "ns" and p.cayley != "exact":
+            return [f"caution: optimizer.generator_update=ns with poet.cayley={p.cayley} lets merges move the "
+                    f"singular values (the series shrinks the steady angles Newton-Schulz steps reach; RESULTS.md, "
+                    f"generator levers); poet.cayley=exact keeps them"]
+        return []
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -187,3 +187,24 @@ def test_lever_errors_name_the_value():
         pj.poet_optimizer(cfg, 1e-3, carry_moment=True)
     with pytest.raises(ValueError, match="max_angle must be > 0"):
         pj.lie.clip_block_angle(0.0)
+
+
+def test_newton_schulz_with_the_series_is_cautioned_before_a_run(capsys, tmp_path, data_cache):
+    """ns with the Cayley–Neumann series runs, but train.py says first that merges will move the spectrum;
+    the exact map, or another generator rule, gets no such line."""
+    from poetjax.data.sources import DataError
+    from poetjax.run_config import load_config
+    from poetjax.train.loop import run
+
+    from _runs import tiny
+
+    def cautions(*overrides):
+        return load_config(None, ["optimizer.name=poet", *overrides]).cautions()
+
+    assert len(cautions("optimizer.generator_update=ns")) == 1
+    assert "poet.cayley=neumann" in cautions("optimizer.generator_update=ns")[0]
+    assert cautions("optimizer.generator_update=ns", "poet.cayley=exact") == []
+    assert cautions("optimizer.generator_update=momentum") == cautions() == []
+    with pytest.raises(DataError, match="no_such_corpus"):  # printed before anything else, data included
+        run(tiny(tmp_path, data_cache, "optimizer.generator_update=ns", f"data.source={tmp_path / 'no_such_corpus'}"))
+    assert cautions("optimizer.generator_update=ns")[0] in capsys.readouterr().err
