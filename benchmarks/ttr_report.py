@@ -4,8 +4,8 @@
 
 Columns (seconds unless noted): data, building the model (part of build), build, first diagnostics call,
 first step, start to first step, first merge, slowest later merge, diagnostics' share of the loop (%), whole
-run, steps, final validation perplexity. The last line gives each run's whole-run time as a ratio to the first completed run named
-"adamw" among the arguments, if there is one.
+run, steps, final validation perplexity. The last line gives each run's whole-run time as a ratio to the first
+completed run named "adamw" among the arguments, if there is one.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 import sys
 
 COLUMNS = [("data", "data_s"), ("model", "model_s"), ("build", "build_s"), ("diag0", "first_diagnostics_s"),
-           ("step1", "first_step_s"), ("to step1", "to_first_step_s"), ("merge1", "first_merge_s"), ("merge max", "later_merge_max_s"),
-           ("diag %", "diagnostics_share"), ("total", "total_s")]
+           ("step1", "first_step_s"), ("to step1", "to_first_step_s"), ("merge1", "first_merge_s"),
+           ("merge max", "later_merge_max_s"), ("diag %", "diagnostics_share"), ("total", "total_s")]
 
 
 def timing_of(run_dir: str) -> tuple[dict, dict]:
