@@ -23,7 +23,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_spectra(run_dir: str) -> dict[str, np.ndarray]:
-    """{"init/<path>": s, "final/<path>": s} for every linear kernel of the run (float32, descending)."""
+    """{"init/<path>": s, "final/<path>": s} for every linear kernel of the run (float32, descending).
+
+    Computed on the host CPU whatever the default backend: the model is built and the state restored there,
+    where an accelerator would compile each of the many small eager ops of building the state first, and
+    LAPACK's SVDs of these few hundred-wide matrices take milliseconds."""
+    import jax
+
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return _run_spectra(run_dir)
+
+
+def _run_spectra(run_dir: str) -> dict[str, np.ndarray]:
     from flax import nnx
 
     from poetjax.checkpoint import Checkpointer, CheckpointError

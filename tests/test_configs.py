@@ -233,3 +233,39 @@ def test_quality_refuses_a_row_whose_folder_already_holds_a_run(tmp_path):
     with pytest.raises(SystemExit, match=r"adamw_1e-3 already holds a run"):
         q.main(["--rows", "lever_ns,adamw_1e-3", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw_1e-3"]  # nothing was started
+
+
+def test_run_spectra_reads_the_initial_and_the_checkpointed_weights(uninterrupted):
+    """benchmarks/run_spectra.py (the spectrum column of RESULTS.md): its step-0 and final singular values
+    against float64 SVDs of the effective kernels of the rebuilt model and of the restored last checkpoint,
+    and its largest relative change against one computed from those."""
+    import importlib.util
+
+    import numpy as np
+    from flax import nnx
+
+    from poetjax.checkpoint import Checkpointer
+    from poetjax.diagnostics import linear_kernels
+    from poetjax.testing import assert_close
+    from poetjax.train import steps as core
+    from poetjax.train.optimizers import make_optimizer
+
+    spec = importlib.util.spec_from_file_location("run_spectra", os.path.join(ROOT, "benchmarks", "run_spectra.py"))
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    spectra = rs.run_spectra(uninterrupted.run_dir)
+    cfg = load_config(os.path.join(uninterrupted.run_dir, "config.yaml"))
+    graphdef, like = core.init_state(core.build_model(cfg), make_optimizer(cfg), core.run_keys(cfg.seed)[2])
+    with Checkpointer(uninterrupted.checkpoint_dir) as ckpt:
+        state, _ = ckpt.restore(ckpt.latest_step(), like)
+    kernels = {"init": linear_kernels(core.build_model(cfg)),
+               "final": linear_kernels(nnx.merge(graphdef, state.params, state.frozen))}
+    names = sorted(k for k in kernels["init"] if "lm_head" not in k)
+    assert names and sorted(spectra) == sorted(f"{when}/{k}" for when in kernels for k in names)
+    ref = {f"{when}/{k}": np.linalg.svd(np.asarray(kernels[when][k], np.float64), compute_uv=False)
+           for when in kernels for k in names}
+    for key, s in ref.items():
+        assert_close(spectra[key], s, np.float32, what=key)
+    change = max(np.max(np.abs(ref[f"final/{k}"] - ref[f"init/{k}"]) / ref[f"init/{k}"]) for k in names)
+    assert rs.largest_change(spectra) == pytest.approx(change, rel=0.01)
+    assert 0 < change < 0.05  # POET keeps the spectrum up to the Cayley–Neumann truncation
