@@ -192,10 +192,11 @@ def test_cli_rejects_bad_config_before_running(capsys):
     assert "hidden_size: 64" in out and "name: tiny" in out
 
 
-def _quality_module():
+def _bench_module(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package on the test path)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("quality_bench", os.path.join(ROOT, "benchmarks", "quality.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -204,7 +205,7 @@ def _quality_module():
 def test_quality_rows_share_one_budget_and_schedule_and_differ_only_in_the_optimizer():
     """RESULTS.md compares rows at equal tokens: every row of benchmarks/quality.py must resolve to a valid
     config whose data, model, schedule and step count are those of the quality config itself."""
-    q = _quality_module()
+    q = _bench_module("quality")
     path = os.path.join(ROOT, q.DEFAULT_CONFIG)
     base = load_config(path)
     assert base.model.hidden_size == 512 and base.model.num_layers == 8  # LLaMA-60M
@@ -227,7 +228,7 @@ def test_quality_rows_share_one_budget_and_schedule_and_differ_only_in_the_optim
 def test_quality_refuses_a_row_whose_folder_already_holds_a_run(tmp_path):
     """A row whose folder holds an earlier run would stop at its checkpoints while its old metrics stood in the
     table as a new result: the call must stop before anything runs, naming the folder."""
-    q = _quality_module()
+    q = _bench_module("quality")
     (tmp_path / "adamw_1e-3").mkdir()
     (tmp_path / "adamw_1e-3" / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(SystemExit, match=r"adamw_1e-3 already holds a run"):
@@ -239,10 +240,7 @@ def test_run_spectra_reads_the_initial_and_the_checkpointed_weights(uninterrupte
     """benchmarks/run_spectra.py (the spectrum column of RESULTS.md): its step-0 and final singular values
     against float64 SVDs of the effective kernels of the rebuilt model and of the restored last checkpoint,
     and its largest relative change against one computed from those."""
-    import importlib.util
-
     import numpy as np
-    from flax import nnx
 
     from poetjax.checkpoint import Checkpointer
     from poetjax.diagnostics import linear_kernels
@@ -250,9 +248,7 @@ def test_run_spectra_reads_the_initial_and_the_checkpointed_weights(uninterrupte
     from poetjax.train import steps as core
     from poetjax.train.optimizers import make_optimizer
 
-    spec = importlib.util.spec_from_file_location("run_spectra", os.path.join(ROOT, "benchmarks", "run_spectra.py"))
-    rs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rs)
+    rs = _bench_module("run_spectra")
     spectra = rs.run_spectra(uninterrupted.run_dir)
     cfg = load_config(os.path.join(uninterrupted.run_dir, "config.yaml"))
     graphdef, like = core.init_state(core.build_model(cfg), make_optimizer(cfg), core.run_keys(cfg.seed)[2])

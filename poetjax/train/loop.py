@@ -8,13 +8,13 @@ tokens_per_s and the progress line's rate leave out compilation: the first step'
 
 Where the time before training goes: one ``{"kind": "timing", ...}`` line at the end of each invocation
 (also ``summary.json``'s "timing") holds, in seconds since ``run`` began or per phase: ``data_s``
-(tokenize or load the shards), ``build_s`` (model, optimizer and state on the devices), ``first_step_s``,
-``first_merge_s``, ``first_eval_s`` and ``first_diagnostics_s`` (each program's first call: the wait for its
-compile or cache load, all started together by ``poetjax.train.ahead``, plus one run), ``to_first_step_s``
-(from ``run``'s start to the first completed step), ``later_merges`` and ``later_merge_max_s`` (the merges
-after the first, each timed on its own), ``diagnostics_calls``, ``diagnostics_s`` and ``diagnostics_share``
-(the records after step 0's and their share of the loop's time after the first step) and ``total_s``; a
-program that did not run is left out.
+(tokenize or load the shards), ``build_s`` (model, optimizer and state on the devices; ``model_s`` of it:
+building the model), ``first_step_s``, ``first_merge_s``, ``first_eval_s`` and ``first_diagnostics_s`` (each
+program's first call: the wait for its compile or cache load, all started together by
+``poetjax.train.ahead``, plus one run), ``to_first_step_s`` (from ``run``'s start to the first completed
+step), ``later_merges`` and ``later_merge_max_s`` (the merges after the first, each timed on its own),
+``diagnostics_calls``, ``diagnostics_s`` and ``diagnostics_share`` (the records after step 0's and their share
+of the loop's time after the first step) and ``total_s``; a program that did not run is left out.
 ``compilation_cache`` names the folder of JAX's persistent cache (``poetjax.train.xla_cache``), or is null
 when it is off.
 
@@ -188,7 +188,10 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     tx = make_optimizer(cfg)
     mesh = dist.mesh_from_config(cfg.mesh)
     dist.check_batch(batch, mesh, cfg.train.microbatches)
-    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh, timing)
+    model = core.build_model(cfg)
+    timing["model_s"] = time.perf_counter() - t0
+    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh, model)
+    del model  # its arrays now live in the state
     jax.block_until_ready(state)
     timing["build_s"] = time.perf_counter() - t0
     say(_param_summary(state, cfg))

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import optax
 from flax import nnx
@@ -14,21 +12,17 @@ from poetjax.distributed import batch_sharding, place, replicated, state_shardin
 from poetjax.train import steps as core
 
 
-def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, timing: dict | None = None):
+def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: nnx.Module | None = None):
     """(graphdef, TrainState laid out on ``mesh``, its shardings) of a fresh run of ``cfg`` (a RunConfig).
 
     The model is built as on one device (``poetjax.train.steps.build_model``, so every mesh starts from
     bit-identical weights) and then split over the mesh; the optimizer state is created inside one jit
     with sharded outputs, so (e.g. AdamW's moments of a large baseline) it never exists whole anywhere.
-    The model itself must fit one device (an 8B model's W0 in bf16 is 16 GB). ``timing``, if given, gets
-    ``model_s``: the seconds of building the model (the rest of the build is placing it and the state's
-    program, compiled and run).
+    The model itself must fit one device (an 8B model's W0 in bf16 is 16 GB). ``model``: that model, if the
+    caller built it already (``train.py`` times the two parts of the build apart).
     """
     key = core.run_keys(cfg.seed)[2]
-    t0 = time.perf_counter()
-    graphdef, params, frozen = core.split_model(core.build_model(cfg))
-    if timing is not None:
-        timing["model_s"] = time.perf_counter() - t0
+    graphdef, params, frozen = core.split_model(core.build_model(cfg) if model is None else model)
 
     def make(params, frozen):
         return core.init_state(nnx.merge(graphdef, params, frozen), tx, key)[1]
