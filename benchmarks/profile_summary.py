@@ -7,7 +7,8 @@ and calls ``summarize``. Every device event (a kernel; on a CPU, a thunk) that c
 is charged to that HLO instruction, and the instruction to the innermost frame of its source stack that
 lies in this repository (``poetjax/ops.py:block_rotate_rows``), else to its op name's primitive, marked
 "[bwd]" when autodiff's transpose made it (the backward pass). Printed:
-milliseconds per step by source location and by kernel name, each with its share of the total.
+milliseconds per step by source location and by kernel name, each with its share of the total, and how
+much of the device time went to short kernels (under ``SHORT_US`` each), the sign of a launch-bound step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import sys
 
 _REPO_DIRS = ("poetjax/", "pallas_kernels/", "benchmarks/", "train.py")
+SHORT_US = 20.0  # a kernel this short costs about as much to launch as to run
 
 
 def _table(text: str, title: str) -> dict[int, str]:
@@ -136,7 +138,9 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 40, out=sys.
         by_src[lab or by_kernel_name.get(name) or f"kernel:{name[:60]}"] += ns
         by_kernel[name[:80]] += ns
     per = 1e6 * max(steps, 1)  # ns → ms per step
+    short = [ns for _, _, ns in events if ns < SHORT_US * 1e3]
     summary = {"unit": unit, "traced": steps, "events": len(events), "total_ms": sum(by_src.values()) / per,
+               "short_events": len(short), "short_ms": sum(short) / per,
                "by_source_ms": {k: v / per for k, v in by_src.most_common(top)},
                "by_kernel_ms": {k: v / per for k, v in by_kernel.most_common(top)}}
     if out is not None:
@@ -148,6 +152,9 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     total, unit = summary["total_ms"], summary["unit"]
     print(f"\n== device time per {unit}: {total:.3f} ms over {summary['traced']} traced {unit}s "
           f"({summary['events']} events)", file=out)
+    if "short_ms" in summary:
+        print(f"   kernels under {SHORT_US:g} µs: {summary['short_events']} events, {summary['short_ms']:.3f} ms per "
+              f"{unit} ({100 * summary['short_ms'] / max(total, 1e-12):.1f}%)", file=out)
     for title, key in (("by source (innermost repository frame, else the HLO primitive)", "by_source_ms"),
                        ("by kernel", "by_kernel_ms")):
         print(f"-- {title}", file=out)

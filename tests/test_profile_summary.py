@@ -34,3 +34,4 @@ def test_trace_is_charged_to_repository_frames_and_the_backward_is_marked(tmp_pa
     rotate = sum(ms for k, ms in res["by_source_ms"].items() if k.startswith("poetjax/ops.py:block_rotate"))
     assert 0 < rotate <= res["total_ms"] + 1e-9
     assert sum(res["by_kernel_ms"].values()) <= res["total_ms"] * (1 + 1e-9)
+    assert 0 <= res["short_events"] <= res["events"] and 0 <= res["short_ms"] <= res["total_ms"] * (1 + 1e-9)
