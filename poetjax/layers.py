@@ -187,15 +187,25 @@ class POETLinear(nnx.Module):
         c = self.config
         return (c.num_terms, c.cayley == "exact", self.plan().impl, c.exec.cayley_precision)
 
-    def __call__(self, x: jax.Array, *, rotations: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rotations: tuple[jax.Array, jax.Array] | None = None,
+                 kernel: jax.Array | None = None) -> jax.Array:
         """``rotations``: (R_in, R_out) of this layer's generators mapped elsewhere (a Cayley map shared by many
-        layers, ``compute_rotations``; the model's ``CayleyScopeHook`` passes them) instead of mapping its own."""
+        layers, ``compute_rotations``; the model's ``CayleyScopeHook`` passes them) instead of mapping its own.
+        ``kernel``: this layer's W_eff (N, M), formed elsewhere from those rotations (``shared_call_args``: the
+        weight form of many layers in one batched product); the call is then x · kernel (+ bias)."""
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"POETLinear expects inputs (..., {self.in_features}); got shape {tuple(x.shape)}")
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        if self.config.family == "fs":
-            if rotations is not None:
-                raise ValueError("a POET-FS layer maps its own subset rotations; got rotations=")
+        if self.config.family == "fs" and (rotations is not None or kernel is not None):
+            raise ValueError("a POET-FS layer maps its own subset rotations; got "
+                             + ("rotations=" if rotations is not None else "kernel="))
+        if kernel is not None:
+            if rotations is not None or kernel.shape != (self.in_features, self.out_features):
+                raise ValueError(f"kernel= must be the layer's W_eff ({self.in_features}, {self.out_features}) "
+                                 f"without rotations=; got shape {tuple(kernel.shape)}"
+                                 + (" and rotations=" if rotations is not None else ""))
+            y = jnp.matmul(x.astype(dtype), kernel.astype(dtype), precision=self.precision)
+        elif self.config.family == "fs":
             r_in, r_out = self.rotation_blocks()
             y = fs.fs_linear(x.astype(dtype), self.w0[...], r_in, r_out, self.perms, precision=self.precision)
         else:
@@ -269,6 +279,44 @@ def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Arra
 
 
 
+def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tuple]]:
+    """{path: keyword arguments of the layer's call} for every POET-BS layer under ``module``: its rotation
+    blocks from the shared Cayley maps (``compute_rotations``), or, for a layer in the weight form
+    (``compute="weight"``, memory "fast"; a known compute dtype), its kernel W_eff. The kernels of all such
+    layers of one shape (the same projection of every stacked layer, and the projections of equal shape) are
+    formed in one batched product (``ops.stacked_weights_from_blocks``): the same numbers as each layer forming
+    its own, from a handful of launches instead of a handful per layer."""
+    rotations = compute_rotations(module)
+    layers = dict(_shared_layers(module))
+    args, groups = {}, {}
+    for path, (r_in, r_out) in rotations.items():
+        lay = layers[path]
+        plan = lay.plan()
+        if plan.body != "weight" or plan.memory != "fast" or lay.dtype is None:
+            args[path] = {"rotations": (r_in, r_out)}
+            continue
+        key = (lay.in_features, lay.out_features, r_in.shape, r_out.shape, jnp.dtype(lay.dtype), lay.precision)
+        groups.setdefault(key, []).append(path)
+    for (*_, dtype, precision), paths in groups.items():
+        members = [layers[p] for p in paths]
+        lead = rotations[paths[0]][0].shape[:-3]  # () or the stacked layers' (L,)
+
+        def cat(arrays, nd):  # every member's (…, *last nd axes) flattened and concatenated along one axis
+            flat = [a.reshape(-1, *a.shape[a.ndim - nd:]) for a in arrays]
+            return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
+
+        w0 = cat([jax.lax.stop_gradient(lay.base_weight(dtype)) for lay in members], 2)
+        r_in = cat([rotations[p][0].astype(dtype) for p in paths], 3)
+        r_out = cat([rotations[p][1].astype(dtype) for p in paths], 3)
+        perms = ops.LayerPerms(*(cat([getattr(lay.perms, f) for lay in members], 1)
+                                 for f in ops.LayerPerms._fields))
+        w = ops.stacked_weights_from_blocks(w0, r_in, r_out, perms, precision)
+        n = math.prod(lead)
+        for j, path in enumerate(paths):
+            args[path] = {"kernel": w[j * n:(j + 1) * n].reshape(*lead, *w.shape[1:])}
+    return args
+
+
 def resolve_scope(config: POETConfig) -> str:
     """``config.exec.cayley_scope`` resolved: "linear" | "block" | "model". "auto" is "model" for the fast
     memory mode and "block" for mem and for a uint8 base (whose point is memory: a model-wide map keeps
@@ -292,27 +340,28 @@ class CayleyScopeHook:
     maps: scope "block" maps all POET layers of a block in one call inside the block (so inside its remat);
     "model" maps every layer's once before the layers run (``prepare``), and each block rotates with its
     slice (stacked layers: the scan slices the (L, …) blocks like the weights). The blocks reach each layer
-    as its call's ``rotations`` argument (the block's per-projection call arguments)."""
+    as its call's ``rotations`` argument, or, in the weight form, the kernels formed from them as its
+    ``kernel`` argument (``shared_call_args``; the block's per-projection call arguments)."""
 
     scope: str
 
     def prepare(self, layers: nnx.Module):
         if self.scope != "model":
             return None
-        rotations = compute_rotations(layers)
+        args = shared_call_args(layers)
         if not isinstance(layers, nnx.List):
-            return rotations  # one stacked block: paths inside it, arrays with a leading layer axis
+            return args  # one stacked block: paths inside it, arrays with a leading layer axis
         per_layer = [{} for _ in range(len(layers))]
-        for path, r in rotations.items():
+        for path, a in args.items():
             i, _, inner = path.partition("/")
-            per_layer[int(i)][inner] = r
+            per_layer[int(i)][inner] = a
         return per_layer
 
     def wrap(self, run: Callable) -> Callable:
-        def run_shared(block, x, cos, sin, rotations):
+        def run_shared(block, x, cos, sin, args):
             if self.scope == "block":
-                rotations = compute_rotations(block)
-            return run(block, x, cos, sin, {path: {"rotations": r} for path, r in (rotations or {}).items()})
+                args = shared_call_args(block)
+            return run(block, x, cos, sin, args or {})
 
         return run_shared
 

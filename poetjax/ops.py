@@ -234,6 +234,15 @@ def weight_from_blocks(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: 
     return permute(a, perms.perm_out, perms.perm_out_inv)       # (N, M)
 
 
+def stacked_weights_from_blocks(w0_LxNpxMp: jax.Array, r_in_LxIxKxK: jax.Array, r_out_LxOxKxK: jax.Array,
+                                perms: LayerPerms, precision=None) -> jax.Array:
+    """``weight_from_blocks`` of L layers at once (every operand with one leading axis L, the permutations
+    (L, Np) etc.): W_eff (L, N, M) from one batched product per side and one batched gather per permutation,
+    so forming the kernels of many layers costs a handful of launches instead of a handful per layer."""
+    form = functools.partial(weight_from_blocks, precision=precision)
+    return jax.vmap(form)(w0_LxNpxMp, r_in_LxIxKxK, r_out_LxOxKxK, perms)
+
+
 def effective_kernel(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,
                      perms: LayerPerms) -> jax.Array:
     """The dense (N, M) kernel W_eff with layer(x) == x @ W_eff, in float32 (float32-exact products)."""

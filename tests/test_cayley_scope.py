@@ -62,11 +62,11 @@ def test_rotation_group_equals_separate_maps_with_leading_axes_and_mixed_block_s
                                   np.broadcast_to(np.eye(16 - tail), (3, 16 - tail, 16 - tail)))
 
 
-def _model(scope, *, scan, remat="none", variant="fast"):
+def _model(scope, *, scan, remat="none", variant="fast", compute="activations"):
     cfg = LlamaConfig(**{**CFG.__dict__, "remat": remat})
     model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
     pj.poetize(model, poet_config(block_size=8, variant=variant, cayley_scope=scope, impl="xla",
-                                    cayley_precision="highest"),
+                                    cayley_precision="highest", compute=compute),
                rngs=nnx.Rngs(params=jax.random.key(1)))
     randomize_generators(model, 0.3)
     return stack_layers(model) if scan else model
@@ -91,6 +91,41 @@ def test_every_scope_gives_the_same_loss_and_gradients(scan, remat, variant):
         assert theta_grads and all(np.abs(g[k]).max() > 0 for k in theta_grads)
         for k in g:
             assert_close(g[k], ref_g[k], jnp.float32, "same", what=f"{scope} grad {k}")
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
+def test_kernels_formed_together_give_the_same_loss_and_gradients_as_each_layers_own(scan, remat):
+    """The weight form under scope "model" forms every layer's W_eff before the layers run, one batched
+    product per shape (``shared_call_args``); per layer ("linear") each forms its own, and the activations
+    path never forms one. All three are the same function (the batched products may round differently from
+    one product per layer: value/grad tolerances, not "same")."""
+    tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, CFG.vocab_size)
+    ref_loss, ref_g = _loss_and_grads(_model("linear", scan=scan, remat=remat, compute="weight"), tokens)
+    act_loss, act_g = _loss_and_grads(_model("linear", scan=scan, remat=remat), tokens)
+    loss, g = _loss_and_grads(_model("model", scan=scan, remat=remat, compute="weight"), tokens)
+    assert_close(loss, ref_loss, jnp.float32, what="loss, kernels formed together")
+    assert_close(loss, act_loss, jnp.float32, what="loss against the activations path")
+    assert g.keys() == ref_g.keys() == act_g.keys()
+    assert all(np.abs(g[k]).max() > 0 for k in g if "theta" in k)
+    for k in g:
+        assert_close(g[k], ref_g[k], jnp.float32, "grad", what=f"grad {k}, kernels formed together")
+        assert_close(g[k], act_g[k], jnp.float32, "grad", what=f"grad {k} against the activations path")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kernels_of_one_shape_come_from_one_batched_product(scan):
+    """Forming W_eff takes two products (one per side); under scope "model" they are batched over every layer
+    of the same shape: 2 per distinct shape, where rotating the activations takes 2 per layer (both models
+    share one Cayley map, and each projection keeps its one dense product)."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    def dots(model):  # dot_generals in the lowered forward pass
+        return jax.jit(lambda m: m(tokens)).lower(model).as_text().count("dot_general")
+
+    rotating, together = dots(_model("model", scan=scan)), dots(_model("model", scan=scan, compute="weight"))
+    shapes = {(lay.in_features, lay.out_features) for _, lay in pj.poet_layers(_model("linear", scan=False))}
+    layers_traced = 1 if scan else CFG.num_layers  # a scan traces its body once
+    assert rotating - together == 2 * 7 * layers_traced - 2 * len(shapes), (rotating, together, shapes)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -145,6 +180,14 @@ def test_shared_rotations_are_the_layers_own_and_provided_ones_are_used():
     with pytest.raises(ValueError, match="POET-FS layer maps its own"):
         pj.POETLinear(16, 16, config=pj.POETConfig(family="fs", block_size=0.5), rngs=nnx.Rngs(0))(
             x[..., :16], rotations=eye)
+    # a kernel formed elsewhere is used as is: the layer's own effective kernel gives its own output
+    w = lay.effective_kernel()
+    assert_close(lay(x, kernel=w), y, jnp.float32, what="output from a provided kernel")
+    assert_close(lay(x, kernel=jnp.zeros_like(w)), jnp.zeros_like(y), jnp.float32, "same", what="zero kernel")
+    with pytest.raises(ValueError, match=r"kernel= must be the layer's W_eff \(32, 32\) .*got shape \(32, 40\)"):
+        lay(x, kernel=jnp.zeros((32, 40)))
+    with pytest.raises(ValueError, match="without rotations=.* and rotations="):
+        lay(x, kernel=w, rotations=eye)
 
 
 def rel_diff(a, b):
