@@ -311,9 +311,9 @@ def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tupl
         perms = ops.LayerPerms(*(cat([getattr(lay.perms, f) for lay in members], 1)
                                  for f in ops.LayerPerms._fields))
         w = ops.stacked_weights_from_blocks(w0, r_in, r_out, perms, precision)
-        n = math.prod(lead)
-        for j, path in enumerate(paths):
-            args[path] = {"kernel": w[j * n:(j + 1) * n].reshape(*lead, *w.shape[1:])}
+        parts = jax.lax.split(w, [math.prod(lead)] * len(paths)) if len(paths) > 1 else [w]  # (see rotation_group)
+        for path, part in zip(paths, parts):
+            args[path] = {"kernel": part.reshape(*lead, *w.shape[1:])}
     return args
 
 

@@ -62,6 +62,19 @@ def test_rotation_group_equals_separate_maps_with_leading_axes_and_mixed_block_s
                                   np.broadcast_to(np.eye(16 - tail), (3, 16 - tail, 16 - tail)))
 
 
+def test_the_backward_of_a_shared_map_gathers_the_cotangents_in_one_concatenation():
+    """The map's output is split among its items; the backward must join their cotangents with one
+    concatenation, not sum one zero-padded full-size copy per item (4 ms of a llama_60m step, BENCHMARKS.md)."""
+    layouts = [cayley.block_layout(32, 8), cayley.block_layout(48, 8), cayley.block_layout(16, 8)]
+    thetas = [jnp.zeros((lay.num_blocks, lay.num_packed)) for lay in layouts]
+
+    def loss(ts):
+        return sum(jnp.sum(jnp.sin(r)) for r in cayley.rotation_group(list(zip(ts, layouts)), impl="xla"))
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(thetas))
+    assert "pad[" not in jaxpr and "concatenate[" in jaxpr
+
+
 def _model(scope, *, scan, remat="none", variant="fast", compute="activations"):
     cfg = LlamaConfig(**{**CFG.__dict__, "remat": remat})
     model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
