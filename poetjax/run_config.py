@@ -80,19 +80,14 @@ class RunConfig:
                                   f"{self.train.microbatches} = {shards}")
         if self.data.vocab_size > m.vocab_size:
             raise ConfigError(f"data.vocab_size={self.data.vocab_size} exceeds model.vocab_size={m.vocab_size}")
+        if self.optimizer.name == "poet" and self.optimizer.generator_update == "ns" and p.cayley != "exact":
+            # Newton–Schulz steps keep every generator's angle large; the series shrinks such rotations and each
+            # merge bakes that into W0 (largest σ change 0.408 at poet_lr 2e-2, RESULTS.md "Generator levers")
+            raise ConfigError(f"optimizer.generator_update=ns needs poet.cayley=exact (got poet.cayley="
+                              f"{p.cayley!r}): with the series, merges move the singular values")
         if m.init_from and self.optimizer.name == "poet" and p.init != "keep":
             raise ConfigError(f"poet.init={p.init!r} would replace the weights of model.init_from="
                               f"{m.init_from!r}; use poet.init=keep to start POET from the loaded model")
-
-    def cautions(self) -> list[str]:
-        """One line per setting that runs but is measured to break something POET promises (train.py prints
-        them before it starts)."""
-        o, p = self.optimizer, self.poet
-        if o.name == "poet" and o.generator_update == "ns" and p.cayley != "exact":
-            return [f"caution: optimizer.generator_update=ns with poet.cayley={p.cayley} lets merges move the "
-                    f"singular values (the series shrinks the steady angles Newton-Schulz steps reach; RESULTS.md, "
-                    f"generator levers); poet.cayley=exact keeps them"]
-        return []
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

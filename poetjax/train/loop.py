@@ -161,8 +161,6 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     warn = (lambda s: print(s, file=sys.stderr)) if main else (lambda s: None)
     # Before anything compiles: jax opens its cache at the first compilation.
     timing = {"compilation_cache": use_compilation_cache(cfg.train.compilation_cache, warn)}
-    for line in cfg.cautions():
-        warn(line)
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     progress = Progress(cfg.train.steps, mode=cfg.logging.progress if main else "none")
     say = progress.message if cfg.logging.progress != "none" and main else (lambda s: None)
