@@ -91,6 +91,19 @@ def _loss_and_grads(model, tokens):
     return loss, {str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(g)[0]}
 
 
+@pytest.mark.parametrize("scan,compute", [(False, "activations"), (True, "activations"), (False, "weight"),
+                                          (True, "weight")])
+def test_a_model_wide_step_pads_nothing(scan, compute):
+    """The gradient of a model whose layers share one map holds no pad: every piece the map (or the batched
+    kernels) is cut into returns its cotangent through one concatenation (the old slices wrote 8 GiB of
+    zero-padded copies per llama_60m step; BENCHMARKS.md, "The shared map's backward")."""
+    model = _model("model", scan=scan, compute=compute)
+    graphdef, params, frozen = split_model(model)
+    tokens = jnp.zeros((2, 9), jnp.int32)
+    text = jax.jit(jax.grad(lambda p: loss_fn(graphdef, p, frozen, tokens))).lower(params).as_text()
+    assert "dot_general" in text and "stablehlo.pad" not in text
+
+
 @pytest.mark.parametrize("scan,remat,variant", [(False, "none", "fast"), (True, "full", "fast"),
                                                 (True, "none", "mem"), (False, "full", "mem")])
 def test_every_scope_gives_the_same_loss_and_gradients(scan, remat, variant):
