@@ -278,7 +278,6 @@ def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Arra
     return out
 
 
-
 def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tuple]]:
     """{path: keyword arguments of the layer's call} for every POET-BS layer under ``module``: its rotation
     blocks from the shared Cayley maps (``compute_rotations``), or, for a layer in the weight form
