@@ -281,7 +281,8 @@ def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Arra
 def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tuple]]:
     """{path: keyword arguments of the layer's call} for every POET-BS layer under ``module``: its rotation
     blocks from the shared Cayley maps (``compute_rotations``), or, for a layer in the weight form
-    (``compute="weight"``, memory "fast"; a known compute dtype), its kernel W_eff. The kernels of all such
+    (``compute="weight"``, memory "fast", a float base (a uint8 base is for memory: it dequantizes its own);
+    a known compute dtype), its kernel W_eff. The kernels of all such
     layers of one shape (the same projection of every stacked layer, and the projections of equal shape) are
     formed in one batched product (``ops.stacked_weights_from_blocks``): the same numbers as each layer forming
     its own, from a handful of launches instead of a handful per layer."""
@@ -291,7 +292,7 @@ def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tupl
     for path, (r_in, r_out) in rotations.items():
         lay = layers[path]
         plan = lay.plan()
-        if plan.body != "weight" or plan.memory != "fast" or lay.dtype is None:
+        if plan.body != "weight" or plan.memory != "fast" or lay.config.quantized or lay.dtype is None:
             args[path] = {"rotations": (r_in, r_out)}
             continue
         key = (lay.in_features, lay.out_features, r_in.shape, r_out.shape, jnp.dtype(lay.dtype), lay.precision)

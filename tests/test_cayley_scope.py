@@ -79,7 +79,7 @@ def _model(scope, *, scan, remat="none", variant="fast", compute="activations"):
     cfg = LlamaConfig(**{**CFG.__dict__, "remat": remat})
     model = Llama(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
     pj.poetize(model, poet_config(block_size=8, variant=variant, cayley_scope=scope, impl="xla",
-                                    cayley_precision="highest", compute=compute),
+                                    cayley_precision="highest", compute=compute, quant_group_size=8),
                rngs=nnx.Rngs(params=jax.random.key(1)))
     randomize_generators(model, 0.3)
     return stack_layers(model) if scan else model
@@ -119,16 +119,19 @@ def test_every_scope_gives_the_same_loss_and_gradients(scan, remat, variant):
             assert_close(g[k], ref_g[k], jnp.float32, "same", what=f"{scope} grad {k}")
 
 
-@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
-def test_kernels_formed_together_give_the_same_loss_and_gradients_as_each_layers_own(scan, remat):
+@pytest.mark.parametrize("scan,remat,variant", [(False, "none", "fast"), (True, "full", "fast"),
+                                                (True, "none", "xq")])
+def test_kernels_formed_together_give_the_same_loss_and_gradients_as_each_layers_own(scan, remat, variant):
     """The weight form under scope "model" forms every layer's W_eff before the layers run, one batched
-    product per shape (``shared_call_args``); per layer ("linear") each forms its own, and the activations
-    path never forms one. All three are the same function (the batched products may round differently from
-    one product per layer: value/grad tolerances, not "same")."""
+    product per shape (``shared_call_args``; a uint8 base, POET-XQ, forms its own inside each layer); per
+    layer ("linear") each forms its own, and the activations path never forms one. All three are the same
+    function (the batched products may round differently from one product per layer: value/grad tolerances,
+    not "same")."""
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, CFG.vocab_size)
-    ref_loss, ref_g = _loss_and_grads(_model("linear", scan=scan, remat=remat, compute="weight"), tokens)
-    act_loss, act_g = _loss_and_grads(_model("linear", scan=scan, remat=remat), tokens)
-    loss, g = _loss_and_grads(_model("model", scan=scan, remat=remat, compute="weight"), tokens)
+    kw = dict(scan=scan, remat=remat, variant=variant)
+    ref_loss, ref_g = _loss_and_grads(_model("linear", compute="weight", **kw), tokens)
+    act_loss, act_g = _loss_and_grads(_model("linear", **kw), tokens)
+    loss, g = _loss_and_grads(_model("model", compute="weight", **kw), tokens)
     assert_close(loss, ref_loss, jnp.float32, what="loss, kernels formed together")
     assert_close(loss, act_loss, jnp.float32, what="loss against the activations path")
     assert g.keys() == ref_g.keys() == act_g.keys()
