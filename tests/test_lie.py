@@ -165,7 +165,8 @@ def test_a_carried_moment_survives_checkpoint_and_resume_bit_exactly(tmp_path, d
 
     # merges every 10 steps: the moment carried at step 10 is checkpointed at 15, the one of step 20 comes after
     levers = ["optimizer.generator_update=ns", "poet.cayley=exact", "optimizer.carry_moment=true",
-              "optimizer.alternate_sides=true", "optimizer.poet_lr=0.02", *RESUME, "train.steps=20", "train.eval_interval=0"]
+              "optimizer.alternate_sides=true", "optimizer.poet_lr=0.02", *RESUME, "train.steps=20",
+              "train.eval_interval=0"]
     full = run(tiny(tmp_path, data_cache, "name=full", *levers))
     run(tiny(tmp_path, data_cache, "name=split", "train.stop_after=15", *levers))
     second = run(tiny(tmp_path, data_cache, "name=split", *levers))
