@@ -3,7 +3,8 @@
     python benchmarks/ttr_report.py RUN_DIR [RUN_DIR ...]
 
 Columns (seconds unless noted): data, building the model (part of build), build, first diagnostics call,
-first step, start to first step, first merge, slowest later merge, diagnostics' share of the loop (%), whole
+first step, start to first step, the train step's and the diagnostics program's compiles (each compiled
+ahead, side by side), first merge, slowest later merge, diagnostics' share of the loop (%), whole
 run, steps, final validation perplexity. The last line gives each run's whole-run time as a ratio to the first
 completed run named "adamw" among the arguments, if there is one.
 """
@@ -15,7 +16,8 @@ import os
 import sys
 
 COLUMNS = [("data", "data_s"), ("model", "model_s"), ("build", "build_s"), ("diag0", "first_diagnostics_s"),
-           ("step1", "first_step_s"), ("to step1", "to_first_step_s"), ("merge1", "first_merge_s"),
+           ("step1", "first_step_s"), ("to step1", "to_first_step_s"), ("cmp step", "compile_train_s"),
+           ("cmp diag", "compile_diagnostics_s"), ("merge1", "first_merge_s"),
            ("merge max", "later_merge_max_s"), ("diag %", "diagnostics_share"), ("total", "total_s")]
 
 

@@ -1,6 +1,7 @@
 """Programs compiled ahead on worker threads (poetjax.train.ahead)."""
 
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,19 @@ def test_a_submitted_program_is_compiled_before_its_call_and_computes_the_same()
         compiled = g.future.result()  # compiled without ever being called
         assert compiled is not None
         np.testing.assert_array_equal(np.asarray(g(x, y)), np.asarray(f(x, y)))
+
+
+def test_named_compiles_record_their_seconds_and_when_they_were_ready():
+    f = jax.jit(lambda x: jnp.cos(x) * 2)
+    t0 = time.perf_counter()
+    with Ahead(start=t0) as ahead:
+        named = ahead.submit(f, jax.ShapeDtypeStruct((4,), jnp.float32), name="step")
+        ahead.submit(f, jax.ShapeDtypeStruct((5,), jnp.float32))  # no name: not recorded
+        named.future.result()
+        waited = time.perf_counter() - t0
+    assert list(ahead.compiles) == ["step"]
+    ready, seconds = ahead.compiles["step"]
+    assert 0 < seconds <= ready <= waited
 
 
 def test_rare_options_compile_and_give_the_same_result():

@@ -93,6 +93,10 @@ def test_the_run_logs_where_its_time_went(uninterrupted):
     assert timing["diagnostics_calls"] == len(diag_rows) >= 1
     assert timing["diagnostics_s"] == pytest.approx(sum(r["diagnostics_s"] for r in diag_rows), abs=1e-2)
     assert 0 < timing["diagnostics_share"] < 1
+    # every program compiled ahead: its compile seconds, within the time from the start to it being ready
+    for name in ("train", "diagnostics", "merge", "eval"):
+        assert 0 < timing[f"compile_{name}_s"] <= timing[f"ready_{name}_s"] <= timing["total_s"]
+    assert timing["ready_train_s"] <= timing["to_first_step_s"]
 
 
 @pytest.mark.parametrize("overrides, expected", [

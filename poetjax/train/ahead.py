@@ -13,6 +13,7 @@ kernels of the same computation).
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -36,9 +37,11 @@ class Ahead:
     is raised at that first call. Use as a context manager: leaving it drops the compiles not started and
     waits for those under way (a run leaves no thread behind, and its cache entries are written)."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, start: float | None = None):
         workers = workers or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="poetjax-compile")
+        self._t0 = time.perf_counter() if start is None else start  # a time.perf_counter() value
+        self.compiles: dict[str, tuple[float, float]] = {}  # name → (seconds after start, seconds compiling)
 
     def __enter__(self) -> "Ahead":
         return self
@@ -47,11 +50,13 @@ class Ahead:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, program: Callable, *specs: Any, options: dict | None = None,
-               after: Callable | None = None) -> Callable:
+               after: Callable | None = None, name: str = "") -> Callable:
         """``program``: a ``jax.jit`` function (anything without ``lower``, e.g. a test's wrapper, is
         returned unchanged and compiles on its first call as usual). ``options``: XLA compiler options of
         this program. ``after``: a callable returned by ``submit`` whose compile this one waits for (so
-        that two programs with the same matrix shapes do not autotune at the same time)."""
+        that two programs with the same matrix shapes do not autotune at the same time). ``name``: the
+        key of this compile in ``compiles``: (seconds from ``start`` (default: this ``Ahead``'s creation) to the compile's end,
+        seconds the lowering and compile took)."""
         if not hasattr(program, "lower"):
             return program
         before: Future | None = getattr(after, "future", None)
@@ -59,7 +64,12 @@ class Ahead:
         def build():
             if before is not None:
                 before.result()
-            return program.lower(*specs).compile(compiler_options=options)
+            t0 = time.perf_counter()
+            compiled = program.lower(*specs).compile(compiler_options=options)
+            t1 = time.perf_counter()
+            if name:
+                self.compiles[name] = (t1 - self._t0, t1 - t0)
+            return compiled
 
         future = self._pool.submit(build)
 

@@ -198,7 +198,7 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     # -- resume and train ----------------------------------------------------------------------------
     ckpt = Checkpointer(checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
-        with Ahead() as ahead:
+        with Ahead(start=t_run) as ahead:
             return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
                           mesh, shardings, signals, t_run, timing, ahead)
     finally:
@@ -251,19 +251,20 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
                                                  lr_schedule=sched["lr"])
     if start < stop:
-        train_step = ahead.submit(train_step, state_spec, tokens_spec)
+        train_step = ahead.submit(train_step, state_spec, tokens_spec, name="train")
     diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
     if diag_every:
         ref_shapes = core.reference_shapes(diag_step, state)
-        diag_step.program = ahead.submit(diag_step.program, state_spec, ref_shapes, options=RARE_OPTIONS)
+        diag_step.program = ahead.submit(diag_step.program, state_spec, ref_shapes, options=RARE_OPTIONS,
+                                          name="diagnostics")
     merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
     if poet and reaches(cfg.poet.merge_interval):
-        merge_step = ahead.submit(merge_step, state_spec, options=RARE_OPTIONS)
+        merge_step = ahead.submit(merge_step, state_spec, options=RARE_OPTIONS, name="merge")
     eval_step = sharded.make_sharded_eval_step(graphdef, shardings, mesh)
     if stop >= cfg.train.steps or reaches(cfg.train.eval_interval):  # the final evaluation, or one on the way
         eval_step = ahead.submit(eval_step, state_spec.params, state_spec.frozen, tokens_spec,
                                  jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
-                                 after=train_step)  # its matrix shapes are the train step's: autotuned once
+                                 after=train_step, name="eval")  # its matrix shapes are the train step's: autotuned once
     # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
     t0 = time.perf_counter()
     s_ref, diag0 = core.reference_spectra(diag_step, state, ref_shapes) if diag_every else (None, None)
@@ -426,6 +427,8 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     def timing_record() -> dict:
         """The "timing" line of metrics.jsonl (written once, at the end of this invocation)."""
         timing["total_s"] = time.perf_counter() - t_run
+        for name, (ready, seconds) in ahead.compiles.items():  # each program's compile, and when it was ready
+            timing[f"compile_{name}_s"], timing[f"ready_{name}_s"] = seconds, ready
         if diag_cost["calls"] and t_loop is not None:
             loop_s = time.perf_counter() - t_loop
             timing["diagnostics_s"] = diag_cost["s"]
