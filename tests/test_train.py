@@ -69,6 +69,26 @@ def test_stop_and_resume_gives_bit_identical_losses(uninterrupted, tmp_path, dat
     assert [r["step"] for r in split_rows] == list(range(1, 31))
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.scan_layers=true"], ["optimizer.name=adamw"]],
+                         ids=["poet", "poet_stacked", "adamw"])
+def test_the_programs_compile_for_the_state_that_is_then_built(tmp_path, data_cache, overrides):
+    """train.py compiles its programs from the state's traced shapes while the state is built: the traced
+    graphdef, shapes, dtypes and shardings are the built state's, leaf by leaf."""
+    from poetjax import distributed as dist
+    from poetjax.train import sharded
+    from poetjax.train.optimizers import make_optimizer
+
+    cfg = tiny(tmp_path, data_cache, *overrides)
+    tx, mesh = make_optimizer(cfg), dist.mesh_from_config(cfg.mesh)
+    graphdef, spec, shardings = sharded.train_state_spec(cfg, tx, mesh)
+    built_graphdef, state, built_shardings = sharded.init_train_state(cfg, tx, mesh)
+    assert graphdef == built_graphdef and shardings == built_shardings
+    leaves, spec_leaves = jax.tree.leaves(state), jax.tree.leaves(spec)
+    assert jax.tree.structure(state) == jax.tree.structure(spec) and len(leaves) > 10
+    for x, s in zip(leaves, spec_leaves):
+        assert (x.shape, x.dtype, x.sharding) == (s.shape, s.dtype, s.sharding)
+
+
 def test_the_run_logs_where_its_time_went(uninterrupted):
     """One "timing" record at the end of the run, the same numbers in summary.json: setup phases and each
     program's first call (compile or cache load, plus one run), all within the time to the first step

@@ -14,7 +14,10 @@ program's first call: the wait for its compile or cache load, all started togeth
 ``poetjax.train.ahead``, plus one run), ``to_first_step_s`` (from ``run``'s start to the first completed
 step), ``later_merges`` and ``later_merge_max_s`` (the merges after the first, each timed on its own),
 ``diagnostics_calls``, ``diagnostics_s`` and ``diagnostics_share`` (the records after step 0's and their share
-of the loop's time after the first step) and ``total_s``; a program that did not run is left out.
+of the loop's time after the first step), ``compile_<name>_s`` and ``ready_<name>_s`` (each program compiled
+ahead, ``train``, ``diagnostics``, ``merge``, ``eval``: its lowering and compile seconds, and the seconds from
+``run``'s start until it was ready; the programs compile while the state is built) and ``total_s``; a program
+that did not run is left out.
 ``compilation_cache`` names the folder of JAX's persistent cache (``poetjax.train.xla_cache``), or is null
 when it is off.
 
@@ -50,7 +53,7 @@ from poetjax.diagnostics import diagnostics_record
 from poetjax.run_config import ConfigError, RunConfig, diff_saved
 from poetjax.surgery import EXCLUDE
 from poetjax.train import sharded, steps as core
-from poetjax.train.ahead import RARE_OPTIONS, Ahead, spec_of
+from poetjax.train.ahead import RARE_OPTIONS, Ahead
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 from poetjax.train.signals import StopSignals
@@ -182,39 +185,79 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
         f"vocab {data.vocab_size}; unigram perplexity of the valid split {unigram:.2f}")
 
     # -- model, optimizer, state (built in place on the device mesh) ----------------------------------
+    # The state's shapes and shardings come first, by tracing only, so that the run's programs compile on
+    # worker threads (poetjax.train.ahead) while the state itself is built (BENCHMARKS.md, "Time to result").
     t0 = time.perf_counter()
     tx = make_optimizer(cfg)
     mesh = dist.mesh_from_config(cfg.mesh)
     dist.check_batch(batch, mesh, cfg.train.microbatches)
-    model = core.build_model(cfg)
-    timing["model_s"] = time.perf_counter() - t0
-    graphdef, state, shardings = sharded.init_train_state(cfg, tx, mesh, model)
-    del model  # its arrays now live in the state
-    jax.block_until_ready(state)
-    timing["build_s"] = time.perf_counter() - t0
-    say(_param_summary(state, cfg))
-    say(dist.describe(mesh))
-
-    # -- resume and train ----------------------------------------------------------------------------
+    graphdef, state_spec, shardings = sharded.train_state_spec(cfg, tx, mesh)
     ckpt = Checkpointer(checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     try:
         with Ahead(start=t_run) as ahead:
-            return _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-                          mesh, shardings, signals, t_run, timing, ahead)
+            resume = resume_point(cfg, ckpt, data, say)  # first: nothing compiles for a run that cannot go on
+            programs = submit_programs(cfg, graphdef, tx, shardings, mesh, state_spec, resume, ahead, say)
+            t_model = time.perf_counter()
+            model = core.build_model(cfg)
+            timing["model_s"] = time.perf_counter() - t_model
+            _, state, _ = sharded.init_train_state(cfg, tx, mesh, model)
+            del model  # its arrays now live in the state
+            jax.block_until_ready(state)
+            timing["build_s"] = time.perf_counter() - t0
+            say(_param_summary(state, cfg))
+            say(dist.describe(mesh))
+            return _train(cfg, run_dir, ckpt, data, sampler, unigram, state, shardings, resume, programs, progress,
+                          say, print_fn, mesh, signals, t_run, timing, ahead.compiles)
     finally:
         progress.close()
         ckpt.close()
 
 
-def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, progress, say, print_fn,
-           mesh, shardings, signals, t_run, timing, ahead: Ahead) -> RunResult:
-    """The loop of ``run`` after data and state exist: resume, step, merge, evaluate, checkpoint, report.
-    ``timing`` (the setup's seconds so far) gains the first calls' and goes into the logs at the end."""
-    main = jax.process_index() == 0
-    ckpt_dir = ckpt.directory
-    valid_tokens = data.tokens("valid")
+@dataclasses.dataclass
+class Resume:
+    start: int            # the step this invocation starts from
+    stop: int             # the step it stops after
+    step0: int | None     # the checkpoint step it resumes from (None: a fresh run)
+    where: str = ""       # that checkpoint, in words
+
+
+def resume_point(cfg: RunConfig, ckpt: Checkpointer, data, say) -> Resume:
+    """Where this invocation starts and stops; a CheckpointError when the run directory's checkpoints cannot
+    be resumed by ``cfg`` (before anything compiles)."""
+    on_disk, step0, start, where = ckpt.steps(), None, 0, ""
+    if on_disk:
+        if not cfg.checkpoint.resume:
+            raise CheckpointError(f"{ckpt.directory} already holds checkpoints {on_disk}; set checkpoint.resume=true "
+                                  f"to continue that run or choose another name=...; nothing was deleted")
+        step0 = start = cfg.checkpoint.resume_step or on_disk[-1]
+        later = [s for s in on_disk if s > step0]
+        if later:
+            raise CheckpointError(f"checkpoint.resume_step={step0} but {ckpt.directory} also holds later steps "
+                                  f"{later}; move them out of the way first (nothing was deleted)")
+        where = f"checkpoint step {step0} in {ckpt.directory}"
+        for note in check_resume_compatible(ckpt.read_meta(step0), cfg, data.meta, where):
+            say(note)
+    stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    return Resume(start, stop, step0, where)
+
+
+@dataclasses.dataclass
+class Programs:
+    train_step: Callable
+    diag_step: Callable | None   # None: diagnostics off
+    ref_shapes: dict | None      # the diagnostics' reference spectra's shapes
+    merge_step: Callable | None  # None: not a POET run
+    eval_step: Callable
+    diag_every: int
+
+
+def submit_programs(cfg: RunConfig, graphdef, tx, shardings, mesh, state_spec, resume: Resume, ahead: Ahead,
+                    say) -> Programs:
+    """The run's programs for a state of ``state_spec``; those this invocation will call start compiling
+    now, side by side (``poetjax.train.ahead``): each call waits only for its own (any other compiles at its
+    first call). A resumed state has the shapes and shardings of the fresh one."""
+    start, stop = resume.start, resume.stop
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
-    start, position, resumed = 0, 0, False
     diag_every = cfg.logging.diagnostics_interval
     if diag_every and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu":
         # Several (virtual) CPU devices running the SVDs' LAPACK calls at once hung XLA's CPU runtime
@@ -222,39 +265,20 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         say("diagnostics off: not supported on a mesh of several CPU devices (logging.diagnostics_interval "
             "is ignored)")
         diag_every = 0
-    on_disk, step0 = ckpt.steps(), None  # a resume's checks first: nothing compiles for a run that cannot go on
-    if on_disk:
-        if not cfg.checkpoint.resume:
-            raise CheckpointError(f"{ckpt_dir} already holds checkpoints {on_disk}; set checkpoint.resume=true to "
-                                  f"continue that run or choose another name=...; nothing was deleted")
-        step0 = start = cfg.checkpoint.resume_step or on_disk[-1]
-        later = [s for s in on_disk if s > step0]
-        if later:
-            raise CheckpointError(f"checkpoint.resume_step={step0} but {ckpt_dir} also holds later steps {later}; "
-                                  f"move them out of the way first (nothing was deleted)")
-        where = f"checkpoint step {step0} in {ckpt_dir}"
-        for note in check_resume_compatible(ckpt.read_meta(step0), cfg, data.meta, where):
-            say(note)
-    stop = min(cfg.train.steps, cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
 
     def reaches(interval: int) -> bool:  # a multiple of interval among the steps this invocation runs
         return bool(interval) and stop // interval > start // interval
 
-    # The programs this invocation will call start compiling now, side by side (poetjax.train.ahead); each
-    # call below waits only for its own (any other compiles at its first call). A resumed state has the
-    # shapes and shardings of the fresh one.
     poet = cfg.optimizer.name == "poet"
     tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
-    state_spec = spec_of(state)
     tokens_spec = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32, sharding=tokens_sharding)
-    sched = lr_schedules(cfg)
     train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
-                                                 lr_schedule=sched["lr"])
+                                                 lr_schedule=lr_schedules(cfg)["lr"])
     if start < stop:
         train_step = ahead.submit(train_step, state_spec, tokens_spec, name="train")
-    diag_step = core.make_diagnostics_step(graphdef) if diag_every else None
+    diag_step, ref_shapes = (core.make_diagnostics_step(graphdef), None) if diag_every else (None, None)
     if diag_every:
-        ref_shapes = core.reference_shapes(diag_step, state)
+        ref_shapes = core.reference_shapes(diag_step, state_spec)
         diag_step.program = ahead.submit(diag_step.program, state_spec, ref_shapes, options=RARE_OPTIONS,
                                           name="diagnostics")
     merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
@@ -265,6 +289,25 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
         eval_step = ahead.submit(eval_step, state_spec.params, state_spec.frozen, tokens_spec,
                                  jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
                                  after=train_step, name="eval")  # its matrix shapes are the train step's: autotuned once
+    return Programs(train_step, diag_step, ref_shapes, merge_step, eval_step, diag_every)
+
+
+def _train(cfg, run_dir, ckpt, data, sampler, unigram, state, shardings, resume: Resume, programs: Programs,
+           progress, say, print_fn, mesh, signals, t_run, timing, compiles: dict) -> RunResult:
+    """The loop of ``run`` after data, state and programs exist: resume, step, merge, evaluate, checkpoint,
+    report. ``timing`` (the setup's seconds so far) gains the first calls' and goes into the logs at the end,
+    with ``compiles`` (``Ahead.compiles``)."""
+    main = jax.process_index() == 0
+    ckpt_dir = ckpt.directory
+    valid_tokens = data.tokens("valid")
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
+    start, stop, step0, where = resume.start, resume.stop, resume.step0, resume.where
+    position, resumed = 0, False
+    poet = cfg.optimizer.name == "poet"
+    train_step, diag_step, merge_step, eval_step = (programs.train_step, programs.diag_step, programs.merge_step,
+                                                    programs.eval_step)
+    diag_every, ref_shapes = programs.diag_every, programs.ref_shapes
+    tokens_sharding, weights_sharding = dist.batch_sharding(mesh), dist.batch_sharding(mesh, 1)
     # The step-0 spectra come from the freshly built state: the same on a resume (built from the seed).
     t0 = time.perf_counter()
     s_ref, diag0 = core.reference_spectra(diag_step, state, ref_shapes) if diag_every else (None, None)
@@ -427,7 +470,7 @@ def _train(cfg, run_dir, ckpt, data, sampler, unigram, graphdef, state, tx, prog
     def timing_record() -> dict:
         """The "timing" line of metrics.jsonl (written once, at the end of this invocation)."""
         timing["total_s"] = time.perf_counter() - t_run
-        for name, (ready, seconds) in ahead.compiles.items():  # each program's compile, and when it was ready
+        for name, (ready, seconds) in compiles.items():  # each program's compile, and when it was ready
             timing[f"compile_{name}_s"], timing[f"ready_{name}_s"] = seconds, ready
         if diag_cost["calls"] and t_loop is not None:
             loop_s = time.perf_counter() - t_loop

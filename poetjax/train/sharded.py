@@ -12,8 +12,28 @@ from poetjax.distributed import batch_sharding, place, replicated, state_shardin
 from poetjax.train import steps as core
 
 
+def _state_maker(cfg, tx: optax.GradientTransformation, graphdef):
+    key = core.run_keys(cfg.seed)[2]
+
+    def make(params, frozen):
+        return core.init_state(nnx.merge(graphdef, params, frozen), tx, key)[1]
+    return make
+
+
+def train_state_spec(cfg, tx: optax.GradientTransformation, mesh: Mesh):
+    """(graphdef, the state as ``jax.ShapeDtypeStruct``s with their shardings, the shardings) of
+    ``init_train_state``'s fresh state, by tracing only (a fraction of a second): what the run's programs
+    compile for while the state itself is built (``poetjax.train.loop``)."""
+    graphdef, params, frozen = core.split_model(nnx.eval_shape(lambda: core.build_model(cfg)))
+    abstract = jax.eval_shape(_state_maker(cfg, tx, graphdef), params, frozen)
+    shardings = state_shardings(graphdef, abstract, mesh, min_shard_size=cfg.mesh.min_shard_size)
+    spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return graphdef, spec, shardings
+
+
 def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: nnx.Module | None = None):
-    """(graphdef, TrainState laid out on ``mesh``, its shardings) of a fresh run of ``cfg`` (a RunConfig).
+    """(graphdef, TrainState laid out on ``mesh``, its shardings) of a fresh run of ``cfg`` (a RunConfig);
+    the same graphdef and shardings as ``train_state_spec``.
 
     The model is built as on one device (``poetjax.train.steps.build_model``, so every mesh starts from
     bit-identical weights) and then split over the mesh; the optimizer state is created inside one jit
@@ -21,12 +41,8 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
     The model itself must fit one device (an 8B model's W0 in bf16 is 16 GB). ``model``: that model, if the
     caller built it already (``train.py`` times the two parts of the build apart).
     """
-    key = core.run_keys(cfg.seed)[2]
     graphdef, params, frozen = core.split_model(core.build_model(cfg) if model is None else model)
-
-    def make(params, frozen):
-        return core.init_state(nnx.merge(graphdef, params, frozen), tx, key)[1]
-
+    make = _state_maker(cfg, tx, graphdef)
     shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
                                 min_shard_size=cfg.mesh.min_shard_size)
     params, frozen = place(params, shardings.params), place(frozen, shardings.frozen)
