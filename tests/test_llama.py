@@ -181,3 +181,25 @@ def test_config_validation_names_the_field():
         LlamaConfig(init_from="runs/x")
     with pytest.raises(ValueError, match="max_seq_len=32"):
         Llama(CFG, rngs=nnx.Rngs(0))(_tokens(t=33))
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_the_embedding_gradient_is_the_count_weighted_sum_of_its_rows_cotangents(param_dtype):
+    """embedding_lookup: the rows of the table in its dtype, and a gradient that sums every occurrence's
+    cotangent into its row (float32 sums; a float64 bincount-style reference), with frequent tokens repeated
+    many times as on real text, and an error for float tokens."""
+    from poetjax.models.llama import embedding_lookup
+
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((40, 16)), param_dtype)
+    tokens = jnp.asarray(np.where(rng.random((4, 64)) < 0.5, 3, rng.integers(0, 40, (4, 64))), jnp.int32)
+    g = rng.standard_normal((4, 64, 16))
+    rows, vjp = jax.vjp(lambda t: embedding_lookup(t, tokens), table)
+    np.testing.assert_array_equal(np.asarray(rows, np.float64), np.asarray(table, np.float64)[np.asarray(tokens)])
+    (grad,) = vjp(jnp.asarray(g, param_dtype))
+    assert grad.dtype == param_dtype
+    expected = np.zeros((40, 16))
+    np.add.at(expected, np.asarray(tokens).reshape(-1), np.asarray(jnp.asarray(g, param_dtype), np.float64).reshape(-1, 16))
+    assert_close(grad, expected, param_dtype, "grad", "embedding gradient")
+    with pytest.raises(ValueError, match="tokens must be integers"):
+        Llama(CFG, rngs=nnx.Rngs(0))(jnp.ones((1, 4), jnp.float32))
