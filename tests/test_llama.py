@@ -185,9 +185,9 @@ def test_config_validation_names_the_field():
 
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
 def test_the_embedding_gradient_is_the_count_weighted_sum_of_its_rows_cotangents(param_dtype):
-    """embedding_lookup: the rows of the table in its dtype, and a gradient that sums every occurrence's
-    cotangent into its row (float32 sums; a float64 bincount-style reference), with frequent tokens repeated
-    many times as on real text, and an error for float tokens."""
+    """embedding_lookup: the rows of the table in its dtype, and a gradient in that dtype that sums every
+    occurrence's cotangent into its row (against a float64 add.at reference), with frequent tokens repeated
+    many times as on real text; the model's error for float tokens."""
     from poetjax.models.llama import embedding_lookup
 
     rng = np.random.default_rng(0)

@@ -307,29 +307,14 @@ class Llama(nnx.Module):
         return self.lm_head(self.norm(x))
 
 
-@jax.custom_vjp
 def embedding_lookup(table_VxD: jax.Array, tokens: jax.Array) -> jax.Array:
-    """``table[tokens]`` (…, D) in the table's dtype; its gradient is summed into the table in float32.
-
-    Rows are gathered before any cast (not the whole table cast every step), and the backward pass adds the
-    rows' cotangents into a float32 table: a scatter-add on real text hits the rows of frequent tokens
-    hundreds of times per batch, and in bfloat16 that scatter took 11 ms of a 24 ms llama_60m step on the
-    H200 (BENCHMARKS.md, "Where the loop's step goes")."""
+    """``table[tokens]`` (…, D) in the table's own dtype: rows are gathered before any cast to the compute
+    dtype, so the backward pass sums the rows' cotangents in the table's dtype (float32 for float32
+    parameters). Casting the table first made that sum a bfloat16 scatter-add, in which the rows of frequent
+    tokens of real text are hit hundreds of times per batch: 11 ms of a 24 ms llama_60m step on the H200
+    (BENCHMARKS.md, "Where the loop's step goes"). Bfloat16 parameters keep a bfloat16 sum (no float32
+    table beside them)."""
     return jnp.take(table_VxD, tokens, axis=0)
-
-
-def _lookup_fwd(table_VxD, tokens):
-    return jnp.take(table_VxD, tokens, axis=0), (table_VxD, tokens)
-
-
-def _lookup_bwd(res, g):
-    table_VxD, tokens = res
-    d = table_VxD.shape[-1]
-    grad = jnp.zeros(table_VxD.shape, jnp.float32).at[tokens.reshape(-1)].add(g.reshape(-1, d).astype(jnp.float32))
-    return grad.astype(table_VxD.dtype), None
-
-
-embedding_lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def from_hf(path: str, **overrides) -> Llama:
