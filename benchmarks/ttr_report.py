@@ -6,8 +6,9 @@ Columns (seconds unless noted): data, building the model (part of build), build,
 first step, start to first step, the train step's and the diagnostics program's compiles (each compiled
 ahead, side by side), first merge, slowest later merge, diagnostics' share of the loop (%), whole
 run, the loop's median step in milliseconds (from the logged tokens/s: what the device sustained on the
-run's own data, which a random-token benchmark can miss), steps, final validation perplexity. The last line gives each run's whole-run time as a ratio to the first
-completed run named "adamw" among the arguments, if there is one.
+run's own data, which a random-token benchmark can miss), steps, final validation perplexity. The last line
+gives each run's whole-run time as a ratio to the first completed run named "adamw" among the arguments, if
+there is one.
 """
 
 from __future__ import annotations

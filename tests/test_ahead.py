@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poetjax.train.ahead import RARE_OPTIONS, Ahead, spec_of
+from poetjax.train.ahead import RARE_OPTIONS, Ahead
 
 
 def test_a_submitted_program_is_compiled_before_its_call_and_computes_the_same():
     f = jax.jit(lambda x, y: jnp.sin(x) @ y + 1.0)
     x, y = jnp.arange(12.0).reshape(3, 4), jnp.ones((4, 2))
     with Ahead() as ahead:
-        g = ahead.submit(f, *spec_of((x, y)))
+        g = ahead.submit(f, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype))
         compiled = g.future.result()  # compiled without ever being called
         assert compiled is not None
         np.testing.assert_array_equal(np.asarray(g(x, y)), np.asarray(f(x, y)))
@@ -38,7 +38,7 @@ def test_rare_options_compile_and_give_the_same_result():
     f = jax.jit(lambda a: jnp.linalg.svd(a @ a.T, compute_uv=False))
     a = jax.random.normal(jax.random.key(0), (16, 8))
     with Ahead() as ahead:
-        g = ahead.submit(f, spec_of(a), options=RARE_OPTIONS)
+        g = ahead.submit(f, jax.ShapeDtypeStruct(a.shape, a.dtype), options=RARE_OPTIONS)
         np.testing.assert_allclose(np.asarray(g(a)), np.asarray(f(a)), rtol=1e-5, atol=1e-5)
 
 
@@ -77,11 +77,3 @@ def test_after_orders_two_compiles_and_leaving_waits_for_running_ones():
     assert order == ["first", "second"]  # b waited for a, and both were done on leaving
     assert a.future.done() and b.future.done()
     np.testing.assert_array_equal(np.asarray(b(jnp.ones(2))), [3.0, 3.0])
-
-
-def test_spec_of_keeps_the_sharding_of_committed_arrays_only():
-    committed = jax.device_put(jnp.ones(3), jax.devices()[0])
-    loose = jnp.ones(3)
-    s_committed, s_loose = spec_of([committed, loose])
-    assert s_committed.sharding == committed.sharding and s_loose.sharding is None
-    assert s_committed.shape == (3,) and s_committed.dtype == jnp.float32

@@ -199,7 +199,8 @@ def test_the_embedding_gradient_is_the_count_weighted_sum_of_its_rows_cotangents
     (grad,) = vjp(jnp.asarray(g, param_dtype))
     assert grad.dtype == param_dtype
     expected = np.zeros((40, 16))
-    np.add.at(expected, np.asarray(tokens).reshape(-1), np.asarray(jnp.asarray(g, param_dtype), np.float64).reshape(-1, 16))
+    rows_g = np.asarray(jnp.asarray(g, param_dtype), np.float64).reshape(-1, 16)
+    np.add.at(expected, np.asarray(tokens).reshape(-1), rows_g)
     assert_close(grad, expected, param_dtype, "grad", "embedding gradient")
     with pytest.raises(ValueError, match="tokens must be integers"):
         Llama(CFG, rngs=nnx.Rngs(0))(jnp.ones((1, 4), jnp.float32))

@@ -17,18 +17,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-import jax
 
 RARE_OPTIONS = {"xla_gpu_autotune_level": 0}
-
-
-def spec_of(tree):
-    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` with their sharding (committed arrays only: an
-    uncommitted one may be placed anywhere, as at a call)."""
-    def spec(x):
-        sharding = x.sharding if isinstance(x, jax.Array) and x.committed else None
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree.map(spec, tree)
 
 
 class Ahead:
@@ -55,8 +45,8 @@ class Ahead:
         returned unchanged and compiles on its first call as usual). ``options``: XLA compiler options of
         this program. ``after``: a callable returned by ``submit`` whose compile this one waits for (so
         that two programs with the same matrix shapes do not autotune at the same time). ``name``: the
-        key of this compile in ``compiles``: (seconds from ``start`` (default: this ``Ahead``'s creation) to the compile's end,
-        seconds the lowering and compile took)."""
+        key of this compile in ``compiles``: (seconds from ``start`` (default: this ``Ahead``'s creation)
+        to the compile's end, seconds the lowering and compile took)."""
         if not hasattr(program, "lower"):
             return program
         before: Future | None = getattr(after, "future", None)

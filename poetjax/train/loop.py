@@ -200,7 +200,7 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
             t_model = time.perf_counter()
             model = core.build_model(cfg)
             timing["model_s"] = time.perf_counter() - t_model
-            _, state, _ = sharded.init_train_state(cfg, tx, mesh, model)
+            _, state, _ = sharded.init_train_state(cfg, tx, mesh, model, shardings)
             del model  # its arrays now live in the state
             jax.block_until_ready(state)
             timing["build_s"] = time.perf_counter() - t0
@@ -288,7 +288,7 @@ def submit_programs(cfg: RunConfig, graphdef, tx, shardings, mesh, state_spec, r
     if stop >= cfg.train.steps or reaches(cfg.train.eval_interval):  # the final evaluation, or one on the way
         eval_step = ahead.submit(eval_step, state_spec.params, state_spec.frozen, tokens_spec,
                                  jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
-                                 after=train_step, name="eval")  # its matrix shapes are the train step's: autotuned once
+                                 after=train_step, name="eval")  # the train step's matrix shapes: autotuned once
     return Programs(train_step, diag_step, ref_shapes, merge_step, eval_step, diag_every)
 
 

@@ -31,7 +31,8 @@ def train_state_spec(cfg, tx: optax.GradientTransformation, mesh: Mesh):
     return graphdef, spec, shardings
 
 
-def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: nnx.Module | None = None):
+def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: nnx.Module | None = None,
+                     shardings=None):
     """(graphdef, TrainState laid out on ``mesh``, its shardings) of a fresh run of ``cfg`` (a RunConfig);
     the same graphdef and shardings as ``train_state_spec``.
 
@@ -39,12 +40,14 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
     bit-identical weights) and then split over the mesh; the optimizer state is created inside one jit
     with sharded outputs, so (e.g. AdamW's moments of a large baseline) it never exists whole anywhere.
     The model itself must fit one device (an 8B model's W0 in bf16 is 16 GB). ``model``: that model, if the
-    caller built it already (``train.py`` times the two parts of the build apart).
+    caller built it already (``train.py`` times the two parts of the build apart); ``shardings``: the state's,
+    if known already (``train_state_spec``'s), else derived here.
     """
     graphdef, params, frozen = core.split_model(core.build_model(cfg) if model is None else model)
     make = _state_maker(cfg, tx, graphdef)
-    shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
-                                min_shard_size=cfg.mesh.min_shard_size)
+    if shardings is None:
+        shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
+                                    min_shard_size=cfg.mesh.min_shard_size)
     params, frozen = place(params, shardings.params), place(frozen, shardings.frozen)
     state = jax.jit(make, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
     return graphdef, state, shardings
