@@ -120,12 +120,13 @@ def test_the_run_logs_where_its_time_went(uninterrupted):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["train.steps=4", "poet.merge_interval=2", "train.eval_interval=0"], 4),  # merges and the final evaluation
-    (["train.steps=4", "train.stop_after=2", "poet.merge_interval=3", "train.eval_interval=0"], 2)])
+    (["train.steps=4", "poet.merge_interval=2", "train.eval_interval=0"], 5),  # merges and the final evaluation
+    (["train.steps=4", "train.stop_after=2", "poet.merge_interval=3", "train.eval_interval=0"], 3)])
 def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cache, monkeypatch, overrides,
                                                               expected):
-    """Train step and diagnostics always; the merge when a merge step falls within the run; the eval step
-    when an evaluation does (here only the final one, which a run stopped by stop_after skips)."""
+    """The state's own program, the train step and diagnostics always; the merge when a merge step falls
+    within the run; the eval step when an evaluation does (here only the final one, which a run stopped by
+    stop_after skips)."""
     from poetjax.train import ahead
 
     submitted = []
@@ -139,7 +140,8 @@ def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cac
     res = run(tiny(tmp_path, data_cache, "checkpoint.interval=0", "logging.diagnostics_interval=10",
                    "schedule.warmup_steps=1", *overrides))
     assert len(submitted) == expected
-    assert res.completed == (expected == 4)
+    assert submitted[0].__name__ == "make"  # the state's program first: compiled before the others
+    assert res.completed == (expected == 5)
 
 
 @pytest.mark.parametrize("budget", [0.0, 1e-9])

@@ -16,8 +16,8 @@ step), ``later_merges`` and ``later_merge_max_s`` (the merges after the first, e
 ``diagnostics_calls``, ``diagnostics_s`` and ``diagnostics_share`` (the records after step 0's and their share
 of the loop's time after the first step), ``compile_<name>_s`` and ``ready_<name>_s`` (each program compiled
 ahead, ``train``, ``diagnostics``, ``merge``, ``eval``: its lowering and compile seconds, and the seconds from
-``run``'s start until it was ready; the programs are lowered while the state is built, compiled after) and
-``total_s``; a program that did not run is left out.
+``run``'s start until it was ready; the programs compile while the state is built, ``init``, the state's own
+program, first) and ``total_s``; a program that did not run is left out.
 ``compilation_cache`` names the folder of JAX's persistent cache (``poetjax.train.xla_cache``), or is null
 when it is off.
 
@@ -185,9 +185,8 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
         f"vocab {data.vocab_size}; unigram perplexity of the valid split {unigram:.2f}")
 
     # -- model, optimizer, state (built in place on the device mesh) ----------------------------------
-    # The state's shapes and shardings come first, by tracing only, so that the run's programs are lowered on
-    # worker threads (poetjax.train.ahead) while the state itself is built, and compiled once it is
-    # (BENCHMARKS.md, "Time to result").
+    # The state's shapes and shardings come first, by tracing only, so that the run's programs compile on
+    # worker threads (poetjax.train.ahead) while the state itself is built (BENCHMARKS.md, "Time to result").
     t0 = time.perf_counter()
     tx = make_optimizer(cfg)
     mesh = dist.mesh_from_config(cfg.mesh)
@@ -197,14 +196,17 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
     try:
         with Ahead(start=t_run) as ahead:
             resume = resume_point(cfg, ckpt, data, say)  # first: nothing compiles for a run that cannot go on
+            # The state's own program compiles first: a compile waits for those under way (BENCHMARKS.md,
+            # "Time to result"), and the state is built while the others compile.
+            make_state = ahead.submit(sharded.state_program(cfg, tx, graphdef, shardings), state_spec.params,
+                                      state_spec.frozen, options=RARE_OPTIONS, name="init")
             programs = submit_programs(cfg, graphdef, tx, shardings, mesh, state_spec, resume, ahead, say)
             t_model = time.perf_counter()
             model = core.build_model(cfg)
             timing["model_s"] = time.perf_counter() - t_model
-            _, state, _ = sharded.init_train_state(cfg, tx, mesh, model, shardings)
+            _, state, _ = sharded.init_train_state(cfg, tx, mesh, model, shardings, program=make_state)
             del model  # its arrays now live in the state
             jax.block_until_ready(state)
-            ahead.release()  # built: the programs' compiles start (not earlier: the build's would wait on them)
             timing["build_s"] = time.perf_counter() - t0
             say(_param_summary(state, cfg))
             say(dist.describe(mesh))
@@ -255,9 +257,9 @@ class Programs:
 
 def submit_programs(cfg: RunConfig, graphdef, tx, shardings, mesh, state_spec, resume: Resume, ahead: Ahead,
                     say) -> Programs:
-    """The run's programs for a state of ``state_spec``; those this invocation will call are lowered now and
-    compiled side by side at ``ahead.release()`` (``poetjax.train.ahead``): each call waits only for its own
-    (any other compiles at its first call). A resumed state has the shapes and shardings of the fresh one."""
+    """The run's programs for a state of ``state_spec``; those this invocation will call start compiling
+    now, side by side (``poetjax.train.ahead``): each call waits only for its own (any other compiles at its
+    first call). A resumed state has the shapes and shardings of the fresh one."""
     start, stop = resume.start, resume.stop
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     diag_every = cfg.logging.diagnostics_interval

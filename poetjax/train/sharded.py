@@ -31,8 +31,14 @@ def train_state_spec(cfg, tx: optax.GradientTransformation, mesh: Mesh):
     return graphdef, spec, shardings
 
 
+def state_program(cfg, tx: optax.GradientTransformation, graphdef, shardings):
+    """``(params, frozen) -> TrainState`` laid out as ``shardings``, jitted (its inputs donated): the fresh
+    state's optimizer state, step counters and probes made beside the built model's arrays."""
+    return jax.jit(_state_maker(cfg, tx, graphdef), out_shardings=shardings, donate_argnums=(0, 1))
+
+
 def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: nnx.Module | None = None,
-                     shardings=None):
+                     shardings=None, program=None):
     """(graphdef, TrainState laid out on ``mesh``, its shardings) of a fresh run of ``cfg`` (a RunConfig);
     the same graphdef and shardings as ``train_state_spec``.
 
@@ -41,7 +47,8 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
     with sharded outputs, so (e.g. AdamW's moments of a large baseline) it never exists whole anywhere.
     The model itself must fit one device (an 8B model's W0 in bf16 is 16 GB). ``model``: that model, if the
     caller built it already (``train.py`` times the two parts of the build apart); ``shardings``: the state's,
-    if known already (``train_state_spec``'s), else derived here.
+    if known already (``train_state_spec``'s), else derived here; ``program``: ``state_program``'s, if compiled
+    already (``train.py`` compiles it ahead, before the run's other programs).
     """
     graphdef, params, frozen = core.split_model(core.build_model(cfg) if model is None else model)
     make = _state_maker(cfg, tx, graphdef)
@@ -49,7 +56,7 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
         shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
                                     min_shard_size=cfg.mesh.min_shard_size)
     params, frozen = place(params, shardings.params), place(frozen, shardings.frozen)
-    state = jax.jit(make, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
+    state = (program or state_program(cfg, tx, graphdef, shardings))(params, frozen)
     return graphdef, state, shardings
 
 
