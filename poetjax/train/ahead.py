@@ -5,9 +5,12 @@ step's compile times one after the other. XLA compiles with the GIL released, so
 compiles each on a worker thread as soon as the state exists, and the run waits only for the program it
 calls next (BENCHMARKS.md, "Time to result").
 
-The programs that run once in hundreds of steps (merge, diagnostics) are compiled with ``RARE_OPTIONS``:
-no GPU autotuning, which buys them little; their outputs are the same up to rounding (autotuning picks among
-kernels of the same computation).
+Every program is compiled with ``STEP_OPTIONS`` (BENCHMARKS.md, "XLA's compile options for the train
+step"): XLA's Triton GEMM fusions off (cuBLAS serves the GEMMs; the fusions' autotuning was most of a small
+model's compile) and the LLVM module split over the host's cores. Those that run once in hundreds of steps
+(state init, merge, diagnostics) take ``RARE_OPTIONS``: also no GPU autotuning, which buys them little.
+Outputs are the same up to rounding (the options choose among kernels of the same computation). An option
+that ``XLA_FLAGS`` sets keeps the user's value (``compiler_options``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 
-RARE_OPTIONS = {"xla_gpu_autotune_level": 0}
+STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_llvm_module_compilation_parallelism": True}
+RARE_OPTIONS = {**STEP_OPTIONS, "xla_gpu_autotune_level": 0}
+
+
+def compiler_options(options: dict | None, xla_flags: str | None = None) -> dict:
+    """``options`` less those that ``xla_flags`` (default: the ``XLA_FLAGS`` environment variable) sets:
+    a flag the user passes wins over the project's choice."""
+    xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    named = {f.lstrip("-").split("=", 1)[0] for f in xla_flags.split()}
+    return {k: v for k, v in (options or {}).items() if k not in named}
 
 
 class Ahead:
@@ -39,11 +51,12 @@ class Ahead:
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, program: Callable, *specs: Any, options: dict | None = None,
+    def submit(self, program: Callable, *specs: Any, options: dict | None = STEP_OPTIONS,
                after: Callable | None = None, name: str = "") -> Callable:
         """``program``: a ``jax.jit`` function (anything without ``lower``, e.g. a test's wrapper, is
         returned unchanged and compiles on its first call as usual). ``options``: XLA compiler options of
-        this program. ``after``: a callable returned by ``submit`` whose compile this one waits for (so
+        this program (those ``XLA_FLAGS`` does not set: ``compiler_options``). ``after``: a callable
+        returned by ``submit`` whose compile this one waits for (so
         that two programs with the same matrix shapes do not autotune at the same time). ``name``: the
         key of this compile in ``compiles``: (seconds from ``start`` (default: this ``Ahead``'s creation)
         to the compile's end, seconds the lowering and compile took)."""
@@ -55,7 +68,7 @@ class Ahead:
             if before is not None:
                 before.result()
             t0 = time.perf_counter()
-            compiled = program.lower(*specs).compile(compiler_options=options)
+            compiled = program.lower(*specs).compile(compiler_options=compiler_options(options))
             t1 = time.perf_counter()
             if name:
                 self.compiles[name] = (t1 - self._t0, t1 - t0)
