@@ -138,7 +138,6 @@ def run_one(args, method: str) -> dict:
     import numpy as np
 
     from poetjax.run_config import load_config
-    from poetjax.train.ahead import STEP_OPTIONS, compiler_options
     from poetjax.train.optimizers import make_optimizer
     from poetjax.train.steps import build_model, init_state, make_train_step
 
@@ -168,7 +167,7 @@ def run_one(args, method: str) -> dict:
     print("BREAKDOWN " + json.dumps(breakdown), flush=True)
     step = make_train_step(graphdef, tx)
     t0 = time.perf_counter()
-    compiled = step.lower(state, tokens).compile(compiler_options=compiler_options(STEP_OPTIONS))  # as train.py
+    compiled = step.lower(state, tokens).compile()
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     breakdown["step_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0) or 0)

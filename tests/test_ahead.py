@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poetjax.testing import assert_close
-from poetjax.train.ahead import RARE_OPTIONS, STEP_OPTIONS, Ahead, compiler_options
+from poetjax.train.ahead import RARE_OPTIONS, Ahead, compiler_options
 
 
 def test_a_submitted_program_is_compiled_before_its_call_and_computes_the_same():
@@ -48,16 +47,8 @@ def test_an_option_set_in_xla_flags_keeps_the_users_value():
     kept = compiler_options(RARE_OPTIONS, flags)
     assert "xla_gpu_enable_triton_gemm" not in kept
     assert kept == {k: v for k, v in RARE_OPTIONS.items() if k != "xla_gpu_enable_triton_gemm"}
-    assert compiler_options(STEP_OPTIONS, "") == STEP_OPTIONS
+    assert compiler_options(RARE_OPTIONS, "") == RARE_OPTIONS
     assert compiler_options(None, flags) == {}
-
-
-def test_the_step_options_compile_on_this_backend_and_give_the_same_result():
-    f = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b.T)
-    a, b = jax.random.normal(jax.random.key(0), (32, 16)), jax.random.normal(jax.random.key(1), (16, 24))
-    with Ahead() as ahead:  # STEP_OPTIONS by default
-        g = ahead.submit(f, jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, b.dtype))
-        assert_close(g(a, b), f(a, b), jnp.float32, what="the step options' program")
 
 
 def test_a_compile_error_is_raised_at_the_first_call():

@@ -5,12 +5,13 @@ step's compile times one after the other. XLA compiles with the GIL released, so
 compiles each on a worker thread as soon as the state exists, and the run waits only for the program it
 calls next (BENCHMARKS.md, "Time to result").
 
-Every program is compiled with ``STEP_OPTIONS`` (BENCHMARKS.md, "XLA's compile options for the train
-step"): XLA's Triton GEMM fusions off (cuBLAS serves the GEMMs; the fusions' autotuning was most of a small
-model's compile) and the LLVM module split over the host's cores. Those that run once in hundreds of steps
-(state init, merge, diagnostics) take ``RARE_OPTIONS``: also no GPU autotuning, which buys them little.
-Outputs are the same up to rounding (the options choose among kernels of the same computation). An option
-that ``XLA_FLAGS`` sets keeps the user's value (``compiler_options``).
+The programs that run once in hundreds of steps (state init, merge, diagnostics) are compiled with
+``RARE_OPTIONS``: no GPU autotuning, which buys them little, and no Triton GEMM fusions (cuBLAS serves their
+GEMMs; the fusions' compiles were half the merge's compile, BENCHMARKS.md, "The state's own program compiled
+first"). Their outputs are the same up to rounding (the options choose among kernels of the same
+computation). The train and eval steps keep XLA's defaults: without Triton GEMM fusions Llama-1B's steps
+were 9–12% slower (BENCHMARKS.md, "XLA's compile options for the train step"). An option that ``XLA_FLAGS``
+sets keeps the user's value (``compiler_options``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 
-STEP_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_llvm_module_compilation_parallelism": True}
-RARE_OPTIONS = {**STEP_OPTIONS, "xla_gpu_autotune_level": 0}
+RARE_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
 
 
 def compiler_options(options: dict | None, xla_flags: str | None = None) -> dict:
@@ -51,7 +51,7 @@ class Ahead:
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, program: Callable, *specs: Any, options: dict | None = STEP_OPTIONS,
+    def submit(self, program: Callable, *specs: Any, options: dict | None = None,
                after: Callable | None = None, name: str = "") -> Callable:
         """``program``: a ``jax.jit`` function (anything without ``lower``, e.g. a test's wrapper, is
         returned unchanged and compiles on its first call as usual). ``options``: XLA compiler options of
