@@ -129,18 +129,23 @@ def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cac
     stop_after skips)."""
     from poetjax.train import ahead
 
-    submitted = []
+    submitted, returned, keywords = [], {}, {}  # programs in order; by name: submit's result and keywords
     real = ahead.Ahead.submit
 
     def counting(self, program, *specs, **kw):
         submitted.append(program)
-        return real(self, program, *specs, **kw)
+        returned[kw.get("name")], keywords[kw.get("name")] = real(self, program, *specs, **kw), kw
+        return returned[kw.get("name")]
 
     monkeypatch.setattr(ahead.Ahead, "submit", counting)
     res = run(tiny(tmp_path, data_cache, "checkpoint.interval=0", "logging.diagnostics_interval=10",
                    "schedule.warmup_steps=1", *overrides))
     assert len(submitted) == expected
     assert submitted[0].__name__ == "make"  # the state's program first: compiled before the others
+    # the merge's compile waits for the train step's (beside it, it would slow the first step)
+    assert ("merge" in keywords) == (expected == 5)
+    if "merge" in keywords:
+        assert keywords["merge"]["after"] is returned["train"]
     assert res.completed == (expected == 5)
 
 
