@@ -134,8 +134,9 @@ def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cac
 
     def counting(self, program, *specs, **kw):
         submitted.append(program)
-        returned[kw.get("name")], keywords[kw.get("name")] = real(self, program, *specs, **kw), kw
-        return returned[kw.get("name")]
+        call = returned[kw.get("name")] = real(self, program, *specs, **kw)
+        keywords[kw.get("name")] = kw
+        return call
 
     monkeypatch.setattr(ahead.Ahead, "submit", counting)
     res = run(tiny(tmp_path, data_cache, "checkpoint.interval=0", "logging.diagnostics_interval=10",

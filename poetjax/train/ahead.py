@@ -56,8 +56,8 @@ class Ahead:
         """``program``: a ``jax.jit`` function (anything without ``lower``, e.g. a test's wrapper, is
         returned unchanged and compiles on its first call as usual). ``options``: XLA compiler options of
         this program (those ``XLA_FLAGS`` does not set: ``compiler_options``). ``after``: a callable
-        returned by ``submit`` whose compile this one waits for (so
-        that two programs with the same matrix shapes do not autotune at the same time). ``name``: the
+        returned by ``submit`` whose compile this one waits for (so that two programs with the same matrix
+        shapes do not autotune at the same time, or a rare one does not slow the next one needed). ``name``: the
         key of this compile in ``compiles``: (seconds from ``start`` (default: this ``Ahead``'s creation)
         to the compile's end, seconds the lowering and compile took)."""
         if not hasattr(program, "lower"):

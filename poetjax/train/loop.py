@@ -287,8 +287,8 @@ def submit_programs(cfg: RunConfig, graphdef, tx, shardings, mesh, state_spec, r
                                           name="diagnostics")
     merge_step = sharded.make_sharded_merge_step(graphdef, shardings, mesh) if poet else None
     if poet and reaches(cfg.poet.merge_interval):
-        # after the train step's compile, which it would slow (BENCHMARKS.md, "XLA's compile options"); first
-        # called at step merge_interval
+        # first called at step merge_interval: compiled after the train step, whose compile it would slow
+        # (BENCHMARKS.md, "XLA's compile options for the train step")
         merge_step = ahead.submit(merge_step, state_spec, options=RARE_OPTIONS, after=train_step, name="merge")
     eval_step = sharded.make_sharded_eval_step(graphdef, shardings, mesh)
     if stop >= cfg.train.steps or reaches(cfg.train.eval_interval):  # the final evaluation, or one on the way
