@@ -23,6 +23,7 @@ recompiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -65,6 +66,42 @@ def path_keys(path) -> tuple:
     return tuple(out)
 
 
+def draw_perms(key: jax.Array, family: str, chunk: int, layouts: tuple) -> ops.LayerPerms:
+    """A layer's permutations for its (input, output) ``layouts`` (``block_layout`` or ``fs.subset_layout``)."""
+    layout_in, layout_out = layouts
+    k_in, k_out = jax.random.split(key)
+    # BS: sorted inside blocks (same POET up to relabeling, cheaper gathers; poetjax.perms). FS rotates one
+    # subset whose size need not divide the dimension, and its order there is irrelevant: no sorting.
+    blk_in = None if family == "fs" else layout_in.block_size
+    blk_out = None if family == "fs" else layout_out.block_size
+    p_in, p_in_inv = input_permutation(k_in, layout_in.dim, layout_in.padded, blk_in, chunk)
+    p_out, p_out_inv = output_permutation(k_out, layout_out.dim, layout_out.padded, blk_out, chunk)
+    return ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
+
+
+@functools.partial(jax.jit, static_argnames=("init", "scale", "family", "chunk", "layouts"))
+def _initial_base(key_w, key_p, kernel, *, init, scale, family, chunk, layouts):
+    """(W_s, permutations) of a new layer: one program per layer shape and setting. Built op by op, a model's
+    layers compiled a program per distinct operation and shape, and dispatched every operation one by one
+    (BENCHMARKS.md, "Time to result, the abstract build and the layers' first arrays")."""
+    shape = (layouts[0].dim, layouts[1].dim)
+    w = base_weight(init, key_w, shape, kernel=kernel, scale=scale)
+    perms = draw_perms(key_p, family, chunk, layouts)
+    return ops.store_base_weight(w, perms), perms
+
+
+def _next_key(rngs: nnx.Rngs) -> jax.Array:
+    """``rngs.params()``: the stream's key folded with its count, and the count advanced. Written out
+    because flax's own update (``count[...] += 1``) asks the count for its sharding, and for a traced count
+    jax builds an error message whose cost grows with the traced program: it was 40% of the abstract build
+    of llama_60m's POET model (BENCHMARKS.md, "Time to result, the abstract build and the layers' first
+    arrays")."""
+    stream = rngs.params
+    count = stream.count[...]
+    stream.count.set_value(count + 1)
+    return jax.random.fold_in(stream.key[...], count)
+
+
 class POETLinear(nnx.Module):
     """y = x · W_eff (+ bias) with W_eff = R · W0 · P, computed input-centrically (POET-X)."""
 
@@ -84,17 +121,18 @@ class POETLinear(nnx.Module):
         self.layout_in = layout(self.in_features, config.block_size, name="in_features")
         self.layout_out = layout(self.out_features, config.block_size, name="out_features")
 
-        w = base_weight(config.init, rngs.params(), (self.in_features, self.out_features), kernel=kernel,
-                        scale=config.init_scale)
         if config.perm_chunk > 1:  # clear errors naming the layer's side, before any permutation is drawn
             check_chunk(config.perm_chunk, self.in_features, self.layout_in.block_size, "in_features")
             check_chunk(config.perm_chunk, self.out_features, self.layout_out.block_size, "out_features")
-        perms = self._draw_perms(rngs.params())
         if config.quantized:
             quant.check_group_size(self.layout_in.padded, config.quant_group_size,
                                    what=f"POETLinear({self.in_features}→{self.out_features}, "
                                         f"block_size={config.block_size})")
-        self._store_base(ops.store_base_weight(w, perms), init=True)
+        key_w, key_p = _next_key(rngs), _next_key(rngs)
+        w_s, perms = _initial_base(key_w, key_p, kernel, init=config.init, scale=config.init_scale,
+                                   family=config.family, chunk=config.perm_chunk,
+                                   layouts=(self.layout_in, self.layout_out))
+        self._store_base(w_s, init=True)
         self._set_perms(perms, init=True)
         self.theta_in = Generator(jnp.zeros((self.layout_in.num_blocks, self.layout_in.num_packed), jnp.float32))
         self.theta_out = Generator(jnp.zeros((self.layout_out.num_blocks, self.layout_out.num_packed),
@@ -138,15 +176,7 @@ class POETLinear(nnx.Module):
 
     # -- permutations -------------------------------------------------------------------------
     def _draw_perms(self, key: jax.Array) -> ops.LayerPerms:
-        k_in, k_out = jax.random.split(key)
-        # BS: sorted inside blocks (same POET up to relabeling, cheaper gathers; poetjax.perms). FS rotates one
-        # subset whose size need not divide the dimension, and its order there is irrelevant: no sorting.
-        k_in_blk = None if self.config.family == "fs" else self.layout_in.block_size
-        k_out_blk = None if self.config.family == "fs" else self.layout_out.block_size
-        c = self.config.perm_chunk
-        p_in, p_in_inv = input_permutation(k_in, self.in_features, self.layout_in.padded, k_in_blk, c)
-        p_out, p_out_inv = output_permutation(k_out, self.out_features, self.layout_out.padded, k_out_blk, c)
-        return ops.LayerPerms(p_in, p_in_inv, p_out, p_out_inv)
+        return draw_perms(key, self.config.family, self.config.perm_chunk, (self.layout_in, self.layout_out))
 
     def _set_perms(self, perms: ops.LayerPerms, init: bool = False):
         for name, value in perms._asdict().items():
