@@ -178,3 +178,23 @@ def test_perm_chunk_errors_name_the_values():
         pj.POETLinear(32, 20, config=pj.POETConfig(block_size=16, perm_chunk=8), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="perm_chunk=8 does not divide block_size=12"):
         pj.POETLinear(48, 48, config=pj.POETConfig(block_size=12, perm_chunk=8), rngs=nnx.Rngs(0))
+
+
+def test_layer_draws_its_keys_as_the_rngs_stream_does():
+    """POETLinear draws W0's and the permutations' keys itself (layers._next_key, not flax's update): the
+    same keys and the same advanced count as ``rngs.params()``, eagerly and under a trace, so that a layer
+    built after it draws what it would otherwise."""
+    from poetjax.layers import _next_key
+
+    def draws(rngs, own: bool):
+        keys = [(_next_key(rngs) if own else rngs.params()) for _ in range(3)]
+        return jnp.stack([jax.random.key_data(k) for k in keys]), rngs.params.count[...]
+
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):
+        (k_own, c_own), (k_flax, c_flax) = (run(lambda own=own: draws(nnx.Rngs(params=5), own))
+                                            for own in (True, False))
+        np.testing.assert_array_equal(k_own, k_flax)
+        assert int(c_own) == int(c_flax) == 3
+    rngs = nnx.Rngs(params=5)
+    pj.POETLinear(16, 24, config=poet_config("fast", block_size=8), rngs=rngs)
+    assert int(rngs.params.count[...]) == 2  # one key for W0, one for the permutations
