@@ -93,9 +93,8 @@ def _initial_base(key_w, key_p, kernel, *, init, scale, family, chunk, layouts):
 def _next_key(rngs: nnx.Rngs) -> jax.Array:
     """``rngs.params()``: the stream's key folded with its count, and the count advanced. Written out
     because flax's own update (``count[...] += 1``) asks the count for its sharding, and for a traced count
-    jax builds an error message whose cost grows with the traced program: it was 40% of the abstract build
-    of llama_60m's POET model (BENCHMARKS.md, "Time to result, the abstract build and the layers' first
-    arrays")."""
+    jax builds an error message whose cost grows with the traced program: a large share of a model's abstract
+    build (BENCHMARKS.md, "Time to result, the abstract build and the layers' first arrays")."""
     stream = rngs.params
     count = stream.count[...]
     stream.count.set_value(count + 1)
