@@ -66,7 +66,7 @@ def path_keys(path) -> tuple:
     return tuple(out)
 
 
-def draw_perms(key: jax.Array, family: str, chunk: int, layouts: tuple) -> ops.LayerPerms:
+def _draw_perms(key: jax.Array, family: str, chunk: int, layouts: tuple) -> ops.LayerPerms:
     """A layer's permutations for its (input, output) ``layouts`` (``block_layout`` or ``fs.subset_layout``)."""
     layout_in, layout_out = layouts
     k_in, k_out = jax.random.split(key)
@@ -81,12 +81,13 @@ def draw_perms(key: jax.Array, family: str, chunk: int, layouts: tuple) -> ops.L
 
 @functools.partial(jax.jit, static_argnames=("init", "scale", "family", "chunk", "layouts"))
 def _initial_base(key_w, key_p, kernel, *, init, scale, family, chunk, layouts):
-    """(W_s, permutations) of a new layer: one program per layer shape and setting. Built op by op, a model's
-    layers compiled a program per distinct operation and shape, and dispatched every operation one by one
-    (BENCHMARKS.md, "Time to result, the abstract build and the layers' first arrays")."""
+    """(W_s, permutations) of a new layer, one program per layer shape and setting: under an enclosing trace
+    (a model's abstract build) its operations stay out of that trace, and a host build makes one call per
+    layer instead of one per operation (BENCHMARKS.md, "Time to result, the abstract build and the layers'
+    first arrays")."""
     shape = (layouts[0].dim, layouts[1].dim)
     w = base_weight(init, key_w, shape, kernel=kernel, scale=scale)
-    perms = draw_perms(key_p, family, chunk, layouts)
+    perms = _draw_perms(key_p, family, chunk, layouts)
     return ops.store_base_weight(w, perms), perms
 
 
@@ -174,9 +175,6 @@ class POETLinear(nnx.Module):
         return base.astype(dtype)
 
     # -- permutations -------------------------------------------------------------------------
-    def _draw_perms(self, key: jax.Array) -> ops.LayerPerms:
-        return draw_perms(key, self.config.family, self.config.perm_chunk, (self.layout_in, self.layout_out))
-
     def _set_perms(self, perms: ops.LayerPerms, init: bool = False):
         for name, value in perms._asdict().items():
             if init:
@@ -265,7 +263,7 @@ class POETLinear(nnx.Module):
         scales and zero points: the groups now hold different entries), spec §9.4.
         """
         kernel = self.effective_kernel()
-        perms = self._draw_perms(key)
+        perms = _draw_perms(key, self.config.family, self.config.perm_chunk, (self.layout_in, self.layout_out))
         self._store_base(ops.store_base_weight(kernel, perms))
         self._set_perms(perms)
         self.theta_in.set_value(jnp.zeros_like(self.theta_in[...]))
