@@ -305,11 +305,11 @@ def compute_rotations(module: nnx.Module) -> dict[str, tuple[jax.Array, jax.Arra
     return out
 
 
-def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tuple]]:
-    """{path: keyword arguments of the layer's call} for every POET-BS layer under ``module``: its rotation
-    blocks from the shared Cayley maps (``compute_rotations``), or, for a layer in the weight form
-    (``compute="weight"``, memory "fast", a float base (a uint8 base is for memory: it dequantizes its own);
-    a known compute dtype), its kernel W_eff. The kernels of all such
+def shared_call_args(module: nnx.Module, tokens: int) -> dict[str, dict[str, jax.Array | tuple]]:
+    """{path: keyword arguments of the layer's call on ``tokens`` tokens} for every POET-BS layer under
+    ``module``: its rotation blocks from the shared Cayley maps (``compute_rotations``), or, for a layer in the
+    weight form (its plan's body "weight", memory "fast", a float base (a uint8 base is for memory: it
+    dequantizes its own); a known compute dtype), its kernel W_eff. The kernels of all such
     layers of one shape (the same projection of every stacked layer, and the projections of equal shape) are
     formed in one batched product (``ops.stacked_weights_from_blocks``): the same numbers as each layer forming
     its own, from a handful of launches instead of a handful per layer."""
@@ -318,7 +318,7 @@ def shared_call_args(module: nnx.Module) -> dict[str, dict[str, jax.Array | tupl
     args, groups = {}, {}
     for path, (r_in, r_out) in rotations.items():
         lay = layers[path]
-        plan = lay.plan()
+        plan = lay.plan(tokens)
         if plan.body != "weight" or plan.memory != "fast" or lay.config.quantized or lay.dtype is None:
             args[path] = {"rotations": (r_in, r_out)}
             continue
@@ -372,10 +372,10 @@ class CayleyScopeHook:
 
     scope: str
 
-    def prepare(self, layers: nnx.Module):
+    def prepare(self, layers: nnx.Module, tokens: int):
         if self.scope != "model":
             return None
-        args = shared_call_args(layers)
+        args = shared_call_args(layers, tokens)
         if not isinstance(layers, nnx.List):
             return args  # one stacked block: paths inside it, arrays with a leading layer axis
         per_layer = [{} for _ in range(len(layers))]
@@ -387,7 +387,7 @@ class CayleyScopeHook:
     def wrap(self, run: Callable) -> Callable:
         def run_shared(block, x, cos, sin, args):
             if self.scope == "block":
-                args = shared_call_args(block)
+                args = shared_call_args(block, math.prod(x.shape[:-1]))
             return run(block, x, cos, sin, args or {})
 
         return run_shared

@@ -114,8 +114,8 @@ class LayerPlan(NamedTuple):
     chunk: int
 
 
-# compute="auto" forms W_eff in the mem memory mode once the layer sees at least this many tokens per unit of
-# its wider side: T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M) (BENCHMARKS.md, "Current defaults and why").
+# compute="auto" forms W_eff on a CPU once the layer sees at least this many tokens per unit of its wider side:
+# T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M) (BENCHMARKS.md, "Current defaults and why").
 WEIGHT_TOKENS_PER_WIDTH = 1
 
 
@@ -127,9 +127,11 @@ def resolve_plan(exec_cfg: ExecConfig, *, memory: str, block_size: int, quantize
     impl "auto": Pallas on a GPU when the kernels support the block size, XLA elsewhere; a uint8 base
     (POET-XQ) stays on XLA, the only path measured for it. impl "pallas" with an unsupported block size is
     a ValueError. Pallas runs token-major when the permutations move runs the kernels can index one at a
-    time (``pallas_kernels.supports_chunk``), feature-major otherwise. compute "auto": "weight" for the mem
-    memory mode when T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M), else "activations". The GPU measurements
-    behind these rules are in BENCHMARKS.md.
+    time (``pallas_kernels.supports_chunk``), feature-major otherwise. compute "auto": "weight" in a process with
+    one CPU device when T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M) (there a step is mostly the cost of its many
+    small operations, and the weight form has fewer), "activations" otherwise: on GPUs, and under data
+    parallelism, where the weight form would all-reduce a W_eff-sized gradient per layer. The measurements behind these rules are in
+    BENCHMARKS.md.
     """
     if not isinstance(exec_cfg, ExecConfig):
         raise TypeError(f"exec_cfg must be an ExecConfig, got {type(exec_cfg).__name__}")
@@ -143,7 +145,8 @@ def resolve_plan(exec_cfg: ExecConfig, *, memory: str, block_size: int, quantize
         impl = "pallas" if not quantized and gpu and pk.supports_block_size(block_size) else "xla"
     compute = exec_cfg.compute
     if compute == "auto":
-        weight = memory == "mem" and tokens > 0 and tokens >= WEIGHT_TOKENS_PER_WIDTH * max(n, m)
+        one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+        weight = one_cpu and tokens > 0 and tokens >= WEIGHT_TOKENS_PER_WIDTH * max(n, m)
         compute = "weight" if weight else "activations"
     if compute == "weight":
         body = "weight"

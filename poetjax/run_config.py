@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from poetjax.config import VARIANTS, POETConfig
+from poetjax.config import VARIANTS, ExecConfig, POETConfig
 from poetjax.models.llama import LlamaConfig
 from poetjax.run_sections import (CheckpointConfig, DataConfig, LoggingConfig, MeshConfig, OptimizerConfig,
                                   ScheduleConfig, TrainConfig, require)
@@ -40,8 +40,10 @@ class RunConfig:
     model: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    # The default job's small model takes smaller blocks and merges more often than POETConfig's defaults.
-    poet: POETConfig = dataclasses.field(default_factory=lambda: POETConfig(block_size=32, merge_interval=100))
+    # The default job's small model takes smaller blocks and merges more often than POETConfig's defaults, and a run
+    # picks its compute by backend ("auto": the weight form on a CPU, POET-X's activations on a GPU).
+    poet: POETConfig = dataclasses.field(default_factory=lambda: POETConfig(block_size=32, merge_interval=100,
+                                                                          exec=ExecConfig(compute="auto")))
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

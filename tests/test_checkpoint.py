@@ -96,3 +96,7 @@ def test_a_config_key_newer_than_the_checkpoint_counts_as_its_default(run_copy, 
     assert check_resume_compatible(meta, cfg, data_meta, "old") == []
     with pytest.raises(CheckpointError, match=r"data.encoding_errors: 'strict' \(checkpoint\) vs 'replace'"):
         check_resume_compatible(meta, _cfg(run_copy, data_cache, "data.encoding_errors=replace"), data_meta, "old")
+    # how the layers compute (poet.exec) never changes their function: a run written under an older default
+    # resumes under today's
+    meta["config"]["poet"]["exec"]["compute"] = "activations"
+    assert cfg.poet.exec.compute == "auto" and check_resume_compatible(meta, cfg, data_meta, "old") == []

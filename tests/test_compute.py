@@ -10,6 +10,7 @@ from flax import nnx
 
 import poetjax as pj
 from poetjax import ops
+from poetjax.run_config import RunConfig
 from poetjax.testing import assert_close, poet_config
 
 from _reference import dense_effective, grads_against_dense
@@ -76,30 +77,39 @@ def test_weight_and_activations_agree_in_bf16_and_weight_never_rotates_activatio
     assert calls == [(n, m)]  # one block product on the (Np, Mp) weight (plus the R_in einsum), none on x
 
 
-def test_auto_compute_rule_and_errors():
+def test_auto_compute_rule_and_errors(monkeypatch):
     ratio = ops.WEIGHT_TOKENS_PER_WIDTH
 
     def body(compute, tokens, n, m, memory="fast"):
         return ops.resolve_plan(pj.ExecConfig(impl="xla", compute=compute), memory=memory, block_size=8,
                                 tokens=tokens, n=n, m=m).body
 
-    assert body("auto", ratio * 100, 100, 60, "mem") == "weight"
-    assert body("auto", ratio * 100 - 1, 100, 60, "mem") == "xla"
-    assert body("auto", ratio * 100 - 1, 60, 100, "mem") == "xla"
-    assert body("auto", 10 ** 9, 100, 60, "fast") == "xla"
-    assert body("auto", 0, 100, 60, "mem") == "xla"  # tokens unknown (the Cayley map's plan)
+    # one CPU device (this process): the weight form once the layer sees max(N, M) tokens, in either memory mode
+    for memory in ("fast", "mem"):
+        assert body("auto", ratio * 100, 100, 60, memory) == "weight"
+        assert body("auto", ratio * 100 - 1, 100, 60, memory) == "xla"
+        assert body("auto", ratio * 100 - 1, 60, 100, memory) == "xla"
+        assert body("auto", 0, 100, 60, memory) == "xla"  # tokens unknown (the Cayley map's plan)
     assert body("activations", 10 ** 9, 8, 8, "mem") == "xla"
     assert body("weight", 1, 8, 8) == "weight"
     with pytest.raises(ValueError, match="compute must be one of .*got compute='w'"):
         pj.ExecConfig(compute="w")
     with pytest.raises(ValueError, match="memory must be one of .*got memory='slow'"):
         ops.resolve_plan(pj.ExecConfig(), memory="slow", block_size=8)
-    assert pj.POETConfig().exec.compute == "activations"  # POET-X unless asked
-    # the layer decides from its input's token count: many tokens per feature form W_eff (mem memory mode)
+    assert pj.POETConfig().exec.compute == "activations"  # POET-X unless asked; a run's default is "auto":
+    assert RunConfig().poet.exec.compute == "auto"
+    # the layer decides from its input's token count
     seen = []
     for variant in ("mem", "xq_mem", "fast"):
         lay = _layer(16, 16, 8, compute="auto", variant=variant)
         seen += [lay.plan(2).body, lay.plan(ratio * 16).body]
         assert_close(lay(jnp.ones((ratio * 16, 16))), jnp.ones((ratio * 16, 16)) @ lay.effective_kernel(),
                      jnp.float32, what=f"{variant} auto-compute output")
-    assert seen == ["xla", "weight", "xla", "weight", "xla", "xla"]
+    assert seen == ["xla", "weight"] * 3
+    # several CPU devices (data parallelism: the weight form would all-reduce W_eff-sized gradients), or a GPU:
+    # POET-X's activations whatever the token count
+    monkeypatch.setattr(ops.jax, "device_count", lambda: 8)
+    assert body("auto", 10 ** 9, 100, 60, "fast") == body("auto", 10 ** 9, 100, 60, "mem") == "xla"
+    monkeypatch.setattr(ops.jax, "device_count", lambda: 1)
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    assert body("auto", 10 ** 9, 100, 60, "fast") == body("auto", 10 ** 9, 100, 60, "mem") == "xla"

@@ -103,7 +103,7 @@ def test_a_partial_poet_section_keeps_the_run_defaults(tmp_path):
     path = _write(tmp_path, "p.yaml", "poet:\n  memory: mem\n  exec:\n    impl: xla\n")
     cfg = load_config(path, ["poet.exec.cayley_scope=block"])
     assert (cfg.poet.block_size, cfg.poet.merge_interval, cfg.poet.memory) == (32, 100, "mem")
-    assert cfg.poet.exec == pj.ExecConfig(impl="xla", cayley_scope="block")
+    assert cfg.poet.exec == pj.ExecConfig(impl="xla", compute="auto", cayley_scope="block")
 
 
 @pytest.mark.parametrize("override, match", [
@@ -129,7 +129,7 @@ def test_a_checkpoint_config_of_the_old_layout_reads_as_the_same_run():
     opt = dict(old["optimizer"])
     opt.update(block_size=16, merge_interval=100, variant="xq_mem", num_terms=3, cayley="neumann",
                cayley_precision="default", init="normalized", impl="xla", layout="auto", cayley_scope="auto",
-               compute="activations", quant_group_size=32, perm_chunk=1)
+               compute="auto", quant_group_size=32, perm_chunk=1)
     old = {k: v for k, v in old.items() if k != "poet"}
     old["optimizer"] = opt
     assert diff_saved(old, cfg) == []

@@ -36,6 +36,7 @@ phase probes, export) use; ``poetjax.merge`` merges a stacked POET layer one lay
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -266,7 +267,8 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)
         # An optional hook around the layer stack (None: none), installed by a reparameterization of the
-        # projections: ``prepare(layers)`` runs once before the layers, outside any remat and scan, and returns
+        # projections: ``prepare(layers, tokens)`` (tokens: the token positions each layer sees, batch included)
+        # runs once before the layers, outside any remat and scan, and returns
         # per-layer values (a list for list layers, arrays with a leading layer axis for stacked ones, or
         # None); ``wrap(run)`` returns the function that runs one block, run(block, x, cos, sin, value), which
         # may call ``run`` with the block's per-projection call arguments (``Block``) as its last argument.
@@ -289,7 +291,7 @@ class Llama(nnx.Module):
         run = _run_block if hook is None else hook.wrap(_run_block)
         if self.cfg.remat != "none":
             run = nnx.remat(run, policy=_remat_policy(self.cfg.remat))
-        values = None if hook is None else hook.prepare(self.layers)
+        values = None if hook is None else hook.prepare(self.layers, math.prod(x_BxSxD.shape[:-1]))
         x = x_BxSxD.astype(jnp.dtype(self.cfg.dtype))
         if self.cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)

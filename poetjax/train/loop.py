@@ -64,7 +64,7 @@ from poetjax.train.xla_cache import use_compilation_cache
 # function. train.steps moves the schedule's horizon, which is reported.
 RESUME_FREE_KEYS = ("name", "out_dir", "train.steps", "train.eval_interval", "train.eval_batches", "data.cache_dir",
                     "train.compilation_cache",
-                    "model.remat", "model.attention", "mesh", "mesh.",
+                    "model.remat", "model.attention", "poet.exec.", "mesh", "mesh.",
                     "train.log_interval", "train.stop_after", "checkpoint.", "logging.")
 
 
