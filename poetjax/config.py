@@ -43,8 +43,8 @@ class ExecConfig:
                 support the block size, XLA elsewhere; POET-XQ stays on XLA). See ``poetjax.ops.resolve_plan``.
     compute:    "activations" (POET-X: rotate the activations, never form W_eff), "weight" (form W_eff from
                 the blocks each step, then one dense matmul) or "auto" ("activations" on GPUs and under data
-                parallelism; with one CPU device "weight" when a layer sees at least max(N, M) tokens, ``poetjax.ops.resolve_plan``; the
-                trainer's default, ``poetjax.run_config``).
+                parallelism; with one CPU device "weight" when a layer sees at least max(N, M) tokens;
+                ``poetjax.ops.resolve_plan``). "auto" is a run's default (``poetjax.run_config``).
     cayley_precision: the float32 products of the Neumann series in training steps: "default" (one TF32
                 pass on a GPU), "highest" (float32-exact products; CPUs compute float32 for "default" too)
                 or "bf16" (the products' operands rounded to bfloat16, float32 sums). Merges and effective

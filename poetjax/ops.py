@@ -114,8 +114,8 @@ class LayerPlan(NamedTuple):
     chunk: int
 
 
-# compute="auto" forms W_eff on a CPU once the layer sees at least this many tokens per unit of its wider side:
-# T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M) (BENCHMARKS.md, "Current defaults and why").
+# compute="auto" forms W_eff with one CPU device once the layer sees at least this many tokens per unit of its
+# wider side: T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M) (BENCHMARKS.md, "Current defaults and why").
 WEIGHT_TOKENS_PER_WIDTH = 1
 
 
@@ -130,8 +130,8 @@ def resolve_plan(exec_cfg: ExecConfig, *, memory: str, block_size: int, quantize
     time (``pallas_kernels.supports_chunk``), feature-major otherwise. compute "auto": "weight" in a process with
     one CPU device when T ≥ WEIGHT_TOKENS_PER_WIDTH · max(N, M) (there a step is mostly the cost of its many
     small operations, and the weight form has fewer), "activations" otherwise: on GPUs, and under data
-    parallelism, where the weight form would all-reduce a W_eff-sized gradient per layer. The measurements behind these rules are in
-    BENCHMARKS.md.
+    parallelism, where the weight form would all-reduce a W_eff-sized gradient per layer. The measurements
+    behind these rules are in BENCHMARKS.md.
     """
     if not isinstance(exec_cfg, ExecConfig):
         raise TypeError(f"exec_cfg must be an ExecConfig, got {type(exec_cfg).__name__}")

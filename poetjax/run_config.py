@@ -41,7 +41,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     # The default job's small model takes smaller blocks and merges more often than POETConfig's defaults, and a run
-    # picks its compute by backend ("auto": the weight form on a CPU, POET-X's activations on a GPU).
+    # picks its compute by backend ("auto": the weight form with one CPU device, POET-X's activations otherwise).
     poet: POETConfig = dataclasses.field(default_factory=lambda: POETConfig(block_size=32, merge_interval=100,
                                                                           exec=ExecConfig(compute="auto")))
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
