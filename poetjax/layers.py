@@ -309,10 +309,9 @@ def shared_call_args(module: nnx.Module, tokens: int) -> dict[str, dict[str, jax
     """{path: keyword arguments of the layer's call on ``tokens`` tokens} for every POET-BS layer under
     ``module``: its rotation blocks from the shared Cayley maps (``compute_rotations``), or, for a layer in the
     weight form (its plan's body "weight", memory "fast", a float base (a uint8 base is for memory: it
-    dequantizes its own); a known compute dtype), its kernel W_eff. The kernels of all such
-    layers of one shape (the same projection of every stacked layer, and the projections of equal shape) are
-    formed in one batched product (``ops.stacked_weights_from_blocks``): the same numbers as each layer forming
-    its own, from a handful of launches instead of a handful per layer."""
+    dequantizes its own); a known compute dtype), its kernel W_eff. The kernels of all such layers of one
+    block size, dtype and precision are formed together (``ops.tiled_weights_from_blocks``): two batched
+    products for the whole model, the same numbers as each layer forming its own up to rounding."""
     rotations = compute_rotations(module)
     layers = dict(_shared_layers(module))
     args, groups = {}, {}
@@ -322,25 +321,27 @@ def shared_call_args(module: nnx.Module, tokens: int) -> dict[str, dict[str, jax
         if plan.body != "weight" or plan.memory != "fast" or lay.config.quantized or lay.dtype is None:
             args[path] = {"rotations": (r_in, r_out)}
             continue
-        key = (lay.in_features, lay.out_features, r_in.shape, r_out.shape, jnp.dtype(lay.dtype), lay.precision)
-        groups.setdefault(key, []).append(path)
-    for (*_, dtype, precision), paths in groups.items():
-        members = [layers[p] for p in paths]
-        lead = rotations[paths[0]][0].shape[:-3]  # () or the stacked layers' (L,)
+        shape = (lay.in_features, lay.out_features, r_in.shape, r_out.shape)
+        groups.setdefault((r_in.shape[-1], jnp.dtype(lay.dtype), lay.precision), {}).setdefault(shape, []).append(path)
+    for (_, dtype, precision), by_shape in groups.items():
 
         def cat(arrays, nd):  # every member's (…, *last nd axes) flattened and concatenated along one axis
             flat = [a.reshape(-1, *a.shape[a.ndim - nd:]) for a in arrays]
             return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
 
-        w0 = cat([jax.lax.stop_gradient(lay.base_weight(dtype)) for lay in members], 2)
-        r_in = cat([rotations[p][0].astype(dtype) for p in paths], 3)
-        r_out = cat([rotations[p][1].astype(dtype) for p in paths], 3)
-        perms = ops.LayerPerms(*(cat([getattr(lay.perms, f) for lay in members], 1)
-                                 for f in ops.LayerPerms._fields))
-        w = ops.stacked_weights_from_blocks(w0, r_in, r_out, perms, precision)
-        parts = jax.lax.split(w, [math.prod(lead)] * len(paths)) if len(paths) > 1 else [w]  # (see rotation_group)
-        for path, part in zip(paths, parts):
-            args[path] = {"kernel": part.reshape(*lead, *w.shape[1:])}
+        operands = []
+        for paths in by_shape.values():
+            members = [layers[p] for p in paths]
+            operands.append((cat([jax.lax.stop_gradient(lay.base_weight(dtype)) for lay in members], 2),
+                             cat([rotations[p][0].astype(dtype) for p in paths], 3),
+                             cat([rotations[p][1].astype(dtype) for p in paths], 3),
+                             ops.LayerPerms(*(cat([getattr(lay.perms, f) for lay in members], 1)
+                                              for f in ops.LayerPerms._fields))))
+        for paths, w in zip(by_shape.values(), ops.tiled_weights_from_blocks(operands, precision)):
+            lead = rotations[paths[0]][0].shape[:-3]  # () or the stacked layers' (L,)
+            parts = jax.lax.split(w, [math.prod(lead)] * len(paths)) if len(paths) > 1 else [w]  # (see rotation_group)
+            for path, part in zip(paths, parts):
+                args[path] = {"kernel": part.reshape(*lead, *w.shape[1:])}
     return args
 
 

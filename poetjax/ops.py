@@ -225,25 +225,54 @@ def poet_x_linear(x: jax.Array, w0_NpxMp: jax.Array | QuantizedWeight, r_in_IxKx
     return body(x, w0, r_in_IxKxK, r_out_OxKxK, perms)
 
 
+def _kernel_order(a_NpxMp: jax.Array, perms: LayerPerms) -> jax.Array:
+    """blockdiag(R_in) · W_s · blockdiag(R_out) (Np, Mp) → W_eff (N, M): rows and columns back to the layer's
+    own order (the permutations' VJPs are inverse gathers, ``poetjax.perms``)."""
+    a = permute_rows(a_NpxMp, perms.perm_in_inv, perms.perm_in)  # (N, Mp)
+    return permute(a, perms.perm_out, perms.perm_out_inv)        # (N, M)
+
+
 def weight_from_blocks(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array, perms: LayerPerms,
                        precision=None) -> jax.Array:
     """W_eff (N, M) = P_in · blockdiag(R_in) · W_s · blockdiag(R_out) · P_out in the operands' dtype
-    (differentiable; the permutations' VJPs are inverse gathers, ``poetjax.perms``)."""
+    (differentiable)."""
     nb, k, _ = r_in_IxKxK.shape
     # Left-multiply by blockdiag(R_in): row block i becomes R_in[i] @ W_s[i·K:(i+1)·K, :].
     a = jnp.einsum("ikc,icm->ikm", r_in_IxKxK, w0_NpxMp.reshape(nb, k, -1), precision=precision)
-    a = block_rotate(a.reshape(nb * k, -1), r_out_OxKxK, precision=precision)
-    a = permute_rows(a, perms.perm_in_inv, perms.perm_in)       # (N, Mp): rows back to input order
-    return permute(a, perms.perm_out, perms.perm_out_inv)       # (N, M)
+    return _kernel_order(block_rotate(a.reshape(nb * k, -1), r_out_OxKxK, precision=precision), perms)
 
 
-def stacked_weights_from_blocks(w0_LxNpxMp: jax.Array, r_in_LxIxKxK: jax.Array, r_out_LxOxKxK: jax.Array,
-                                perms: LayerPerms, precision=None) -> jax.Array:
-    """``weight_from_blocks`` of L layers at once (every operand with one leading axis L, the permutations
-    (L, Np) etc.): W_eff (L, N, M) from one batched product per side and one batched gather per permutation,
-    so forming the kernels of many layers costs a handful of launches instead of a handful per layer."""
-    form = functools.partial(weight_from_blocks, precision=precision)
-    return jax.vmap(form)(w0_LxNpxMp, r_in_LxIxKxK, r_out_LxOxKxK, perms)
+def tiled_weights_from_blocks(groups: list[tuple[jax.Array, jax.Array, jax.Array, LayerPerms]],
+                              precision=None) -> list[jax.Array]:
+    """``weight_from_blocks`` of every layer of ``groups`` at once, one block size K for all: each group
+    (w0 (L, Np, Mp), r_in (L, I, K, K), r_out (L, O, K, K), permutations (L, Np) etc.) gives W_eff (L, N, M).
+
+    Tile (i, o) of blockdiag(R_in) · W_s · blockdiag(R_out) is R_in[i] · W_s[i, o] · R_out[o], so the K × K
+    tiles of all layers, whatever their shapes, go through one batched product per side: two matrix products
+    of one shape for the whole model, where a product per side and layer shape gave each its own GEMM for
+    XLA to autotune on a GPU (BENCHMARKS.md, "Time to result, the model's kernels in two products")."""
+    tiles, lefts, rights, counts = [], [], [], []
+    for w0, r_in, r_out, _ in groups:
+        n_l, n_i, k, _ = r_in.shape
+        n_o = r_out.shape[1]
+        tiles.append(w0.reshape(n_l, n_i, k, n_o, k).transpose(0, 1, 3, 2, 4).reshape(-1, k, k))
+        lefts.append(jnp.broadcast_to(r_in[:, :, None], (n_l, n_i, n_o, k, k)).reshape(-1, k, k))
+        rights.append(jnp.broadcast_to(r_out[:, None], (n_l, n_i, n_o, k, k)).reshape(-1, k, k))
+        counts.append(n_l * n_i * n_o)
+
+    def cat(arrays):
+        return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays)
+
+    a = jnp.einsum("tkc,tcm->tkm", cat(lefts), cat(tiles), precision=precision)
+    a = jnp.einsum("tkm,tmc->tkc", a, cat(rights), precision=precision)
+    parts = jax.lax.split(a, counts) if len(counts) > 1 else [a]
+    out = []
+    for part, (_, r_in, r_out, perms) in zip(parts, groups):
+        n_l, n_i, k, _ = r_in.shape
+        n_o = r_out.shape[1]
+        a_l = part.reshape(n_l, n_i, n_o, k, k).transpose(0, 1, 3, 2, 4).reshape(n_l, n_i * k, n_o * k)
+        out.append(jax.vmap(_kernel_order)(a_l, perms))
+    return out
 
 
 def effective_kernel(w0_NpxMp: jax.Array, r_in_IxKxK: jax.Array, r_out_OxKxK: jax.Array,

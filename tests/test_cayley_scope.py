@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import poetjax as pj
-from poetjax import cayley
+from poetjax import cayley, ops
+from poetjax import perms as pm
 from poetjax.layers import compute_rotations
 from poetjax.models import Llama, LlamaConfig, stack_layers
 from poetjax.models.llama import rope_tables
@@ -142,10 +143,11 @@ def test_kernels_formed_together_give_the_same_loss_and_gradients_as_each_layers
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_kernels_of_one_shape_come_from_one_batched_product(scan):
+def test_the_models_kernels_come_from_two_batched_products(scan):
     """Forming W_eff takes two products (one per side); under scope "model" they are batched over every layer
-    of the same shape: 2 per distinct shape, where rotating the activations takes 2 per layer (both models
-    share one Cayley map, and each projection keeps its one dense product)."""
+    of the model, whatever its shape (the three projection shapes here): 2 in all, where rotating the
+    activations takes 2 per layer (both models share one Cayley map, and each projection keeps its one dense
+    product)."""
     tokens = jnp.zeros((1, 4), jnp.int32)
 
     def dots(model):  # dot_generals in the lowered forward pass
@@ -153,8 +155,41 @@ def test_kernels_of_one_shape_come_from_one_batched_product(scan):
 
     rotating, together = dots(_model("model", scan=scan)), dots(_model("model", scan=scan, compute="weight"))
     shapes = {(lay.in_features, lay.out_features) for _, lay in pj.poet_layers(_model("linear", scan=False))}
+    assert len(shapes) == 3
     layers_traced = 1 if scan else CFG.num_layers  # a scan traces its body once
-    assert rotating - together == 2 * 7 * layers_traced - 2 * len(shapes), (rotating, together, shapes)
+    assert rotating - together == 2 * 7 * layers_traced - 2, (rotating, together)
+
+
+def test_tiled_kernels_match_each_layers_own_in_float64():
+    """``ops.tiled_weights_from_blocks`` of groups of several shapes against ``weight_from_blocks`` of each
+    layer, in float64 (the same products regrouped: equal to rounding), and its VJP against the per-layer
+    one's."""
+    with jax.enable_x64(True):
+        k, groups = 4, []
+        for g, (n, m, n_l) in enumerate(((8, 8, 3), (8, 12, 2), (12, 8, 1))):
+            keys = jax.random.split(jax.random.key(g), 4)
+            w0 = jax.random.normal(keys[0], (n_l, n, m), jnp.float64)
+            r_in = jax.random.normal(keys[1], (n_l, n // k, k, k), jnp.float64)
+            r_out = jax.random.normal(keys[2], (n_l, m // k, k, k), jnp.float64)
+            ps = [ops.LayerPerms(*pm.input_permutation(kk, n, n, k, 1), *pm.output_permutation(kk, m, m, k, 1))
+                  for kk in jax.random.split(keys[3], n_l)]
+            groups.append((w0, r_in, r_out, jax.tree.map(lambda *x: jnp.stack(x), *ps)))
+
+        def tiled(rs):
+            return ops.tiled_weights_from_blocks([(w, ri, ro, p) for (w, _, _, p), (ri, ro) in zip(groups, rs)])
+
+        def each(rs):
+            return [jax.vmap(ops.weight_from_blocks)(w, ri, ro, p) for (w, _, _, p), (ri, ro) in zip(groups, rs)]
+
+        rs = [(ri, ro) for _, ri, ro, _ in groups]
+        for a, b in zip(tiled(rs), each(rs)):
+            assert a.shape == b.shape
+            assert_close(a, b, jnp.float64, "same", what="tiled kernels")
+        cot = [jax.random.normal(jax.random.key(9 + i), w.shape, jnp.float64) for i, w in enumerate(each(rs))]
+        g_tiled = jax.vjp(tiled, rs)[1](cot)[0]
+        g_each = jax.vjp(each, rs)[1](cot)[0]
+        for a, b in zip(jax.tree.leaves(g_tiled), jax.tree.leaves(g_each)):
+            assert_close(a, b, jnp.float64, "same", what="tiled kernels' VJP")
 
 
 @pytest.mark.parametrize("scan", [False, True])
