@@ -250,7 +250,9 @@ def tiled_weights_from_blocks(groups: list[tuple[jax.Array, jax.Array, jax.Array
     Tile (i, o) of blockdiag(R_in) · W_s · blockdiag(R_out) is R_in[i] · W_s[i, o] · R_out[o], so the K × K
     tiles of all layers, whatever their shapes, go through one batched product per side: two matrix products
     of one shape for the whole model, where a product per side and layer shape gave each its own GEMM for
-    XLA to autotune on a GPU (BENCHMARKS.md, "Time to result, the model's kernels in two products")."""
+    XLA to autotune on a GPU (BENCHMARKS.md, "Time to result, the model's kernels in two products"). Memory:
+    besides the tiles of W_s, each side's blocks are repeated once per tile (each repeat as large as the W_s it
+    multiplies), transient, as the concatenated W_s of all layers already was."""
     tiles, lefts, rights, counts = [], [], [], []
     for w0, r_in, r_out, _ in groups:
         n_l, n_i, k, _ = r_in.shape
