@@ -166,12 +166,13 @@ def test_tiled_kernels_match_each_layers_own_in_float64():
     one's."""
     with jax.enable_x64(True):
         k, groups = 4, []
-        for g, (n, m, n_l) in enumerate(((8, 8, 3), (8, 12, 2), (12, 8, 1))):
+        for g, (n, m, n_l) in enumerate(((8, 8, 3), (8, 12, 2), (12, 8, 1), (10, 7, 2))):  # the last padded
             keys = jax.random.split(jax.random.key(g), 4)
-            w0 = jax.random.normal(keys[0], (n_l, n, m), jnp.float64)
-            r_in = jax.random.normal(keys[1], (n_l, n // k, k, k), jnp.float64)
-            r_out = jax.random.normal(keys[2], (n_l, m // k, k, k), jnp.float64)
-            ps = [ops.LayerPerms(*pm.input_permutation(kk, n, n, k, 1), *pm.output_permutation(kk, m, m, k, 1))
+            n_p, m_p = -(-n // k) * k, -(-m // k) * k
+            w0 = jax.random.normal(keys[0], (n_l, n_p, m_p), jnp.float64)
+            r_in = jax.random.normal(keys[1], (n_l, n_p // k, k, k), jnp.float64)
+            r_out = jax.random.normal(keys[2], (n_l, m_p // k, k, k), jnp.float64)
+            ps = [ops.LayerPerms(*pm.input_permutation(kk, n, n_p, k, 1), *pm.output_permutation(kk, m, m_p, k, 1))
                   for kk in jax.random.split(keys[3], n_l)]
             groups.append((w0, r_in, r_out, jax.tree.map(lambda *x: jnp.stack(x), *ps)))
 
