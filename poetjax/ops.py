@@ -34,6 +34,7 @@ matmul kernel), so no layer keeps a float copy of its base weight as a residual.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -253,25 +254,22 @@ def tiled_weights_from_blocks(groups: list[tuple[jax.Array, jax.Array, jax.Array
     XLA to autotune on a GPU (BENCHMARKS.md, "Time to result, the model's kernels in two products"). Memory:
     besides the tiles of W_s, each side's blocks are repeated once per tile (each repeat as large as the W_s it
     multiplies), transient, as the concatenated W_s of all layers already was."""
-    tiles, lefts, rights, counts = [], [], [], []
-    for w0, r_in, r_out, _ in groups:
-        n_l, n_i, k, _ = r_in.shape
-        n_o = r_out.shape[1]
+    k = groups[0][1].shape[-1]
+    dims = [(r_in.shape[0], r_in.shape[1], r_out.shape[1]) for _, r_in, r_out, _ in groups]  # (L, I, O)
+    tiles, lefts, rights = [], [], []
+    for (w0, r_in, r_out, _), (n_l, n_i, n_o) in zip(groups, dims):
         tiles.append(w0.reshape(n_l, n_i, k, n_o, k).transpose(0, 1, 3, 2, 4).reshape(-1, k, k))
         lefts.append(jnp.broadcast_to(r_in[:, :, None], (n_l, n_i, n_o, k, k)).reshape(-1, k, k))
         rights.append(jnp.broadcast_to(r_out[:, None], (n_l, n_i, n_o, k, k)).reshape(-1, k, k))
-        counts.append(n_l * n_i * n_o)
 
     def cat(arrays):
         return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays)
 
     a = jnp.einsum("tkc,tcm->tkm", cat(lefts), cat(tiles), precision=precision)
     a = jnp.einsum("tkm,tmc->tkc", a, cat(rights), precision=precision)
-    parts = jax.lax.split(a, counts) if len(counts) > 1 else [a]
+    parts = jax.lax.split(a, [math.prod(d) for d in dims]) if len(dims) > 1 else [a]
     out = []
-    for part, (_, r_in, r_out, perms) in zip(parts, groups):
-        n_l, n_i, k, _ = r_in.shape
-        n_o = r_out.shape[1]
+    for part, (_, _, _, perms), (n_l, n_i, n_o) in zip(parts, groups, dims):
         a_l = part.reshape(n_l, n_i, n_o, k, k).transpose(0, 1, 3, 2, 4).reshape(n_l, n_i * k, n_o * k)
         out.append(jax.vmap(_kernel_order)(a_l, perms))
     return out
