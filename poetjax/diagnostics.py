@@ -184,27 +184,21 @@ class PhaseProbe:
 
     @staticmethod
     def init(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
-        # only shapes are read: an abstract per-layer view (a real one would copy every stacked array,
-        # W0 included, e.g. 37 GiB of uint8 codes for a 34B POET-XQ model)
-        view = nnx.eval_shape(lambda: layer_view(model))
-        by_shape: dict[tuple[int, int], list[tuple[int, str]]] = {}
-        for i, (path, layer) in enumerate(iter_modules(view, POETLinear)):
-            by_shape.setdefault((layer.in_features, layer.out_features), []).append((i, path_name(path)))
+        layers = _probe_layers(model)
+        return _unit_probes(layers, _probe_normals(key, layers), jnp)
 
-        def draw(k, n_in, n_out):
-            k_in, k_out = jax.random.split(k)
-            v_in = jax.random.normal(k_in, (n_in,), jnp.float32)
-            v_out = jax.random.normal(k_out, (n_out,), jnp.float32)
-            return v_in / jnp.linalg.norm(v_in), v_out / jnp.linalg.norm(v_out)
-
-        probes = {}
-        for (n_in, n_out), members in by_shape.items():  # one draw per shape (vmapped: the same numbers)
-            keys = fold_in_each(key, [i for i, _ in members])
-            v_in, v_out = jax.vmap(lambda k: draw(k, n_in, n_out))(keys)
-            for j, (_, name) in enumerate(members):
-                # w starts as a copy, not the same array: a donated state must not hold one buffer twice
-                probes[name] = ProbeState(v_in[j], v_in[j].copy(), v_out[j], v_out[j].copy())
-        return probes
+    @staticmethod
+    def init_on_host(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
+        """``init``'s probes (the same numbers up to rounding) as numpy arrays, drawn by one program on the
+        host's CPU and cut there: cut inside a device program, each layer's probe is a kernel of its own."""
+        layers = _probe_layers(model)
+        try:
+            cpu = jax.devices("cpu")[0]
+        except RuntimeError:  # JAX_PLATFORMS without cpu
+            cpu = None
+        with jax.default_device(cpu):
+            normals = np.asarray(jax.jit(lambda k: _probe_normals(k, layers))(key))
+        return _unit_probes(layers, normals, np)
 
     @staticmethod
     def advance(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, ProbeState]:
@@ -221,6 +215,35 @@ class PhaseProbe:
     def cosines(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
         names, layers = _poet_layers(model)
         return dict(zip(names, map_layers(_probe_cosines, layers, [probes[n] for n in names])))
+
+
+def _probe_layers(model: nnx.Module) -> list[tuple[str, int, int]]:
+    """(name, N, M) of every POET layer, in the order of the per-layer view."""
+    # only shapes are read: an abstract per-layer view (a real one would copy every stacked array,
+    # W0 included, e.g. 37 GiB of uint8 codes for a 34B POET-XQ model)
+    view = nnx.eval_shape(lambda: layer_view(model))
+    return [(path_name(path), layer.in_features, layer.out_features)
+            for path, layer in iter_modules(view, POETLinear)]
+
+
+def _probe_normals(key: jax.Array, layers) -> jax.Array:
+    """(L, 2, D) standard normals, row i drawn from ``fold_in(key, i)``; D the widest side of any layer.
+    One vmapped draw for the whole model: one random-bits kernel to compile."""
+    width = max((max(n, m) for _, n, m in layers), default=0)
+    keys = fold_in_each(key, range(len(layers)))
+    return jax.vmap(lambda k: jax.random.normal(k, (2, width), jnp.float32))(keys)
+
+
+def _unit_probes(layers, normals, xp) -> dict[str, ProbeState]:
+    """Each layer's probes from its row of ``normals``: the first N (input side) and M (output side) entries,
+    scaled to unit length; ``xp``: numpy or jax.numpy."""
+    probes = {}
+    for i, (name, n, m) in enumerate(layers):
+        v_in, v_out = normals[i, 0, :n], normals[i, 1, :m]
+        v_in, v_out = v_in / xp.linalg.norm(v_in), v_out / xp.linalg.norm(v_out)
+        # w starts as a copy, not the same array: a donated state must not hold one buffer twice
+        probes[name] = ProbeState(v_in, v_in.copy(), v_out, v_out.copy())
+    return probes
 
 
 def _probe_cosines(layer: POETLinear, p: ProbeState) -> tuple[jax.Array, jax.Array]:

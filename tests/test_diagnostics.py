@@ -117,6 +117,24 @@ def test_phase_probe_tracks_accumulated_rotation_across_merges():
     assert -1.0 < float(cos_in) < 0.999 and -1.0 < float(cos_out) < 0.999
 
 
+def test_phase_probes_drawn_on_the_host_are_the_traced_draw():
+    """``init_on_host`` (the trainer's fresh state) gives ``init``'s probes as numpy arrays: the same numbers
+    up to rounding, unit vectors, each carried image a copy of its probe."""
+    model = pj.poetize(Tiny(rngs=nnx.Rngs(0)), pj.POETConfig(block_size=8), rngs=nnx.Rngs(1))
+    traced = jax.jit(lambda k: dg.PhaseProbe.init(model, k))(jax.random.key(4))
+    host = dg.PhaseProbe.init_on_host(model, jax.random.key(4))
+    assert set(host) == set(traced) and len(host) == 4
+    for name, p in host.items():
+        for field in p._fields:
+            x = getattr(p, field)
+            assert isinstance(x, np.ndarray) and x.dtype == np.float32
+            assert_close(x, getattr(traced[name], field), jnp.float32, "same", what=f"{name}.{field}")
+        assert_close(np.linalg.norm(p.v_in), 1.0, jnp.float32, "same", what=name)
+        assert p.w_in is not p.v_in and np.array_equal(p.w_in, p.v_in)
+    firsts = [p.v_in[0] for p in host.values()]
+    assert len(set(firsts)) == len(firsts)  # every layer draws its own
+
+
 def test_spectrum_stats_on_plain_and_poet_models():
     plain = Tiny(rngs=nnx.Rngs(0))
     stats = dg.spectrum_stats(plain)

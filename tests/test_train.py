@@ -89,6 +89,26 @@ def test_the_programs_compile_for_the_state_that_is_then_built(tmp_path, data_ca
         assert (x.shape, x.dtype, x.sharding) == (s.shape, s.dtype, s.sharding)
 
 
+def test_the_state_program_does_not_grow_with_the_layers(tmp_path, data_cache):
+    """The state's program (compiled ahead, beside the train step) makes moments and counters only: the phase
+    probes come from the host, so twice the layers compile to as many kernels (drawn inside it, every
+    layer's probe was a kernel of its own)."""
+    from poetjax import distributed as dist
+    from poetjax.train import sharded
+    from poetjax.train.optimizers import make_optimizer
+
+    fusions = []
+    for layers in (2, 4):
+        cfg = tiny(tmp_path, data_cache, "optimizer.name=poet", f"model.num_layers={layers}")
+        tx, mesh = make_optimizer(cfg), dist.mesh_from_config(cfg.mesh)
+        graphdef, spec, shardings = sharded.train_state_spec(cfg, tx, mesh)
+        program = sharded.state_program(cfg, tx, graphdef, shardings)
+        text = program.lower(spec.params, spec.frozen, spec.probe).compile().as_text()
+        fusions.append(text.count(" fusion("))
+        assert len(spec.probe) == 7 * layers
+    assert fusions[0] == fusions[1], fusions
+
+
 def test_the_run_logs_where_its_time_went(uninterrupted):
     """One "timing" record at the end of the run, the same numbers in summary.json: setup phases and each
     program's first call (compile or cache load, plus one run), all within the time to the first step

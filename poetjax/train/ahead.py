@@ -5,13 +5,14 @@ step's compile times one after the other. XLA compiles with the GIL released, so
 compiles each on a worker thread as soon as the state exists, and the run waits only for the program it
 calls next (BENCHMARKS.md, "Time to result").
 
-The programs that run once in hundreds of steps (state init, merge, diagnostics) are compiled with
-``RARE_OPTIONS``: no GPU autotuning, which buys them little, and no Triton GEMM fusions (cuBLAS serves their
-GEMMs; the fusions' compiles were half the merge's compile, BENCHMARKS.md, "The state's own program compiled
-first"). Their outputs are the same up to rounding (the options choose among kernels of the same
-computation). The train and eval steps keep XLA's defaults: without Triton GEMM fusions Llama-1B's steps
-were 9–12% slower (BENCHMARKS.md, "XLA's compile options for the train step"). An option that ``XLA_FLAGS``
-sets keeps the user's value (``compiler_options``).
+The programs that run once in hundreds of steps (state init, merge, diagnostics, evaluation) are compiled
+with ``RARE_OPTIONS``: no GPU autotuning, which buys them little, and no Triton GEMM fusions (cuBLAS serves
+their GEMMs; the fusions' compiles were half the merge's compile, BENCHMARKS.md, "The state's own program
+compiled first"; the eval step's autotuning ran on the GPU beside the first training steps and slowed them).
+Their outputs are the same up to rounding (the options choose among kernels of the same computation). The
+train step keeps XLA's defaults: without Triton GEMM fusions Llama-1B's steps were 9–12% slower (BENCHMARKS.md,
+"XLA's compile options for the train step"). An option that ``XLA_FLAGS`` sets keeps the user's value
+(``compiler_options``).
 """
 
 from __future__ import annotations

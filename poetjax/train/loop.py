@@ -199,7 +199,7 @@ def _run(cfg: RunConfig, signals: StopSignals, print_fn, t_run: float) -> RunRes
             # The state's own program compiles first: a compile waits for those under way (BENCHMARKS.md,
             # "Time to result"), and the state is built while the others compile.
             make_state = ahead.submit(sharded.state_program(cfg, tx, graphdef, shardings), state_spec.params,
-                                      state_spec.frozen, options=RARE_OPTIONS, name="init")
+                                      state_spec.frozen, state_spec.probe, options=RARE_OPTIONS, name="init")
             programs = submit_programs(cfg, graphdef, tx, shardings, mesh, state_spec, resume, ahead, say)
             t_model = time.perf_counter()
             model = core.build_model(cfg)
@@ -294,7 +294,7 @@ def submit_programs(cfg: RunConfig, graphdef, tx, shardings, mesh, state_spec, r
     if stop >= cfg.train.steps or reaches(cfg.train.eval_interval):  # the final evaluation, or one on the way
         eval_step = ahead.submit(eval_step, state_spec.params, state_spec.frozen, tokens_spec,
                                  jax.ShapeDtypeStruct((batch,), np.float32, sharding=weights_sharding),
-                                 after=train_step, name="eval")  # the train step's matrix shapes: autotuned once
+                                 options=RARE_OPTIONS, after=train_step, name="eval")
     return Programs(train_step, diag_step, ref_shapes, merge_step, eval_step, diag_every)
 
 

@@ -15,9 +15,16 @@ from poetjax.train import steps as core
 def _state_maker(cfg, tx: optax.GradientTransformation, graphdef):
     key = core.run_keys(cfg.seed)[2]
 
-    def make(params, frozen):
-        return core.init_state(nnx.merge(graphdef, params, frozen), tx, key)[1]
+    def make(params, frozen, probe):
+        return core.init_state(nnx.merge(graphdef, params, frozen), tx, key, probe=probe)[1]
     return make
+
+
+def _host_probes(cfg, model: nnx.Module) -> dict:
+    """The fresh state's phase probes, drawn on the host. Drawn inside the state's program, every layer's
+    probe was cut from its shape's batch at a constant offset, a kernel of its own per layer: 7.3 s of that
+    program's GPU compile at llama_60m against AdamW's 0.5 s (BENCHMARKS.md, "Time to result")."""
+    return core.initial_probes(model, core.run_keys(cfg.seed)[2], on_host=True)
 
 
 def train_state_spec(cfg, tx: optax.GradientTransformation, mesh: Mesh):
@@ -25,15 +32,18 @@ def train_state_spec(cfg, tx: optax.GradientTransformation, mesh: Mesh):
     ``init_train_state``'s fresh state, by tracing only (a fraction of a second): what the run's programs
     compile for while the state itself is built (``poetjax.train.loop``)."""
     graphdef, params, frozen = core.split_model(nnx.eval_shape(lambda: core.build_model(cfg)))
-    abstract = jax.eval_shape(_state_maker(cfg, tx, graphdef), params, frozen)
+    key = core.run_keys(cfg.seed)[2]
+    probe = jax.eval_shape(lambda p, f: core.initial_probes(nnx.merge(graphdef, p, f), key), params, frozen)
+    abstract = jax.eval_shape(_state_maker(cfg, tx, graphdef), params, frozen, probe)
     shardings = state_shardings(graphdef, abstract, mesh, min_shard_size=cfg.mesh.min_shard_size)
     spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return graphdef, spec, shardings
 
 
 def state_program(cfg, tx: optax.GradientTransformation, graphdef, shardings):
-    """``(params, frozen) -> TrainState`` laid out as ``shardings``, jitted (its inputs donated): the fresh
-    state's optimizer state, step counters and probes made beside the built model's arrays."""
+    """``(params, frozen, probe) -> TrainState`` laid out as ``shardings``, jitted (the model's arrays
+    donated): the fresh state's optimizer state and step counters made beside the built model's arrays and
+    the phase probes (drawn on the host)."""
     return jax.jit(_state_maker(cfg, tx, graphdef), out_shardings=shardings, donate_argnums=(0, 1))
 
 
@@ -50,13 +60,15 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
     if known already (``train_state_spec``'s), else derived here; ``program``: ``state_program``'s, if compiled
     already (``train.py`` compiles it ahead, before the run's other programs).
     """
-    graphdef, params, frozen = core.split_model(core.build_model(cfg) if model is None else model)
+    model = core.build_model(cfg) if model is None else model
+    probe = _host_probes(cfg, model)
+    graphdef, params, frozen = core.split_model(model)
     make = _state_maker(cfg, tx, graphdef)
     if shardings is None:
-        shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen), mesh,
+        shardings = state_shardings(graphdef, jax.eval_shape(make, params, frozen, probe), mesh,
                                     min_shard_size=cfg.mesh.min_shard_size)
     params, frozen = place(params, shardings.params), place(frozen, shardings.frozen)
-    state = (program or state_program(cfg, tx, graphdef, shardings))(params, frozen)
+    state = (program or state_program(cfg, tx, graphdef, shardings))(params, frozen, place(probe, shardings.probe))
     return graphdef, state, shardings
 
 

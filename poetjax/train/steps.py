@@ -116,10 +116,17 @@ def split_model(model: nnx.Module):
 PROBE_STREAM = 0x50524F42
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array):
-    """(graphdef, TrainState at step 0). ``key`` is a typed PRNG key: the training stream; the phase
-    probes' random unit vectors come from ``fold_in(key, PROBE_STREAM)``."""
-    probe = PhaseProbe.init(model, jax.random.fold_in(key, PROBE_STREAM))
+def initial_probes(model: nnx.Module, key: jax.Array, *, on_host: bool = False) -> dict:
+    """The phase probes of a fresh state (``init_state``): random unit vectors from
+    ``fold_in(key, PROBE_STREAM)``, ``key`` being the training stream's key; ``on_host``: as numpy arrays
+    (``PhaseProbe.init_on_host``)."""
+    return (PhaseProbe.init_on_host if on_host else PhaseProbe.init)(model, jax.random.fold_in(key, PROBE_STREAM))
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array, probe: dict | None = None):
+    """(graphdef, TrainState at step 0). ``key`` is a typed PRNG key: the training stream. ``probe``: the
+    state's phase probes if drawn already (``initial_probes(model, key)``, which is the default)."""
+    probe = initial_probes(model, key) if probe is None else probe
     graphdef, params, frozen = split_model(model)
     state = TrainState(params=params, frozen=frozen, opt_state=tx.init(params), step=jnp.zeros([], jnp.int32),
                        merges=jnp.zeros([], jnp.int32), key=jax.random.key_data(key), probe=probe)
