@@ -176,7 +176,7 @@ class PhaseProbe:
     """Vector probing of the accumulated rotations across merges (spec §8.1), as pure functions.
 
     With y = x·R·W0·P and merges W0 ← R·W0·P, after k merges the layer computes x·(R_cur R_k⋯R_1)·W0·
-    (P_1⋯P_k P_cur). ``probes = PhaseProbe.init(model, key)``; right before every merge
+    (P_1⋯P_k P_cur). ``probes = PhaseProbe.init(model, key)`` (or ``init_numpy``); right before every merge
     ``probes = PhaseProbe.advance(probes, model)``; at any time ``PhaseProbe.cosines(probes, model)`` →
     {path: (cos_in, cos_out)} with cos = v·R_total·vᵀ of the accumulated rotation including the current one.
     The papers report a plateau of cos ≈ 0.60–0.65 during the stable-learning phase.
@@ -188,17 +188,12 @@ class PhaseProbe:
         return _unit_probes(layers, _probe_normals(key, layers), jnp)
 
     @staticmethod
-    def init_on_host(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
-        """``init``'s probes (the same numbers up to rounding) as numpy arrays, drawn by one program on the
-        host's CPU and cut there: cut inside a device program, each layer's probe is a kernel of its own."""
+    def init_numpy(model: nnx.Module, key: jax.Array) -> dict[str, ProbeState]:
+        """``init``'s probes (the same numbers up to rounding) as numpy arrays, drawn by one program (on the
+        default device: the trainer runs it on the host) and cut in numpy: cut inside a device program, each
+        layer's probe is a kernel of its own."""
         layers = _probe_layers(model)
-        try:
-            cpu = jax.devices("cpu")[0]
-        except RuntimeError:  # JAX_PLATFORMS without cpu
-            cpu = None
-        with jax.default_device(cpu):
-            normals = np.asarray(jax.jit(lambda k: _probe_normals(k, layers))(key))
-        return _unit_probes(layers, normals, np)
+        return _unit_probes(layers, np.asarray(jax.jit(lambda k: _probe_normals(k, layers))(key)), np)
 
     @staticmethod
     def advance(probes: dict[str, ProbeState], model: nnx.Module) -> dict[str, ProbeState]:

@@ -117,12 +117,12 @@ def test_phase_probe_tracks_accumulated_rotation_across_merges():
     assert -1.0 < float(cos_in) < 0.999 and -1.0 < float(cos_out) < 0.999
 
 
-def test_phase_probes_drawn_on_the_host_are_the_traced_draw():
-    """``init_on_host`` (the trainer's fresh state) gives ``init``'s probes as numpy arrays: the same numbers
-    up to rounding, unit vectors, each carried image a copy of its probe."""
+def test_phase_probes_drawn_in_numpy_are_the_traced_draw():
+    """``init_numpy`` (the trainer's fresh state, on the host) gives ``init``'s probes as numpy arrays: the
+    same numbers up to rounding, unit vectors, each carried image a copy of its probe."""
     model = pj.poetize(Tiny(rngs=nnx.Rngs(0)), pj.POETConfig(block_size=8), rngs=nnx.Rngs(1))
     traced = jax.jit(lambda k: dg.PhaseProbe.init(model, k))(jax.random.key(4))
-    host = dg.PhaseProbe.init_on_host(model, jax.random.key(4))
+    host = dg.PhaseProbe.init_numpy(model, jax.random.key(4))
     assert set(host) == set(traced) and len(host) == 4
     for name, p in host.items():
         for field in p._fields:

@@ -146,7 +146,7 @@ def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cac
                                                               expected):
     """The state's own program, the train step and diagnostics always; the merge when a merge step falls
     within the run; the eval step when an evaluation does (here only the final one, which a run stopped by
-    stop_after skips)."""
+    stop_after skips). All but the train step compile with the rare programs' options."""
     from poetjax.train import ahead
 
     submitted, returned, keywords = [], {}, {}  # programs in order; by name: submit's result and keywords
@@ -167,6 +167,9 @@ def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cac
     assert ("merge" in keywords) == (expected == 5)
     if "merge" in keywords:
         assert keywords["merge"]["after"] is returned["train"]
+    # only the train step is autotuned; the programs that run once in many steps compile without it
+    assert keywords["train"].get("options") is None
+    assert all(kw["options"] == ahead.RARE_OPTIONS for name, kw in keywords.items() if name != "train")
     assert res.completed == (expected == 5)
 
 

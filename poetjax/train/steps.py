@@ -119,8 +119,10 @@ PROBE_STREAM = 0x50524F42
 def initial_probes(model: nnx.Module, key: jax.Array, *, on_host: bool = False) -> dict:
     """The phase probes of a fresh state (``init_state``): random unit vectors from
     ``fold_in(key, PROBE_STREAM)``, ``key`` being the training stream's key; ``on_host``: as numpy arrays
-    (``PhaseProbe.init_on_host``)."""
-    return (PhaseProbe.init_on_host if on_host else PhaseProbe.init)(model, jax.random.fold_in(key, PROBE_STREAM))
+    drawn on the host's CPU (``PhaseProbe.init_numpy``)."""
+    if on_host:
+        return built_on_host(lambda: PhaseProbe.init_numpy(model, jax.random.fold_in(key, PROBE_STREAM)))
+    return PhaseProbe.init(model, jax.random.fold_in(key, PROBE_STREAM))
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array, probe: dict | None = None):
