@@ -323,12 +323,12 @@ def shared_call_args(module: nnx.Module, tokens: int) -> dict[str, dict[str, jax
             continue
         shape = (lay.in_features, lay.out_features, r_in.shape, r_out.shape)
         groups.setdefault((r_in.shape[-1], jnp.dtype(lay.dtype), lay.precision), {}).setdefault(shape, []).append(path)
+
+    def cat(arrays, nd):  # every member's (…, *last nd axes) flattened and concatenated along one axis
+        flat = [a.reshape(-1, *a.shape[a.ndim - nd:]) for a in arrays]
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
+
     for (_, dtype, precision), by_shape in groups.items():
-
-        def cat(arrays, nd):  # every member's (…, *last nd axes) flattened and concatenated along one axis
-            flat = [a.reshape(-1, *a.shape[a.ndim - nd:]) for a in arrays]
-            return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
-
         operands = []
         for paths in by_shape.values():
             members = [layers[p] for p in paths]

@@ -20,13 +20,6 @@ def _state_maker(cfg, tx: optax.GradientTransformation, graphdef):
     return make
 
 
-def _host_probes(cfg, model: nnx.Module) -> dict:
-    """The fresh state's phase probes, drawn on the host. Drawn inside the state's program, every layer's
-    probe was cut from its shape's batch at a constant offset, a kernel of its own per layer: 7.3 s of that
-    program's GPU compile at llama_60m against AdamW's 0.5 s (BENCHMARKS.md, "Time to result")."""
-    return core.initial_probes(model, core.run_keys(cfg.seed)[2], on_host=True)
-
-
 def train_state_spec(cfg, tx: optax.GradientTransformation, mesh: Mesh):
     """(graphdef, the state as ``jax.ShapeDtypeStruct``s with their shardings, the shardings) of
     ``init_train_state``'s fresh state, by tracing only (a fraction of a second): what the run's programs
@@ -61,7 +54,10 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
     already (``train.py`` compiles it ahead, before the run's other programs).
     """
     model = core.build_model(cfg) if model is None else model
-    probe = _host_probes(cfg, model)
+    # Drawn on the host: drawn inside the state's program, each layer's probe was cut from its shape's batch at
+    # a constant offset, a kernel per layer (7.3 s of that program's GPU compile at llama_60m against AdamW's
+    # 0.5 s; BENCHMARKS.md, "Time to result, the probes drawn on the host").
+    probe = core.initial_probes(model, core.run_keys(cfg.seed)[2], on_host=True)
     graphdef, params, frozen = core.split_model(model)
     make = _state_maker(cfg, tx, graphdef)
     if shardings is None:
