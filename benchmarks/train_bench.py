@@ -6,8 +6,9 @@
 For every method, in a fresh subprocess (so that peak memory is the method's own): build the model of
 the config with bf16 parameters (``model.param_dtype=bfloat16``, bf16 compute; POET generators and their
 Adam state stay float32), jit the run's train step (``poetjax.train.steps.make_train_step``, donated
-state), run 2 warm-up steps after compilation, then time ``--steps`` steps on random tokens and report
-tokens/s from the median step and the device's peak bytes in use. Methods:
+state, compiled with ``train.py``'s options: ``poetjax.train.ahead.train_options``), run 2 warm-up steps
+after compilation, then time ``--steps`` steps on random tokens and report tokens/s from the median step
+and the device's peak bytes in use. Methods:
 
   adamw       the dense baseline on the same JAX model (optax.adamw, moments in the parameter dtype)
   poet_fast   POET-X, memory fast           poet_mem   POET-X, memory mem
@@ -138,6 +139,7 @@ def run_one(args, method: str) -> dict:
     import numpy as np
 
     from poetjax.run_config import load_config
+    from poetjax.train.ahead import compiler_options, train_options
     from poetjax.train.optimizers import make_optimizer
     from poetjax.train.steps import build_model, init_state, make_train_step
 
@@ -167,7 +169,8 @@ def run_one(args, method: str) -> dict:
     print("BREAKDOWN " + json.dumps(breakdown), flush=True)
     step = make_train_step(graphdef, tx)
     t0 = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
+    options = compiler_options(train_options(cfg.model.hidden_size))
+    compiled = step.lower(state, tokens).compile(compiler_options=options)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     breakdown["step_temp_bytes"] = int(getattr(ma, "temp_size_in_bytes", 0) or 0)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from poetjax.train.ahead import RARE_OPTIONS, Ahead, compiler_options
+from poetjax.run_config import load_config
+from poetjax.train.ahead import RARE_OPTIONS, Ahead, compiler_options, train_options
 
 
 def test_a_submitted_program_is_compiled_before_its_call_and_computes_the_same():
@@ -49,6 +50,14 @@ def test_an_option_set_in_xla_flags_keeps_the_users_value():
     assert kept == {k: v for k, v in RARE_OPTIONS.items() if k != "xla_gpu_enable_triton_gemm"}
     assert compiler_options(RARE_OPTIONS, "") == RARE_OPTIONS
     assert compiler_options(None, flags) == {}
+
+
+@pytest.mark.parametrize("config, triton_gemm", [("configs/llama_60m.yaml", False), ("configs/llama_130m.yaml", True),
+                                                 ("configs/llama_1b.yaml", True)])
+def test_the_train_step_drops_triton_gemm_fusions_only_in_small_models(config, triton_gemm):
+    options = train_options(load_config(config).model.hidden_size)
+    assert options.get("xla_gpu_enable_triton_gemm", True) == triton_gemm
+    assert set(options) <= {"xla_gpu_enable_triton_gemm"}  # autotuning stays on: the step runs every time
 
 
 def test_a_compile_error_is_raised_at_the_first_call():

@@ -167,8 +167,9 @@ def test_only_the_programs_a_run_will_call_are_compiled_ahead(tmp_path, data_cac
     assert ("merge" in keywords) == (expected == 5)
     if "merge" in keywords:
         assert keywords["merge"]["after"] is returned["train"]
-    # only the train step is autotuned; the programs that run once in many steps compile without it
-    assert keywords["train"].get("options") is None
+    # only the train step is autotuned; the programs that run once in many steps compile without it. A
+    # model this narrow trains without Triton GEMM fusions.
+    assert keywords["train"]["options"] == {"xla_gpu_enable_triton_gemm": False}
     assert all(kw["options"] == ahead.RARE_OPTIONS for name, kw in keywords.items() if name != "train")
     assert res.completed == (expected == 5)
 

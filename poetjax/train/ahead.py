@@ -10,9 +10,11 @@ with ``RARE_OPTIONS``: no GPU autotuning, which buys them little, and no Triton 
 their GEMMs; the fusions' compiles were half the merge's compile, BENCHMARKS.md, "The state's own program
 compiled first"; the eval step's autotuning ran on the GPU beside the first training steps and slowed them).
 Their outputs are the same up to rounding (the options choose among kernels of the same computation). The
-train step keeps XLA's defaults: without Triton GEMM fusions Llama-1B's steps were 9–12% slower (BENCHMARKS.md,
-"XLA's compile options for the train step"). An option that ``XLA_FLAGS`` sets keeps the user's value
-(``compiler_options``).
+train step keeps XLA's defaults (``train_options``), except Triton GEMM fusions in models of hidden size
+≤ ``SMALL_WIDTH``: at llama_60m (512) the steps without them were no slower and the train step's compile
+halved; at Llama-1B (2048) the steps were 9–12% slower without them (BENCHMARKS.md, "XLA's compile options
+for the train step" and "The state's own program compiled first"). An option that ``XLA_FLAGS`` sets keeps
+the user's value (``compiler_options``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ from typing import Any, Callable
 
 
 RARE_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
+SMALL_WIDTH = 512  # the widest hidden size measured no slower without Triton GEMM fusions
+
+
+def train_options(hidden_size: int) -> dict:
+    """The train step's compile options for a model of ``hidden_size``: none (XLA's defaults), or no
+    Triton GEMM fusions up to ``SMALL_WIDTH``, where cuBLAS serves the small GEMMs as fast and their
+    autotuning was half the step's compile."""
+    return {"xla_gpu_enable_triton_gemm": False} if hidden_size <= SMALL_WIDTH else {}
 
 
 def compiler_options(options: dict | None, xla_flags: str | None = None) -> dict:

@@ -53,7 +53,7 @@ from poetjax.diagnostics import diagnostics_record
 from poetjax.run_config import ConfigError, RunConfig, diff_saved
 from poetjax.surgery import EXCLUDE
 from poetjax.train import sharded, steps as core
-from poetjax.train.ahead import RARE_OPTIONS, Ahead
+from poetjax.train.ahead import RARE_OPTIONS, Ahead, train_options
 from poetjax.train.monitor import MetricsLog, Progress, Stopwatch, plot_curves
 from poetjax.train.optimizers import lr_schedules, make_optimizer
 from poetjax.train.signals import StopSignals
@@ -279,7 +279,8 @@ def submit_programs(cfg: RunConfig, graphdef, tx, shardings, mesh, state_spec, r
     train_step = sharded.make_sharded_train_step(graphdef, tx, shardings, mesh, microbatches=cfg.train.microbatches,
                                                  lr_schedule=lr_schedules(cfg)["lr"])
     if start < stop:
-        train_step = ahead.submit(train_step, state_spec, tokens_spec, name="train")
+        train_step = ahead.submit(train_step, state_spec, tokens_spec, options=train_options(cfg.model.hidden_size),
+                                  name="train")
     diag_step, ref_shapes = (core.make_diagnostics_step(graphdef), None) if diag_every else (None, None)
     if diag_every:
         ref_shapes = core.reference_shapes(diag_step, state_spec)
