@@ -11,9 +11,8 @@ their GEMMs; the fusions' compiles were half the merge's compile, BENCHMARKS.md,
 compiled first"; the eval step's autotuning ran on the GPU beside the first training steps and slowed them).
 Their outputs are the same up to rounding (the options choose among kernels of the same computation). The
 train step keeps XLA's defaults (``train_options``), except Triton GEMM fusions in models of hidden size
-≤ ``SMALL_WIDTH``: at llama_60m (512) the steps without them were no slower and the train step's compile
-halved; at Llama-1B (2048) the steps were 9–12% slower without them (BENCHMARKS.md, "XLA's compile options
-for the train step" and "The state's own program compiled first"). An option that ``XLA_FLAGS`` sets keeps
+≤ ``SMALL_WIDTH``: at llama_60m (512) the steps without them were no slower and compiled faster; at Llama-1B
+(2048) they were slower (BENCHMARKS.md, "Current defaults and why"). An option that ``XLA_FLAGS`` sets keeps
 the user's value (``compiler_options``).
 """
 
@@ -31,8 +30,8 @@ SMALL_WIDTH = 512  # the widest hidden size measured no slower without Triton GE
 
 def train_options(hidden_size: int) -> dict:
     """The train step's compile options for a model of ``hidden_size``: none (XLA's defaults), or no
-    Triton GEMM fusions up to ``SMALL_WIDTH``, where cuBLAS serves the small GEMMs as fast and their
-    autotuning was half the step's compile."""
+    Triton GEMM fusions up to ``SMALL_WIDTH``, where cuBLAS serves the small GEMMs as fast and autotuning the
+    fusions is a large share of the step's compile."""
     return {"xla_gpu_enable_triton_gemm": False} if hidden_size <= SMALL_WIDTH else {}
 
 
