@@ -7,13 +7,13 @@ calls next (BENCHMARKS.md, "Time to result").
 
 The programs that run once in hundreds of steps (state init, merge, diagnostics, evaluation) are compiled
 with ``RARE_OPTIONS``: no GPU autotuning, which buys them little, and no Triton GEMM fusions (cuBLAS serves
-their GEMMs; the fusions' compiles were half the merge's compile, BENCHMARKS.md, "The state's own program
-compiled first"; the eval step's autotuning ran on the GPU beside the first training steps and slowed them).
-Their outputs are the same up to rounding (the options choose among kernels of the same computation). The
-train step keeps XLA's defaults (``train_options``), except Triton GEMM fusions in models of hidden size
-≤ ``SMALL_WIDTH``: at llama_60m (512) the steps without them were no slower and compiled faster; at Llama-1B
-(2048) they were slower (BENCHMARKS.md, "Current defaults and why"). An option that ``XLA_FLAGS`` sets keeps
-the user's value (``compiler_options``).
+their GEMMs; the fusions' compiles were a large share of the merge's compile, BENCHMARKS.md, "The state's
+own program compiled first"; the eval step's autotuning ran on the GPU beside the first training steps and
+slowed them). Their outputs are the same up to rounding (the options choose among kernels of the same
+computation). The train step keeps XLA's defaults (``train_options``), except Triton GEMM fusions in models
+of hidden size ≤ ``SMALL_WIDTH``: at llama_60m (512) the steps without them were no slower and compiled
+faster; at Llama-1B (2048) they were slower (BENCHMARKS.md, "Current defaults and why"). An option that
+``XLA_FLAGS`` sets keeps the user's value (``compiler_options``).
 """
 
 from __future__ import annotations

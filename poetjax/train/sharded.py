@@ -55,8 +55,8 @@ def init_train_state(cfg, tx: optax.GradientTransformation, mesh: Mesh, model: n
     """
     model = core.build_model(cfg) if model is None else model
     # Drawn on the host: drawn inside the state's program, each layer's probe was cut from its shape's batch at
-    # a constant offset, a kernel per layer (7.3 s of that program's GPU compile at llama_60m against AdamW's
-    # 0.5 s; BENCHMARKS.md, "Time to result, the probes drawn on the host").
+    # a constant offset, a kernel per layer, most of that program's GPU compile (BENCHMARKS.md, "Time to
+    # result, the probes drawn on the host").
     probe = core.initial_probes(model, core.run_keys(cfg.seed)[2], on_host=True)
     graphdef, params, frozen = core.split_model(model)
     make = _state_maker(cfg, tx, graphdef)
